@@ -1,0 +1,1 @@
+"""Fused Triton kernels (reflexflow.kernels). See kernels/README.md for the plan."""

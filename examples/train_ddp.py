@@ -1,6 +1,6 @@
 """Train a toy flow-matching model with ReflexFlowLoss under DistributedDataParallel.
 
-    torchrun --nproc_per_node=2 examples/train_ddp.py --steps 50          # CPU: gloo
+    torchrun --nproc_per_node=2 examples/train_ddp.py --steps 50 --cpu    # CPU: gloo
     torchrun --nproc_per_node=8 examples/train_ddp.py --steps 50 --amp    # GPUs: nccl, bf16
 
 The loss needs nothing special from DDP: the two gradient-carrying model calls run as one
@@ -54,9 +54,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="per-rank batch")
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the model")
+    p.add_argument("--cpu", action="store_true", help="gloo on CPU even where CUDA exists")
     args = p.parse_args()
 
-    use_cuda = torch.cuda.is_available()
+    use_cuda = torch.cuda.is_available() and not args.cpu
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")

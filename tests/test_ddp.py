@@ -95,5 +95,16 @@ def test_ddp_and_fsdp2_gradients_equal_single_process_on_global_batch(tmp_path):
 
 
 def test_train_ddp_example_runs_two_gloo_ranks():
-    results = _launch([os.path.join(ROOT, "examples", "train_ddp.py"), "--steps", "2"])
+    results = _launch(
+        [
+            os.path.join(ROOT, "examples", "train_ddp.py"),
+            "--steps",
+            "2",
+            "--size",
+            "8",
+            "--batch",
+            "4",
+            "--cpu",
+        ]
+    )
     assert "step 1" in results[0].stdout

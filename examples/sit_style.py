@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import reflexflow as rf  # noqa: E402
-from reflexflow.adapters import SiTTransportAdapter  # noqa: E402
+from reflexflow.adapters import SiTTransportAdapter, drop_labels  # noqa: E402
 
 
 class TinySiT(nn.Module):
@@ -53,7 +53,7 @@ class TinySiT(nn.Module):
 
     def forward(self, x, t, y):
         if self.training and self.class_dropout_prob > 0:
-            y = rf.adapters.drop_labels(y, self.class_dropout_prob, self.num_classes)
+            y = drop_labels(y, self.class_dropout_prob, self.num_classes)
         B, C, H, W = x.shape
         p = self.patch
         tok = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)

@@ -22,7 +22,7 @@ import ddp_worker  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-TIMEOUT_S = 240
+TIMEOUT_S = 180
 
 pytestmark = [
     pytest.mark.distributed,

@@ -295,6 +295,43 @@ def test_diffusers_scheduler_sigmas_and_scale_noise_match_noise_at_1():
     torch.testing.assert_close(noisy, ours)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers not installed")
+def test_tiny_diffusers_sd3_transformer_trains_through_the_adapter():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+    )
+    seen = []
+    tr.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw["timestep"]), with_kwargs=True
+    )
+    loss_fn = rf.ReflexFlowLoss(
+        **adapters.diffusers_knobs("sd3"), num_sampling_steps=10, rollout_steps=2
+    )
+    kw = {"encoder_hidden_states": torch.randn(2, 5, 16), "pooled_projections": torch.randn(2, 8)}
+    out = loss_fn(
+        adapters.DiffusersModelAdapter(tr),
+        torch.randn(2, 4, 8, 8),
+        model_kwargs=kw,
+        generator=torch.Generator().manual_seed(0),
+    )
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert sum(float(p.grad.abs().sum()) for p in tr.parameters() if p.grad is not None) > 0
+    torch.testing.assert_close(seen[-1], 1000 * torch.cat([out.t0, out.t1]))
+
+
 # ------------------------------------------------------------------------ examples
 @pytest.mark.parametrize("name", ["sit_style.py", "diffusers_style.py", "flow_matching_paths.py"])
 def test_example_runs_at_toy_size(name, capsys, monkeypatch):

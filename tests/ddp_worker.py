@@ -3,7 +3,8 @@
 Run as ``python tests/ddp_worker.py OUTFILE`` with RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT set (what torchrun sets). For each mode in MODES, on a fresh model: "ddp"
 (DistributedDataParallel, joint 2B forward), "ddp-split" (DDP, joint_forward=False: two
-gradient-carrying calls) and "fsdp2" (``fully_shard``). Each rank takes its share of a
+gradient-carrying calls), "ddp-compiled" (``torch.compile(DDP(model))``, aot_eager
+backend) and "fsdp2" (``fully_shard``). Each rank takes its share of a
 fixed global batch (same noise, t, k as the single-process run in the test), computes
 ReflexFlowLoss, runs backward; rank 0 saves {mode: {name: full averaged gradient}}.
 """
@@ -60,12 +61,15 @@ def loss_on(model, batch: dict, **knobs) -> torch.Tensor:
     return loss_fn(model, x1, noise=batch["noise"], t=batch["t"], k=batch["k"]).loss
 
 
-MODES = ("ddp", "ddp-split", "fsdp2")
+MODES = ("ddp", "ddp-split", "ddp-compiled", "fsdp2")
 
 
 def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     if mode in ("ddp", "ddp-split"):
         return torch.nn.parallel.DistributedDataParallel(model)
+    if mode == "ddp-compiled":  # torch.compile(DDP(model)): dynamo's DDPOptimizer path
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        return torch.compile(ddp, backend="aot_eager")
     from torch.distributed.fsdp import fully_shard
 
     return fully_shard(model)

@@ -1,8 +1,8 @@
 """ReflexFlowLoss under torch.distributed: 2 gloo processes on CPU, float64.
 
-The averaged gradients of DDP (joint 2B forward; two calls with joint_forward=False) and
-of FSDP2 ``fully_shard`` equal the gradients of one process on the same global batch
-(same noise, t, k), to 1e-10 (float64).
+The averaged gradients of DDP (joint 2B forward; two calls with joint_forward=False;
+torch.compile(DDP(model))) and of FSDP2 ``fully_shard`` equal the gradients of one
+process on the same global batch (same noise, t, k), to 1e-10 (float64).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _launch(script: list[str], world: int = 2) -> list[subprocess.CompletedProce
     return results
 
 
-def test_ddp_and_fsdp2_gradients_equal_single_process_on_global_batch(tmp_path):
+def test_ddp_compiled_ddp_and_fsdp2_gradients_equal_single_process_on_global_batch(tmp_path):
     out = tmp_path / "grads.pt"
     _launch([os.path.join(HERE, "ddp_worker.py"), str(out)])
     result = torch.load(out)

@@ -174,17 +174,21 @@ def count_step_flops(
     """Model FLOPs of one loss forward + backward, and the model calls it makes.
 
     FLOPs are torch.utils.flop_counter's (matmuls, convolutions, attention; 2 per
-    multiply-add), counted with the math attention kernel so that the count is the same
-    on every device. The model's gradients are cleared afterwards.
-    Returns {"flops", "calls", "sample_forwards"}.
+    multiply-add) inside ``model``'s forwards and their backward, counted with the math
+    attention kernel so that the count is the same on every device. What the loss
+    itself counts outside the model (the FC filter's small convolution) is returned
+    apart as other_flops. The model's gradients are cleared afterwards.
+    Returns {"flops", "other_flops", "calls", "sample_forwards"}.
     """
     counter = _CallCounter(model)
     with FlopCounterMode(display=False) as fc, _math_sdpa():
         loss = loss_fn(counter, x1, generator)
         loss.backward()
     model.zero_grad(set_to_none=True)
+    model_flops = sum(fc.get_flop_counts().get(type(model).__name__, {}).values())
     return {
-        "flops": int(fc.get_total_flops()),
+        "flops": int(model_flops),
+        "other_flops": int(fc.get_total_flops() - model_flops),
         "calls": counter.calls,
         "sample_forwards": counter.samples,
     }
@@ -341,6 +345,7 @@ def _bench_model(
                 "model_calls": info[spec]["calls"],
                 "sample_forwards": info[spec]["sample_forwards"],
                 "gflop": info[spec]["flops"] / 1e9,
+                "other_gflop": info[spec]["other_flops"] / 1e9,
                 "flop_ratio": ratio,
                 "time_ms": 1e3 * med,
                 "time_min_ms": 1e3 * min(times[spec]),
@@ -389,9 +394,9 @@ def run_step_benchmark(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     on_gpu = device.type == "cuda"
-    size = size or ("gpu" if on_gpu else "small")
-    batch = batch or (64 if on_gpu else 8)
-    amp = amp or ("bf16" if on_gpu else "none")
+    size = size if size is not None else ("gpu" if on_gpu else "small")
+    batch = batch if batch is not None else (64 if on_gpu else 8)
+    amp = amp if amp is not None else ("bf16" if on_gpu else "none")
     if amp not in ("none", "bf16"):
         raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:

@@ -19,7 +19,7 @@ __all__ = ["run_bench", "QUICK", "DEFAULT_CPU", "DEFAULT_GPU"]
 # step-benchmark settings: --quick (a test), the CPU default (a few minutes on 2 cores)
 # and the CUDA default (SiT-S/2-sized DiT and a 128-channel UNet, batch 64, bf16)
 QUICK = {"size": "quick", "batch": 2, "rollout_steps": (1,), "reps": 1, "warmup": 0}
-DEFAULT_CPU = {"size": "small", "batch": 4, "rollout_steps": (1, 2, 4), "reps": 3, "warmup": 1}
+DEFAULT_CPU = {"size": "small", "batch": 8, "rollout_steps": (1, 2, 4), "reps": 5, "warmup": 1}
 DEFAULT_GPU = {"size": "gpu", "batch": 64, "rollout_steps": (1, 2, 4), "reps": 10, "warmup": 3}
 
 

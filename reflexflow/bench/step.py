@@ -49,6 +49,7 @@ __all__ = [
     "plain_fm_loss",
     "count_step_flops",
     "saved_activation_bytes",
+    "make_train_step",
     "run_step_benchmark",
     "CANDIDATE_BACKENDS",
 ]
@@ -230,21 +231,28 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _make_step(
+def make_train_step(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     loss_fn: LossFn,
     x1: Tensor,
     generator: torch.Generator,
-    device: torch.device,
-    amp: str,
+    *,
+    amp: str = "none",
+    sync: bool = False,
 ) -> Callable[[], None]:
+    """One training step: zero_grad; loss = loss_fn(model, x1) (under bf16 autocast when
+    amp="bf16"); loss.backward(); opt.step(); then a CUDA synchronize when ``sync``."""
+    device = x1.device
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with _autocast(device, amp):
             loss = loss_fn(model, x1, generator)
         loss.backward()
         opt.step()
+        if sync:
+            _sync(device)
 
     return step
 
@@ -306,7 +314,7 @@ def _bench_model(
             model, loss_fn, x1, torch.Generator(device).manual_seed(0)
         )
         gen = torch.Generator(device).manual_seed(seed)
-        steps[spec] = _make_step(model, opt, loss_fn, x1, gen, device, amp)
+        steps[spec] = make_train_step(model, opt, loss_fn, x1, gen, amp=amp)
 
     steps[_OPT] = _optimizer_only(model, opt)
     order = [*specs, _OPT]

@@ -94,6 +94,13 @@ def _report(payload: dict[str, Any]) -> str:
         "(vs ideal = ms / (opt ms + (fm ms - opt ms) x FLOP ratio); 1.00 = only model work)",
         format_step_table(step["rows"]),
     ]
+    for key, goal in (("max_vs_ideal", "1.05 on H100/H200"), ("max_joint_vs_two_call", "1.0")):
+        worst = step["summary"][key]
+        if worst is not None:
+            lines.append(
+                f"{key}: {worst['value']:.3f} ({worst['model']}, {worst['config']}); goal <= {goal}"
+            )
+    lines.append(f"peak memory: {s['peak_memory']}")
     for backend, reason in step["skipped_backends"].items():
         lines.append(f"backend {backend!r}: not available: {reason}")
     for name, suite in payload["suites"].items():

@@ -12,7 +12,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["device_name", "device_slug", "environment", "format_step_table", "write_json"]
+__all__ = [
+    "device_name",
+    "device_slug",
+    "environment",
+    "format_step_table",
+    "step_markdown",
+    "write_json",
+]
 
 
 def device_name(device: torch.device | str) -> str:
@@ -111,3 +118,27 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
     return path
+
+
+def step_markdown(payload: dict[str, Any]) -> str:
+    """The step rows of a result file as a Markdown table (for benchmarks/README.md)."""
+    env, step = payload["environment"], payload["step"]
+    s = step["settings"]
+    lines = [
+        f"{env['device_name']}, torch {env['torch']}, {env['date_utc'][:10]}, "
+        f"{env['torch_threads']} thread(s), load {env['load_avg_start']}; size {s['size']}, "
+        f"batch {s['batch']}, amp {s['amp']}, median of {s['reps']} steps.",
+        "",
+        "| model | config | calls | GFLOP | xFLOP | ms | ideal ms | vs ideal | joint/2 "
+        "| peak MiB | saved MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in step["rows"]:
+        joint = "" if r["joint_vs_two_call"] is None else f"{r['joint_vs_two_call']:.3f}"
+        peak = "n/a" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
+        lines.append(
+            f"| {r['model']} | {r['config']} | {r['model_calls']} | {r['gflop']:.2f} | "
+            f"{r['flop_ratio']:.2f} | {r['time_ms']:.1f} | {r['ideal_ms']:.1f} | "
+            f"{r['vs_ideal']:.3f} | {joint} | {peak} | {r['saved_act_mib']:.1f} |"
+        )
+    return "\n".join(lines)

@@ -232,6 +232,16 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def _with_amp(loss_fn: LossFn, device: torch.device, amp: str) -> LossFn:
+    """loss_fn with its forward under the step's autocast (backward stays outside)."""
+
+    def wrapped(model: nn.Module, x1: Tensor, generator: torch.Generator) -> Tensor:
+        with _autocast(device, amp):
+            return loss_fn(model, x1, generator)
+
+    return wrapped
+
+
 def make_train_step(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -246,10 +256,11 @@ def make_train_step(
     amp="bf16"); loss.backward(); opt.step(); then a CUDA synchronize when ``sync``."""
     device = x1.device
 
+    forward = _with_amp(loss_fn, device, amp)
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with _autocast(device, amp):
-            loss = loss_fn(model, x1, generator)
+        loss = forward(model, x1, generator)
         loss.backward()
         opt.step()
         if sync:
@@ -310,13 +321,11 @@ def _bench_model(
     steps, info = {}, {}
     for spec in specs:
         loss_fn = make_loss_fn(spec, num_sampling_steps)
-        with _autocast(device, amp):  # saved tensors in the timed step's dtypes
-            info[spec] = count_step_flops(
-                model, loss_fn, x1, torch.Generator(device).manual_seed(0)
-            )
-            info[spec]["saved"] = saved_activation_bytes(
-                model, loss_fn, x1, torch.Generator(device).manual_seed(0)
-            )
+        measured = _with_amp(loss_fn, device, amp)  # saved tensors in the step's dtypes
+        info[spec] = count_step_flops(model, measured, x1, torch.Generator(device).manual_seed(0))
+        info[spec]["saved"] = saved_activation_bytes(
+            model, measured, x1, torch.Generator(device).manual_seed(0)
+        )
         gen = torch.Generator(device).manual_seed(seed)
         steps[spec] = make_train_step(model, opt, loss_fn, x1, gen, amp=amp)
 

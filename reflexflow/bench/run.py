@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ from .report import device_slug, environment, format_step_table, write_json
 from .step import run_step_benchmark
 from .suites import SUITES, format_rows, run_suite
 
-__all__ = ["run_bench", "QUICK", "DEFAULT_CPU", "DEFAULT_GPU"]
+__all__ = ["run_bench", "add_bench_parser", "QUICK", "DEFAULT_CPU", "DEFAULT_GPU"]
 
 # step-benchmark settings: --quick (a test), the CPU default (a few minutes on 2 cores)
 # and the CUDA default (SiT-S/2-sized DiT and a 128-channel UNet, batch 64, bf16)
@@ -31,7 +32,7 @@ def run_bench(
     models: tuple[str, ...] = ("dit", "unet"),
     overrides: dict[str, Any] | None = None,
     threads: int | None = None,
-    stream: TextIO = sys.stdout,
+    stream: TextIO | None = None,
 ) -> dict[str, Any]:
     """Run every benchmark present on ``device``, print one report, write the JSON.
 
@@ -52,6 +53,7 @@ def run_bench(
             )
         finally:
             torch.set_num_threads(before)
+    stream = stream if stream is not None else sys.stdout
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -109,3 +111,44 @@ def _report(payload: dict[str, Any]) -> str:
             lines.append(format_rows(suite["rows"]))
     lines.append(f"\nelapsed {payload['elapsed_s']} s on {os.cpu_count()} CPUs")
     return "\n".join(lines)
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    overrides = {
+        key: val
+        for key, val in {"size": args.size, "batch": args.batch, "reps": args.reps}.items()
+        if val is not None
+    }
+    run_bench(
+        args.device,
+        quick=args.quick,
+        out=args.out,
+        models=tuple(args.models),
+        overrides=overrides,
+        threads=args.threads,
+    )
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to the ``reflexflow`` command's subparsers."""
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark a training step (FM vs ReflexFlow) and the loss/rollout kernels",
+        description="Times a full optimizer step of plain FM and of ReflexFlowLoss (K = 1, 2, "
+        "4; joint 2B and two-call; every usable backend) on a small DiT and UNet, compares "
+        "each with its FLOP ideal, runs the loss and rollout benchmarks that are installed, "
+        "prints one table and writes benchmarks/results/step-<device>.json.",
+    )
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes, one step: a smoke test")
+    bench.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    bench.add_argument(
+        "--models", nargs="+", default=["dit", "unet"], choices=["dit", "unet"], help="models"
+    )
+    bench.add_argument("--size", choices=["quick", "small", "gpu"], help="model size preset")
+    bench.add_argument("--batch", type=int, help="batch size")
+    bench.add_argument("--reps", type=int, help="timed steps per configuration")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    bench.set_defaults(func=_bench_command)
+    return bench

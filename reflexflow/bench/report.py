@@ -17,6 +17,7 @@ __all__ = [
     "device_slug",
     "environment",
     "format_step_table",
+    "load_average",
     "step_markdown",
     "write_json",
 ]
@@ -58,7 +59,8 @@ def _version(module: str) -> str | None:
         return None
 
 
-def _load() -> list[float] | None:
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (what `uptime` prints), None where unknown."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -79,7 +81,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_avg_start": _load(),
+        "load_avg_start": load_average(),
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda

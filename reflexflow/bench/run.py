@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .report import device_slug, environment, format_step_table, write_json
+from .report import device_slug, environment, format_step_table, load_average, write_json
 from .step import run_step_benchmark
 from .suites import SUITES, format_rows, run_suite
 
@@ -69,10 +69,9 @@ def run_bench(
     start = time.perf_counter()
     step = run_step_benchmark(dev, models=models, **settings)
     suites = {name: run_suite(name, str(dev), quick) for name in SUITES}
-    env["load_avg_end"] = environment(dev)["load_avg_start"]
+    env["load_avg_end"] = load_average()
     payload = {
         "environment": env,
-        "command": " ".join(["reflexflow", *sys.argv[1:]]) if sys.argv else None,
         "elapsed_s": round(time.perf_counter() - start, 1),
         "step": step,
         "suites": suites,

@@ -177,3 +177,13 @@ def test_absent_suite_is_not_present_and_a_raising_suite_failed(tmp_path, monkey
     failed = suites.run_suite("loss", "cpu", True)
     assert failed["status"] == "failed: RuntimeError: boom" and failed["rows"] == []
     sys.modules.pop("rf_fake_suite", None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_benchmark_on_cuda_measures_peak_memory_under_bf16():
+    result = run_step_benchmark("cuda", size="quick", batch=2, rollout_steps=(1,), reps=1, warmup=0)
+    assert result["settings"]["amp"] == "bf16"
+    assert all(r["peak_mem_mib"] > 0 and r["time_ms"] > 0 for r in result["rows"])
+    model, shape = build_model("dit", "quick")  # FLOP counts do not depend on the device
+    cpu = count_step_flops(model, plain_fm_loss, torch.randn(2, *shape), _gen())["flops"]
+    assert math.isclose(result["rows"][0]["gflop"], cpu / 1e9, rel_tol=1e-12)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .bench.run import add_bench_parser
+
 
 def _example(args: argparse.Namespace) -> int:
     from .example import run_example
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--steps", type=int, default=300, help="optimizer steps per method")
     ex.add_argument("--seed", type=int, default=0, help="random seed")
     ex.set_defaults(func=_example)
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,189 @@
+"""The step benchmark's machinery: FLOP counts against hand counts, `reflexflow bench`."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from reflexflow.bench import suites
+from reflexflow.bench.models import MODEL_PRESETS, build_model
+from reflexflow.bench.step import (
+    StepSpec,
+    available_backends,
+    count_step_flops,
+    make_loss_fn,
+    plain_fm_loss,
+    run_step_benchmark,
+    saved_activation_bytes,
+)
+from reflexflow.cli import main
+from reflexflow.reference import fm_loss
+
+B, D, H = 4, 48, 16  # batch, data size (3 x 4 x 4), hidden width
+
+
+class TwoLinear(nn.Module):
+    """v(x, t) = W2 (W1 flatten(x) + b1) + b2: forward FLOPs 2 B D H per layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(D, H), nn.Linear(H, D)
+
+    def forward(self, x, t):
+        return self.l2(self.l1(x.flatten(1))).view_as(x)
+
+
+def _gen():
+    return torch.Generator().manual_seed(0)
+
+
+def test_fm_step_flops_equal_hand_count_on_two_linear_layers():
+    # forward 2 layers x 2BDH; backward: weight grads 2 x 2BDH, input grad of l2 only
+    # (the data needs no gradient): 10 B D H in all
+    counts = count_step_flops(TwoLinear(), plain_fm_loss, torch.randn(B, 3, 4, 4), _gen())
+    assert counts == {"flops": 10 * B * D * H, "other_flops": 0, "calls": 1, "sample_forwards": B}
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("joint", [True, False])
+def test_reflexflow_step_flops_equal_hand_count_on_two_linear_layers(k, joint):
+    # K no-grad rollout forwards of B (4BDH each) + forward and backward of 2B (2 x 10BDH)
+    spec = StepSpec("reflexflow", k, joint, "torch")
+    counts = count_step_flops(TwoLinear(), make_loss_fn(spec), torch.randn(B, 3, 4, 4), _gen())
+    assert counts["flops"] == (20 + 4 * k) * B * D * H
+    assert counts["calls"] == k + (1 if joint else 2)
+    assert counts["sample_forwards"] == (k + 2) * B
+    assert counts["other_flops"] > 0  # the FC filter's convolution, kept out of model FLOPs
+
+
+def test_dit_step_flops_are_two_fm_steps_plus_k_counted_forwards():
+    model, shape = build_model("dit", "quick")
+    x1 = torch.randn(2, *shape)
+    fm = count_step_flops(model, plain_fm_loss, x1, _gen())["flops"]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with FlopCounterMode(display=False) as fc, sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
+        model(x1, torch.rand(2))
+    forward = fc.get_total_flops()
+    for k in (1, 2):
+        spec = StepSpec("reflexflow", k, True, "torch")
+        assert (
+            count_step_flops(model, make_loss_fn(spec), x1, _gen())["flops"] == 2 * fm + k * forward
+        )
+
+
+def test_plain_fm_loss_equals_reference_fm_loss():
+    model = TwoLinear()
+    x1 = torch.randn(B, 3, 4, 4)
+    got = plain_fm_loss(model, x1, _gen())
+    g = _gen()
+    t = torch.rand(B, generator=g)
+    eps = torch.randn(x1.shape, generator=g)
+    tb = t.view(B, 1, 1, 1)
+    want = fm_loss(model(tb * x1 + (1 - tb) * eps, t), x1 - eps)
+    torch.testing.assert_close(got, want)
+
+
+def test_saved_activations_of_reflexflow_exceed_fm_and_leave_no_gradients():
+    model = TwoLinear()
+    x1 = torch.randn(B, 3, 4, 4)
+    fm = saved_activation_bytes(model, plain_fm_loss, x1, _gen())
+    joint, two = (
+        saved_activation_bytes(
+            model, make_loss_fn(StepSpec("reflexflow", 1, mode, "torch")), x1, _gen()
+        )
+        for mode in (True, False)
+    )
+    # the 2B gradient-carrying forward and the loss's own saved tensors add to FM's
+    assert 0 < fm < min(joint, two)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_bench_models_return_a_velocity_of_the_input_shape(name):
+    model, shape = build_model(name, "quick")
+    x = torch.randn(2, *shape)
+    assert model(x, torch.rand(2)).shape == x.shape
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="model"):
+        build_model("resnet", "quick")
+    with pytest.raises(ValueError, match="size"):
+        build_model("dit", "huge")
+    with pytest.raises(ValueError, match="batch"):
+        run_step_benchmark("cpu", batch=0)
+    with pytest.raises(ValueError, match="amp"):
+        run_step_benchmark("cpu", amp="fp8")
+    with pytest.raises(ValueError, match="backends"):
+        run_step_benchmark("cpu", backends=["nonexistent"])
+
+
+def test_available_backends_follow_the_installed_config():
+    usable, skipped = available_backends("cpu")
+    assert "torch" in usable and "triton" not in usable
+    assert set(usable) | set(skipped) == {"torch", "triton", "auto"}
+    assert all(isinstance(reason, str) and reason for reason in skipped.values())
+
+
+def test_bench_quick_prints_a_table_and_writes_json_with_every_field(tmp_path, capsys):
+    out = tmp_path / "step-cpu.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "reflexflow K=1 joint [torch]" in printed and f"wrote {out}" in printed
+    data = json.loads(out.read_text())
+    env = data["environment"]
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+    assert env["torch_threads"] == 1 and len(env["load_avg_start"]) == 3
+    for key in ("date_utc", "triton", "device_name", "load_avg_end"):
+        assert key in env
+    rows = data["step"]["rows"]
+    assert {r["model"] for r in rows} == {"dit", "unet"}
+    for model in ("dit", "unet"):
+        mine = [r for r in rows if r["model"] == model]
+        fm = mine[0]
+        assert fm["config"] == "fm" and fm["vs_ideal"] == 1.0 and fm["flop_ratio"] == 1.0
+        assert len(mine) == 1 + 2 * len(data["step"]["settings"]["backends"])
+        for r in mine[1:]:
+            assert r["rollout_steps"] == 1 and r["sample_forwards"] == 3 * r["batch"]
+            ideal = r["optimizer_ms"] + (fm["time_ms"] - r["optimizer_ms"]) * r["flop_ratio"]
+            assert math.isclose(r["ideal_ms"], ideal, rel_tol=1e-9)
+            assert math.isclose(r["vs_ideal"], r["time_ms"] / ideal, rel_tol=1e-9)
+            assert r["peak_mem_mib"] is None  # no honest CPU peak: not faked
+            assert (r["joint_vs_two_call"] is None) != r["joint_forward"]
+    worst = data["step"]["summary"]["max_vs_ideal"]
+    assert worst["value"] == max(r["vs_ideal"] for r in rows if r["method"] == "reflexflow")
+    assert set(data["suites"]) == {"loss", "rollout"}
+    for suite in data["suites"].values():
+        assert suite["status"] in ("ok", "not present"), suite
+
+
+def test_absent_suite_is_not_present_and_a_raising_suite_failed(tmp_path, monkeypatch):
+    (tmp_path / "rf_fake_suite.py").write_text(
+        "def good(device, quick):\n    return [{'op': 'x', 'ms': 1.5}]\n"
+        "def bad(device, quick):\n    raise RuntimeError('boom')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(suites.SUITES, "loss", (("rf_no_such_module", "f"),))
+    assert suites.run_suite("loss", "cpu", True)["status"] == "not present"
+    monkeypatch.setitem(suites.SUITES, "loss", (("rf_fake_suite", "good"),))
+    got = suites.run_suite("loss", "cpu", True)
+    assert got == {"status": "ok", "source": "rf_fake_suite:good", "rows": [{"op": "x", "ms": 1.5}]}
+    monkeypatch.setitem(suites.SUITES, "loss", (("rf_fake_suite", "bad"),))
+    failed = suites.run_suite("loss", "cpu", True)
+    assert failed["status"] == "failed: RuntimeError: boom" and failed["rows"] == []
+    sys.modules.pop("rf_fake_suite", None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_benchmark_on_cuda_measures_peak_memory_under_bf16():
+    result = run_step_benchmark("cuda", size="quick", batch=2, rollout_steps=(1,), reps=1, warmup=0)
+    assert result["settings"]["amp"] == "bf16"
+    assert all(r["peak_mem_mib"] > 0 and r["time_ms"] > 0 for r in result["rows"])
+    model, shape = build_model("dit", "quick")  # FLOP counts do not depend on the device
+    cpu = count_step_flops(model, plain_fm_loss, torch.randn(2, *shape), _gen())["flops"]
+    assert math.isclose(result["rows"][0]["gflop"], cpu / 1e9, rel_tol=1e-12)

@@ -1,1 +1,33 @@
-"""Fused Triton kernels (reflexflow.kernels). See kernels/README.md for the plan."""
+"""Fused Triton kernels (reflexflow.kernels), imported lazily: importing reflexflow never
+imports triton. See kernels/README.md and benchmarks/README.md ("Loss kernels")."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+__all__ = ["triton_available", "triton_usable", "fused_objective"]
+
+
+def triton_available() -> bool:
+    """True when the triton package can be imported (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_usable(device_type: str) -> bool:
+    """True when Triton can run kernels on tensors of ``device_type``.
+
+    CUDA needs triton; other devices only run under Triton's interpreter
+    (environment variable TRITON_INTERPRET=1, set before triton is imported).
+    """
+    if not triton_available():
+        return False
+    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_objective(*args: Any, **kwargs: Any) -> dict:
+    """Triton twin of reflexflow.reference.objective (see kernels.fused_objective)."""
+    from .fused_objective import fused_objective as impl
+
+    return impl(*args, **kwargs)

@@ -310,7 +310,7 @@ def _method_loss(
     if cfg.fc_t_max is not None:
         active = active & (d.t0 < cfg.fc_t_max)
 
-    terms = ref.objective(
+    terms = _objective_fn(cfg, data)(
         path,
         v0=v0,
         v1=v1,
@@ -334,6 +334,33 @@ def _method_loss(
     )
     terms["bias_norm"] = bias_norm
     return terms
+
+
+def _objective_fn(cfg: ReflexFlowConfig, data: Tensor) -> Callable[..., dict]:
+    """reference.objective, or its Triton twin kernels.fused_objective (DESIGN.md section 5).
+
+    backend="triton" forces the kernels (CUDA, or CPU under TRITON_INTERPRET=1); "auto"
+    takes them for CUDA float32/16 data that needs no gradient when triton imports.
+    """
+    if cfg.backend == "torch":
+        return ref.objective
+    from . import kernels
+
+    if cfg.backend == "triton":
+        if not kernels.triton_usable(data.device.type):
+            raise ValueError(
+                f"backend='triton' cannot run on {data.device.type} tensors here: it needs "
+                "the triton package and a CUDA device (or TRITON_INTERPRET=1 set before "
+                "triton is imported, for Triton's CPU interpreter)"
+            )
+        return kernels.fused_objective
+    fast = (
+        data.device.type == "cuda"
+        and data.dtype != torch.float64
+        and not data.requires_grad
+        and kernels.triton_available()
+    )
+    return kernels.fused_objective if fast else ref.objective
 
 
 class ReflexFlowLoss(nn.Module):

@@ -27,7 +27,7 @@ def triton_usable(device_type: str) -> bool:
 
 
 def fused_objective(*args: Any, **kwargs: Any) -> dict:
-    """Triton twin of reflexflow.reference.objective (see kernels.fused_objective)."""
-    from .fused_objective import fused_objective as impl
+    """Triton twin of reflexflow.reference.objective (see kernels.objective_op)."""
+    from .objective_op import fused_objective as impl
 
     return impl(*args, **kwargs)

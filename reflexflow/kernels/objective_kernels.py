@@ -1,4 +1,4 @@
-"""Triton kernels of the fused ReflexFlow objective (the op lives in fused_objective.py).
+"""Triton kernels of the fused ReflexFlow objective (the op lives in objective_op.py).
 
 Reference twin: :func:`reflexflow.reference.objective`. Every tensor is seen as
 (B, C, F, P): B samples, C channels, F frames (1 for images, T for video), P = H * W

@@ -4,7 +4,7 @@ On CPU the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRE
 Reference: float64 on the same (already rounded) inputs. Tolerances, as max |error| over
 max |reference|: w (fp32) 1e-5; losses (returned in the inputs' promoted dtype, computed
 in fp32) fp32 1e-5, fp16 1e-3, bf16 4e-3; gradients (stored in v's dtype) fp32 1e-5,
-fp16 2e-3, bf16 1e-2. Kernel buffers start as NaN (kernels.objective_op.POISON) so any
+fp16 4e-3, bf16 3e-2. Kernel buffers start as NaN (kernels.objective_op.POISON) so any
 element a kernel fails to write shows up.
 """
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
     reason="Triton needs CUDA or TRITON_INTERPRET=1 set before triton is imported",
 )
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 LOSS_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}  # output dtype
 
 
@@ -46,7 +46,7 @@ def _err(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
-def _data(shape, dtype, seed, path, inactive=(0,), noncontig=False):
+def _data(shape, dtype, seed, path, inactive=(0,), noncontig=False, state=None):
     """Fresh random v0, v1, x1, eps, x^ (rounded to dtype), t0, t1, k."""
     g = torch.Generator().manual_seed(seed)
     b = shape[0]
@@ -56,7 +56,8 @@ def _data(shape, dtype, seed, path, inactive=(0,), noncontig=False):
     x_hat = ref.interpolate(path, x1, eps, t1) + 0.5 * noise * (1 + torch.rand(shape, generator=g))
     k = torch.ones(b, dtype=torch.int64)
     k[list(inactive)] = 0
-    tensors = [z.to(dtype) for z in (v0, v1, x1, eps, x_hat)]
+    state = state or dtype
+    tensors = [v0.to(dtype), v1.to(dtype)] + [z.to(state) for z in (x1, eps, x_hat)]
     if noncontig:  # same values, transposed storage
         tensors = [z.transpose(0, -1).contiguous().transpose(0, -1) for z in tensors]
         assert not tensors[0].is_contiguous()
@@ -73,10 +74,12 @@ def _compare(
     noncontig=False,
     zero_v1_rows=(),
     fc_delta=False,
+    state=None,
+    grad_tol=None,
     **kw,
 ):
     p = get_path(path)
-    (v0, v1, x1, eps, x_hat), t0, t1, k = _data(shape, dtype, seed, p, inactive, noncontig)
+    (v0, v1, x1, eps, x_hat), t0, t1, k = _data(shape, dtype, seed, p, inactive, noncontig, state)
     if zero_v1_rows:
         v1 = v1.clone()
         v1[list(zero_v1_rows)] = 0
@@ -127,7 +130,7 @@ def _compare(
         if g and want[out] is not None:
             (g * want[out]).backward(retain_graph=True)
             (g * got[out]).backward(retain_graph=True)
-    tol = GRAD_TOL[dtype]
+    tol = grad_tol or GRAD_TOL[dtype]
     assert dev[0].grad.dtype == dtype
     assert _err(dev[0].grad, lead[0].grad) < tol
     if has_v1 and lead[1].grad is None:  # only fc_loss was differentiated
@@ -165,6 +168,15 @@ def test_images_match_reference_for_every_dtype_filter_and_adr_loss(dtype, adr_l
 @pytest.mark.parametrize("adr_loss", ["direction", "mse"])
 def test_vectors_signals_and_video_match_reference(shape, adr_loss):
     _compare(shape, adr_loss=adr_loss, per_channel=adr_loss == "mse", path="gvp")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("adr_loss", ["direction", "mse"])
+def test_half_model_outputs_with_fp32_state_round_only_once(dtype, adr_loss):
+    """As ReflexFlowLoss calls it: v0, v1 in half precision, x1, eps, x^ in fp32. The
+    kernels keep d0 and r1 in fp32, so the gradients carry one rounding to v's dtype."""
+    tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    _compare((3, 4, 6, 5), dtype, state=torch.float32, adr_loss=adr_loss, grad_tol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -1,5 +1,9 @@
 """Triton kernels of the fused ReflexFlow objective (the op lives in objective_op.py).
 
+Forward: objective_kernel makes the one pass over the big tensors; lowpass_axis_kernel
+filters the FC map (N / C elements, or N per channel). Backward: objective_grad_kernel
+scales what the forward stored by the per-sample factors and the incoming gradient.
+
 Reference twin: :func:`reflexflow.reference.objective`. Every tensor is seen as
 (B, C, F, P): B samples, C channels, F frames (1 for images, T for video), P = H * W
 positions of one frame (P = L for 1-D signals, P = D with C = F = 1 for vectors).
@@ -19,76 +23,6 @@ import triton.language as tl
 @triton.jit
 def _coef(coef, b, i: tl.constexpr):
     return tl.load(coef + b * 8 + i)
-
-
-@triton.jit
-def fc_map_kernel(
-    x1,
-    eps,
-    x_hat,
-    fc_delta,
-    v1,
-    coef,
-    m_raw,
-    stats,
-    C,
-    FP,
-    NBLK,
-    HAS_FC: tl.constexpr,
-    HAS_FC_DELTA: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
-    HAS_STATS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Pass 1: m_raw = mean_c |delta| (or |delta| per channel) and direction-loss sums.
-
-    delta = x^ - (a(t1) x1 + s(t1) eps) (or fc_delta), v_adr = a'(t1) x1 + s'(t1) eps
-    + (s'/s)(t1) delta; per program partial sums of v1.v1, v_adr.v_adr, v_adr.v1 go to
-    stats (3, B, NBLK). Grid (cdiv(F P, BLOCK), B).
-    """
-    blk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    r = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = r < FP
-    base = b * C * FP
-    a1 = _coef(coef, b, 2)
-    s1 = _coef(coef, b, 3)
-    da1 = _coef(coef, b, 4)
-    ds1 = _coef(coef, b, 5)
-    rat = _coef(coef, b, 6)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    svv = tl.zeros([BLOCK], dtype=tl.float32)
-    saa = tl.zeros([BLOCK], dtype=tl.float32)
-    sav = tl.zeros([BLOCK], dtype=tl.float32)
-    for c in range(C):
-        off = base + c * FP + r
-        x = tl.load(x1 + off, mask=mask, other=0.0).to(tl.float32)
-        e = tl.load(eps + off, mask=mask, other=0.0).to(tl.float32)
-        h = tl.load(x_hat + off, mask=mask, other=0.0).to(tl.float32)
-        delta = h - (a1 * x + s1 * e)
-        if HAS_FC:
-            if HAS_FC_DELTA:
-                md = tl.abs(tl.load(fc_delta + off, mask=mask, other=0.0).to(tl.float32))
-            else:
-                md = tl.abs(delta)
-            if PER_CHANNEL:
-                tl.store(m_raw + off, md, mask=mask)
-            else:
-                acc += md
-        if HAS_STATS:
-            v = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)
-            adr = da1 * x + ds1 * e + rat * delta
-            svv += v * v
-            saa += adr * adr
-            sav += adr * v
-    if HAS_FC:
-        if not PER_CHANNEL:
-            tl.store(m_raw + b * FP + r, acc / C, mask=mask)
-    if HAS_STATS:
-        nb = tl.num_programs(1).to(tl.int64)
-        tl.store(stats + b * NBLK + blk, tl.sum(svv, axis=0))
-        tl.store(stats + (nb + b) * NBLK + blk, tl.sum(saa, axis=0))
-        tl.store(stats + (2 * nb + b) * NBLK + blk, tl.sum(sav, axis=0))
 
 
 @triton.jit
@@ -136,76 +70,147 @@ def objective_kernel(
     x1,
     eps,
     x_hat,
+    fc_delta,
     coef,
-    active,
+    d0,
+    r1,
+    m_raw,
+    e_sq,
+    parts,
+    C,
+    FP,
+    NBLK,
+    HAS_FC: tl.constexpr,
+    HAS_FC_DELTA: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_V1: tl.constexpr,
+    DIRECTION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The forward pass: reads v0, v1, x1, eps, x^ once, writes d0 and r1 (+ map fields).
+
+    d0 = v0 - u0, u0 = a'(t0) x1 + s'(t0) eps. delta = x^ - (a(t1) x1 + s(t1) eps) (or
+    fc_delta), v_adr = a'(t1) x1 + s'(t1) eps + (s'/s)(t1) delta. r1 = v1 - v_adr (mse)
+    or v_adr (direction). FC: m_raw = mean_c |delta| and e_sq = sum_c d0^2 (per element
+    when PER_CHANNEL). Partial sums per program into parts (5, B, NBLK): sum d0^2,
+    sum (v1 - v_adr)^2, v1.v1, v_adr.v_adr, v_adr.v1. Grid (cdiv(F P, BLOCK), B).
+    """
+    blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    nb = tl.num_programs(1).to(tl.int64)
+    r = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = r < FP
+    base = b * C * FP
+    da0 = _coef(coef, b, 0)
+    ds0 = _coef(coef, b, 1)
+    a1 = _coef(coef, b, 2)
+    s1 = _coef(coef, b, 3)
+    da1 = _coef(coef, b, 4)
+    ds1 = _coef(coef, b, 5)
+    rat = _coef(coef, b, 6)
+    acc_m = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_e = tl.zeros([BLOCK], dtype=tl.float32)
+    s_adr = tl.zeros([BLOCK], dtype=tl.float32)
+    svv = tl.zeros([BLOCK], dtype=tl.float32)
+    saa = tl.zeros([BLOCK], dtype=tl.float32)
+    sav = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in range(C):
+        off = base + c * FP + r
+        x = tl.load(x1 + off, mask=mask, other=0.0).to(tl.float32)
+        e = tl.load(eps + off, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v0 + off, mask=mask, other=0.0).to(tl.float32)
+        diff = v - (da0 * x + ds0 * e)
+        tl.store(d0 + off, diff.to(d0.dtype.element_ty), mask=mask)
+        sq = diff * diff
+        acc_e += sq
+        if HAS_FC or HAS_V1:
+            h = tl.load(x_hat + off, mask=mask, other=0.0).to(tl.float32)
+            delta = h - (a1 * x + s1 * e)
+        if HAS_FC:
+            if HAS_FC_DELTA:
+                md = tl.abs(tl.load(fc_delta + off, mask=mask, other=0.0).to(tl.float32))
+            else:
+                md = tl.abs(delta)
+            if PER_CHANNEL:
+                tl.store(m_raw + off, md, mask=mask)
+                tl.store(e_sq + off, sq, mask=mask)
+            else:
+                acc_m += md
+        if HAS_V1:
+            y = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)
+            adr = da1 * x + ds1 * e + rat * delta
+            if DIRECTION:
+                tl.store(r1 + off, adr.to(r1.dtype.element_ty), mask=mask)
+                svv += y * y
+                saa += adr * adr
+                sav += adr * y
+            else:
+                dd = y - adr
+                tl.store(r1 + off, dd.to(r1.dtype.element_ty), mask=mask)
+                s_adr += dd * dd
+    if HAS_FC:
+        if not PER_CHANNEL:
+            tl.store(m_raw + b * FP + r, acc_m / C, mask=mask)
+            tl.store(e_sq + b * FP + r, acc_e, mask=mask)
+    tl.store(parts + b * NBLK + blk, tl.sum(acc_e, axis=0))
+    if HAS_V1:
+        if DIRECTION:
+            tl.store(parts + (2 * nb + b) * NBLK + blk, tl.sum(svv, axis=0))
+            tl.store(parts + (3 * nb + b) * NBLK + blk, tl.sum(saa, axis=0))
+            tl.store(parts + (4 * nb + b) * NBLK + blk, tl.sum(sav, axis=0))
+        else:
+            tl.store(parts + (nb + b) * NBLK + blk, tl.sum(s_adr, axis=0))
+
+
+@triton.jit
+def objective_grad_kernel(
+    d0,
     m,
-    m_den,
-    dirs,
+    q,
+    v1,
+    r1,
+    ab,
+    scale,
     g0,
     g1,
-    parts,
     S,
     FP,
     CM,
-    NBLK,
-    lambda_fc,
-    scale_fc,
-    scale_adr,
     HAS_FC: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_V1: tl.constexpr,
     DIRECTION: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Main pass: losses and both gradients, reading v0, v1, x1, eps, x^ once.
+    """The backward pass: dL/dv0 and dL/dv1 from what the forward stored.
 
-    u0 = a'(t0) x1 + s'(t0) eps; w = 1 + lambda_fc m / m_den (1 on inactive rows);
-    g0 = scale_fc * w (v0 - u0) with scale_fc = 2 / N, partial sums of w (v0 - u0)^2.
-    mse: g1 = scale_adr (v1 - v_adr), scale_adr = 2 / N; direction: with dirs (B, 3) =
-    (n, n_adr, c) per sample, d = v1 / n - v_adr / n_adr, g1 = scale_adr (d - c v1) / n,
-    scale_adr = 2 / B, c = (d . v1) / n^2 (0 where the norm clamp is active); partial sums
-    of d^2. Partials go to parts (2, B, NBLK). Grid (cdiv(S, BLOCK), B).
+    g0 = scale[0] (1 + q[row] m) d0, q = lambda_fc / (mean m + TINY) on active rows, else 0.
+    mse: g1 = scale[1] r1 (r1 = v1 - v_adr); direction: g1 = scale[1] (ab[b, 0] v1 +
+    ab[b, 1] r1) (r1 = v_adr). scale holds the incoming gradients times 2 / N or 2 / B.
+    Grid (cdiv(S, BLOCK), B) with S = C F P.
     """
     blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    nb = tl.num_programs(1).to(tl.int64)
     o = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = o < S
     off = b * S + o
-    x = tl.load(x1 + off, mask=mask, other=0.0).to(tl.float32)
-    e = tl.load(eps + off, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v0 + off, mask=mask, other=0.0).to(tl.float32)
-    diff0 = v - (_coef(coef, b, 0) * x + _coef(coef, b, 1) * e)
+    dd = tl.load(d0 + off, mask=mask, other=0.0).to(tl.float32)
+    s0 = tl.load(scale)
     if HAS_FC:
         if PER_CHANNEL:
             row = b * CM + o // FP
         else:
             row = b + o * 0
         mm = tl.load(m + row * FP + o % FP, mask=mask, other=0.0)
-        den = tl.load(m_den + row, mask=mask, other=1.0)
-        act = tl.load(active + b)
-        w = tl.where(act != 0, 1.0 + lambda_fc * (mm / den), 1.0)
-        wd = w * diff0
-    else:
-        wd = diff0
-    wd = tl.where(mask, wd, 0.0)
-    tl.store(g0 + off, (scale_fc * wd).to(g0.dtype.element_ty), mask=mask)
-    tl.store(parts + b * NBLK + blk, tl.sum(wd * diff0, axis=0))
+        qq = tl.load(q + row, mask=mask, other=0.0)
+        dd = dd * (1.0 + qq * mm)
+    tl.store(g0 + off, (s0 * dd).to(g0.dtype.element_ty), mask=mask)
     if HAS_V1:
-        h = tl.load(x_hat + off, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)
-        delta = h - (_coef(coef, b, 2) * x + _coef(coef, b, 3) * e)
-        adr = _coef(coef, b, 4) * x + _coef(coef, b, 5) * e + _coef(coef, b, 6) * delta
+        s1 = tl.load(scale + 1)
+        rr = tl.load(r1 + off, mask=mask, other=0.0).to(tl.float32)
         if DIRECTION:
-            n = tl.load(dirs + b * 3)
-            na = tl.load(dirs + b * 3 + 1)
-            c = tl.load(dirs + b * 3 + 2)
-            d = tl.where(mask, y / n - adr / na, 0.0)
-            grad = (d - c * y) / n
-            part = tl.sum(d * d, axis=0)
+            y = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)
+            grad = tl.load(ab + b * 2) * y + tl.load(ab + b * 2 + 1) * rr
         else:
-            d = tl.where(mask, y - adr, 0.0)
-            grad = d
-            part = tl.sum(d * d, axis=0)
-        tl.store(g1 + off, (scale_adr * grad).to(g1.dtype.element_ty), mask=mask)
-        tl.store(parts + (nb + b) * NBLK + blk, part)
+            grad = rr
+        tl.store(g1 + off, (s1 * grad).to(g1.dtype.element_ty), mask=mask)

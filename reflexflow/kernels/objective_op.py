@@ -1,4 +1,4 @@
-"""The op ``reflexflow::fused_objective``: the whole ReflexFlow objective in Triton.
+"""The ops ``reflexflow::fused_objective`` (+ its backward): the ReflexFlow objective in Triton.
 
 Reference twin: :func:`reflexflow.reference.objective` (same inputs, outputs and
 gradients). L = L_FC + lambda_adr * L_ADR with
@@ -6,17 +6,23 @@ gradients). L = L_FC + lambda_adr * L_ADR with
     L_FC  = mean(w (v0 - u_t0)^2),  w = 1 + lambda_fc LP(|delta|) / (mean + TINY)
     L_ADR = mean (v1 - v_adr)^2  (mse)  or  mean_b ||v1/|v1| - v_adr/|v_adr| ||^2
 
-Passes over memory (N = elements of v0, N/C the FC map; see benchmarks/README.md):
+Passes over memory (N = elements of v0; the map has N / C elements, N per channel):
 
-1. fc_map_kernel, only when FC or the direction loss is on: reads x1, eps, x^ (and v1
-   for the direction loss, or fc_delta), writes the raw map m (N/C) and per-sample sums.
-2. lowpass_axis_kernel along W, then along H (gaussian/box): map-sized traffic only.
-   fft runs on the torch path (torch.fft of the map, clamped >= 0; reference._fft_lowpass).
-3. objective_kernel: reads v0, v1, x1, eps, x^ and the map, writes dL/dv0 and dL/dv1.
+1. objective_kernel: reads v0, v1, x1, eps, x^ once (5 N), writes d0 = v0 - u0 and
+   r1 = v1 - v_adr (mse) or v_adr (direction) (2 N), the raw map mean_c |delta| and
+   e = sum_c d0^2 (2 N / C), and per-program partial sums.
+2. lowpass_axis_kernel along W, then H (gaussian / box) on the map only (4 N / C).
+   fft runs on the torch path (reference._fft_lowpass on the map: torch.fft, clamped >= 0).
+3. Per-sample scalars (map mean, norms of the direction loss) and the losses from the
+   partial sums: L_FC = (sum d0^2 + sum_rows q sum m e) / N, q = lambda_fc / (mean + TINY).
+Backward, objective_grad_kernel: dL/dv0 = g 2/N (1 + q m) d0, dL/dv1 = g' 2/N r1 (mse)
+or g' (alpha v1 + beta v_adr) (direction): reads 2 N (3 N direction), writes 2 N.
 
-The gradients are computed in the forward and returned as extra outputs; the autograd
-formula only scales them by the incoming (scalar) gradients. Registered with
-``torch.library.triton_op`` so torch.compile traces through it without a graph break.
+The forward cannot write the final gradients in its single pass: they need the per-sample
+map mean and norms, known only after the pass. So it stores d0 and r1, the per-sample
+factors fold in at backward, where the incoming gradient has to be applied anyway.
+Registered with ``torch.library.triton_op`` (``custom_op`` + fake under the interpreter)
+so torch.compile traces it without a graph break.
 """
 
 from __future__ import annotations
@@ -30,14 +36,19 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import reference as ref
-from .objective_kernels import fc_map_kernel, lowpass_axis_kernel, objective_kernel
+from .objective_kernels import lowpass_axis_kernel, objective_grad_kernel, objective_kernel
 
-__all__ = ["fused_objective", "fused_objective_op", "path_coefficients"]
+__all__ = [
+    "fused_objective",
+    "fused_objective_op",
+    "fused_objective_backward_op",
+    "path_coefficients",
+]
 
-_BLOCK_MAP = 512
 _BLOCK_FILTER = 1024
-_BLOCK_MAIN = 1024
 _OP = "reflexflow::fused_objective"
+_OP_BACKWARD = "reflexflow::fused_objective_backward"
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON = False  # tests set True: buffers start as NaN so an unwritten element shows
 
 
@@ -45,6 +56,14 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _block(items: int, batch: int) -> tuple[int, int]:
+    """(BLOCK, num_warps): the largest block leaving >= 1024 programs, 128 at least."""
+    block = 1024
+    while block > 128 and batch * triton.cdiv(items, block) < 1024:
+        block //= 2
+    return block, max(1, min(4, block // 256))
 
 
 def _layout(shape: torch.Size) -> tuple[int, int, int, int, int]:
@@ -73,7 +92,7 @@ def _filter(m_raw: Tensor, taps: Tensor, planes: int, h: int, w: int, n_axes: in
     p = h * w
     nblk = triton.cdiv(p, _BLOCK_FILTER)
     grid = (nblk, planes)
-    tmp = _alloc(m_raw.shape, torch.float32, m_raw.device)
+    tmp = _alloc(tuple(m_raw.shape), torch.float32, m_raw.device)
     sums = _alloc((planes, nblk), torch.float32, m_raw.device)
     last = n_axes == 1 or h == 1
     wrap_triton(lowpass_axis_kernel)[grid](
@@ -81,7 +100,7 @@ def _filter(m_raw: Tensor, taps: Tensor, planes: int, h: int, w: int, n_axes: in
     )
     if last:
         return tmp, sums
-    out = _alloc(m_raw.shape, torch.float32, m_raw.device)
+    out = _alloc(tuple(m_raw.shape), torch.float32, m_raw.device)
     wrap_triton(lowpass_axis_kernel)[grid](
         tmp, taps, out, sums, p, h, w, taps.numel(), nblk, HAS_SUM=True, BLOCK=_BLOCK_FILTER
     )
@@ -106,52 +125,68 @@ def _forward(
     fc_size: int,
     fc_cutoff: float,
     norm_eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss, fc_loss, adr_loss, w, dfc/dv0, dadr/dv1), losses fp32 scalars.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, fc_loss, adr_loss, w, d0, r1, m, q, ab); losses are fp32 scalars.
 
     Inputs contiguous, same shape (B, *S); coef (B, 8) fp32 from :func:`path_coefficients`,
-    active (B,) fp32 (0 = w is 1). w is (B, Cm, *S[1:]) fp32 (empty when lambda_fc = 0);
-    dadr/dv1 is empty when v1 is None. Gradients are of fc_loss and adr_loss (lambda_adr
-    is applied in backward).
+    active (B,) fp32 (0: w = 1). w (B, Cm, *S[1:]) fp32 (empty when lambda_fc = 0).
+    Kept for backward: d0 = v0 - u0, r1 (v1 - v_adr or v_adr), the filtered map m
+    (B Cm, F P), q (B Cm,) and ab (B, 2), the direction loss's alpha, beta.
     """
     batch, numel = v0.shape[0], v0.numel()
     c, frames, h, w, n_axes = _layout(v0.shape)
     fp = frames * h * w
-    s = c * fp
     dev = v0.device
     has_fc = lambda_fc != 0
     has_v1 = v1 is not None
-    want_stats = has_v1 and direction
     cm = c if per_channel and v0.dim() > 2 else 1
     f32 = torch.float32
-    dummy = torch.empty(0, dtype=f32, device=dev)
 
-    # pass 1: raw FC map and direction sums
-    nblk1 = triton.cdiv(fp, _BLOCK_MAP)
-    m_raw = _alloc((batch * cm, fp), f32, dev) if has_fc else dummy
-    stats = _alloc((3, batch, nblk1), f32, dev) if want_stats else dummy
-    if has_fc or want_stats:
-        wrap_triton(fc_map_kernel)[(nblk1, batch)](
-            x1,
-            eps,
-            x_hat,
-            fc_delta if fc_delta is not None else x1,
-            v1 if has_v1 else x1,
-            coef,
-            m_raw,
-            stats,
-            c,
-            fp,
-            nblk1,
-            HAS_FC=has_fc,
-            HAS_FC_DELTA=fc_delta is not None,
-            PER_CHANNEL=cm > 1,
-            HAS_STATS=want_stats,
-            BLOCK=_BLOCK_MAP,
-        )
+    def empty() -> Tensor:
+        return torch.empty(0, dtype=f32, device=dev)
 
-    # pass 2: low-pass and per-sample (per-channel) normalisation
-    m, w_out, m_den = dummy, dummy, dummy
+    # pass 1: the one pass over the big tensors
+    block, warps = _block(fp, batch)
+    nblk = triton.cdiv(fp, block)
+    parts = torch.zeros((5, batch, nblk), dtype=torch.float32, device=dev)
+    # stored in the dtype the reference computes them in (e.g. fp32 for bf16 v, fp32 x1)
+    d0 = _alloc(tuple(v0.shape), torch.promote_types(v0.dtype, x1.dtype), dev)
+    r1 = (
+        _alloc(tuple(v1.shape), torch.promote_types(v1.dtype, x1.dtype), dev)
+        if has_v1
+        else v0.new_empty((0,))
+    )
+    m_raw = _alloc((batch * cm, fp), f32, dev) if has_fc else empty()
+    e_sq = _alloc((batch * cm, fp), f32, dev) if has_fc else empty()
+    wrap_triton(objective_kernel)[(nblk, batch)](
+        v0,
+        v1 if has_v1 else v0,
+        x1,
+        eps,
+        x_hat,
+        fc_delta if fc_delta is not None else x1,
+        coef,
+        d0,
+        r1 if has_v1 else d0,
+        m_raw,
+        e_sq,
+        parts,
+        c,
+        fp,
+        nblk,
+        HAS_FC=has_fc,
+        HAS_FC_DELTA=fc_delta is not None,
+        PER_CHANNEL=cm > 1,
+        HAS_V1=has_v1,
+        DIRECTION=direction,
+        BLOCK=block,
+        num_warps=warps,
+    )
+    totals = parts.to(torch.float64).sum(dim=2)  # (5, B)
+
+    # pass 2: low-pass of the map, per-sample (per-channel) normalisation
+    m, q, w_out = empty(), empty(), empty()
+    fc_num = totals[0].sum()
     if has_fc:
         taps = _taps(fc_filter, fc_sigma, fc_size, dev) if n_axes else None
         if n_axes and fc_filter == "fft":
@@ -163,110 +198,155 @@ def _forward(
             m, sums = _filter(m_raw, taps, batch * cm * frames, h, w, n_axes)
         else:
             m, sums = m_raw, m_raw.sum(dim=1, keepdim=True)
-        m_den = (sums.view(batch * cm, -1).sum(dim=1) / fp + ref.TINY).contiguous()
-        w_rows = 1 + lambda_fc * m / m_den[:, None]
-        w_rows = torch.where(active.repeat_interleave(cm)[:, None] != 0, w_rows, 1.0)
+        den = sums.view(batch * cm, -1).sum(dim=1) / fp + ref.TINY
+        q = torch.where(active.repeat_interleave(cm) != 0, lambda_fc / den, 0.0).contiguous()
+        fc_num = fc_num + (q.double() * (m * e_sq).sum(dim=1).double()).sum()
+        w_rows = 1 + q[:, None] * m
         w_out = w_rows.view(batch, cm, *v0.shape[2:]) if v0.dim() > 2 else w_rows.view(batch, -1)
+    fc_loss = (fc_num / numel).to(f32)
 
-    # direction loss: per-sample norms and the projection coefficient
-    dirs = dummy
-    if want_stats:
-        svv, saa, sav = stats.sum(dim=2).unbind(0)
+    # the ADR term and its per-sample factors
+    ab = empty()
+    if has_v1 and direction:
+        svv, saa, sav = totals[2], totals[3], totals[4]
         raw_n = svv.sqrt()
         n = raw_n.clamp_min(norm_eps)
         na = saa.sqrt().clamp_min(norm_eps)
-        dot = svv / n - sav / na  # (v1/n - v_adr/n_adr) . v1
-        proj = torch.where(raw_n >= norm_eps, dot / (n * n), torch.zeros_like(dot))
-        dirs = torch.stack([n, na, proj], dim=1).contiguous()
+        adr_loss = ((svv / (n * n) - 2 * sav / (n * na) + saa / (na * na)).sum() / batch).to(f32)
+        proj = torch.where(raw_n >= norm_eps, (svv / n - sav / na) / (n * n), 0.0)
+        ab = torch.stack([1 / (n * n) - proj / n, -1 / (n * na)], dim=1).to(f32).contiguous()
+    elif has_v1:
+        adr_loss = (totals[1].sum() / numel).to(f32)
+    else:
+        adr_loss = torch.zeros((), dtype=f32, device=dev)
+    loss = fc_loss + lambda_adr * adr_loss if has_v1 else fc_loss.clone()
+    return loss, fc_loss, adr_loss, w_out, d0, r1, m, q, ab
 
-    # pass 3: losses and gradients
-    nblk = triton.cdiv(s, _BLOCK_MAIN)
-    parts = (
-        _alloc((2, batch, nblk), f32, dev)
-        if has_v1
-        else torch.zeros((2, batch, nblk), dtype=f32, device=dev)
+
+def _forward_fake(v0: Tensor, v1: Tensor | None, x1: Tensor, *args) -> tuple[Tensor, ...]:
+    """Shapes and dtypes of the outputs, for tracing (the interpreter's custom_op)."""
+    lambda_fc, per_channel = args[6], args[8]
+    c, frames, h, w, _ = _layout(v0.shape)
+    cm = c if per_channel and v0.dim() > 2 else 1
+    has_fc, b = lambda_fc != 0, v0.shape[0]
+    w_shape = (b, cm, *v0.shape[2:]) if v0.dim() > 2 else tuple(v0.shape)
+    f32 = dict(dtype=torch.float32)
+    return (
+        v0.new_empty((), **f32),
+        v0.new_empty((), **f32),
+        v0.new_empty((), **f32),
+        v0.new_empty(w_shape if has_fc else (0,), **f32),
+        torch.empty_like(v0, dtype=torch.promote_types(v0.dtype, x1.dtype)),
+        torch.empty_like(v1, dtype=torch.promote_types(v1.dtype, x1.dtype))
+        if v1 is not None
+        else v0.new_empty((0,)),
+        v0.new_empty((b * cm, frames * h * w) if has_fc else (0,), **f32),
+        v0.new_empty((b * cm,) if has_fc else (0,), **f32),
+        v0.new_empty((b, 2) if v1 is not None and args[7] else (0,), **f32),
     )
-    g0 = _alloc(tuple(v0.shape), v0.dtype, dev)
-    g1 = (
-        _alloc(tuple(v1.shape), v1.dtype, dev)
-        if has_v1
-        else torch.empty(0, dtype=v0.dtype, device=dev)
-    )
-    wrap_triton(objective_kernel)[(nblk, batch)](
-        v0,
-        v1 if has_v1 else v0,
-        x1,
-        eps,
-        x_hat,
-        coef,
-        active,
-        m,
-        m_den,
-        dirs,
+
+
+def _backward_impl(
+    v0_dtype: torch.dtype,
+    v1_dtype: torch.dtype,
+    d0: Tensor,
+    m: Tensor,
+    q: Tensor,
+    v1: Tensor | None,
+    r1: Tensor | None,
+    ab: Tensor,
+    scale: Tensor,
+    direction: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dL/dv0, dL/dv1) = (scale[0] (1 + q m) d0, scale[1] r1 or scale[1] (a v1 + b r1))."""
+    batch = d0.shape[0]
+    s = d0.numel() // batch
+    has_fc, has_v1 = m.numel() > 0, r1 is not None
+    cm = q.numel() // batch if has_fc else 1
+    fp = m.shape[1] if has_fc else s
+    block, warps = _block(s, batch)
+    g0 = _alloc(tuple(d0.shape), v0_dtype, d0.device)
+    g1 = _alloc(tuple(r1.shape), v1_dtype, d0.device) if has_v1 else d0.new_empty((0,))
+    wrap_triton(objective_grad_kernel)[(triton.cdiv(s, block), batch)](
+        d0,
+        m if has_fc else d0,
+        q if has_fc else d0,
+        v1 if v1 is not None else d0,
+        r1 if has_v1 else d0,
+        ab if ab.numel() else scale,
+        scale,
         g0,
         g1 if has_v1 else g0,
-        parts,
         s,
         fp,
         cm,
-        nblk,
-        float(lambda_fc),
-        2.0 / numel,
-        2.0 / (batch if direction else numel),
         HAS_FC=has_fc,
         PER_CHANNEL=cm > 1,
         HAS_V1=has_v1,
         DIRECTION=direction,
-        BLOCK=_BLOCK_MAIN,
+        BLOCK=block,
+        num_warps=warps,
     )
-    totals = parts.sum(dim=2).sum(dim=1)
-    fc_loss = totals[0] / numel
-    adr_loss = totals[1] / (batch if direction else numel)
-    loss = fc_loss + lambda_adr * adr_loss if has_v1 else fc_loss.clone()
-    return loss, fc_loss, adr_loss, w_out, g0, g1
+    return g0, g1
+
+
+def _backward_fake(v0_dtype, v1_dtype, d0, m, q, v1, r1, ab, scale, direction):
+    g1 = torch.empty_like(r1, dtype=v1_dtype) if r1 is not None else d0.new_empty((0,))
+    return torch.empty_like(d0, dtype=v0_dtype), g1
+
+
+if _INTERPRET:
+    # Under Triton's CPU interpreter wrap_triton cannot trace the kernels (it hands back
+    # the raw InterpretedFunction), so the ops are opaque custom_ops with fake kernels.
+    fused_objective_op = torch.library.custom_op(_OP, mutates_args=())(_forward)
+    fused_objective_op.register_fake(_forward_fake)
+    fused_objective_backward_op = torch.library.custom_op(_OP_BACKWARD, mutates_args=())(
+        _backward_impl
+    )
+    fused_objective_backward_op.register_fake(_backward_fake)
+else:
+    # triton_op: torch.compile traces through the bodies and sees each kernel launch.
+    fused_objective_op = triton_op(_OP, mutates_args=())(_forward)
+    fused_objective_backward_op = triton_op(_OP_BACKWARD, mutates_args=())(_backward_impl)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[4], output[5])
-    ctx.has_v1 = inputs[1] is not None
-    ctx.lambda_adr = inputs[8]
+    v1, direction = inputs[1], inputs[10]
+    has_v1 = v1 is not None
+    ctx.save_for_backward(*output[4:9], v1 if has_v1 and direction else None)
+    ctx.has_v1, ctx.direction, ctx.lambda_adr = has_v1, direction, inputs[8]
+    ctx.dtypes = (inputs[0].dtype, v1.dtype if has_v1 else inputs[0].dtype)
+    ctx.scale_fc = 2.0 / inputs[0].numel()
+    ctx.scale_adr = 2.0 / (inputs[0].shape[0] if direction else inputs[0].numel())
 
 
-def _scale(g: Tensor | None) -> Tensor:
-    return torch.zeros(()) if g is None else g.contiguous()
+def _grad(g: Tensor | None, like: Tensor) -> Tensor:
+    """An incoming scalar gradient as a 0-dim fp32 tensor (zeros when absent)."""
+    if g is None:
+        return torch.zeros((), dtype=torch.float32, device=like.device)
+    return g.reshape(()).to(torch.float32)
 
 
-def _backward(ctx, g_loss, g_fc, g_adr, _gw, _g0, _g1):
+def _backward(ctx, g_loss, g_fc, g_adr, *_unused):
     """dL/dv0 = (g_loss + g_fc) dfc/dv0; dL/dv1 = (lambda_adr g_loss + g_adr) dadr/dv1."""
-    d0, d1 = ctx.saved_tensors
-    gl, gf = _scale(g_loss).to(d0.device), _scale(g_fc).to(d0.device)
-    grad_v0 = d0 * (gl + gf).to(d0.dtype)
-    grad_v1 = None
-    if ctx.has_v1:
-        ga = _scale(g_adr).to(d0.device)
-        grad_v1 = d1 * (ctx.lambda_adr * gl + ga).to(d1.dtype)
-    return (grad_v0, grad_v1) + (None,) * 15
+    d0, r1, m, q, ab, v1 = ctx.saved_tensors
+    gl = _grad(g_loss, d0)
+    s0 = (gl + _grad(g_fc, d0)) * ctx.scale_fc
+    s1 = (ctx.lambda_adr * gl + _grad(g_adr, d0)) * ctx.scale_adr
+    g0, g1 = fused_objective_backward_op(
+        *ctx.dtypes,
+        d0,
+        m,
+        q,
+        v1,
+        r1 if ctx.has_v1 else None,
+        ab,
+        torch.stack([s0, s1]),
+        ctx.direction,
+    )
+    return (g0, g1 if ctx.has_v1 else None) + (None,) * 15
 
 
-def _fake(v0: Tensor, v1: Tensor | None, x1: Tensor, *args) -> tuple[Tensor, ...]:
-    """Shapes and dtypes of the outputs, for tracing (the interpreter's custom_op)."""
-    lambda_fc, per_channel = args[6], args[8]
-    scalar = v0.new_empty((), dtype=torch.float32)
-    cm = v0.shape[1] if per_channel and v0.dim() > 2 else 1
-    w_shape = (v0.shape[0], cm, *v0.shape[2:]) if v0.dim() > 2 else tuple(v0.shape)
-    w = v0.new_empty(w_shape if lambda_fc != 0 else (0,), dtype=torch.float32)
-    g1 = torch.empty_like(v1) if v1 is not None else v0.new_empty((0,))
-    return scalar, scalar.clone(), scalar.clone(), w, torch.empty_like(v0), g1
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # Under Triton's CPU interpreter wrap_triton cannot trace the kernels (it hands back
-    # the raw InterpretedFunction), so the op is an opaque custom_op with a fake kernel.
-    fused_objective_op = torch.library.custom_op(_OP, mutates_args=())(_forward)
-    fused_objective_op.register_fake(_fake)
-else:
-    # triton_op: torch.compile traces through the body and sees each kernel launch.
-    fused_objective_op = triton_op(_OP, mutates_args=())(_forward)
 fused_objective_op.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -325,7 +405,7 @@ def fused_objective(
     if v0.dim() < 2:
         raise ValueError(f"v0 must have shape (B, ...) with ndim >= 2, got {tuple(shape)}")
     active = (k > 0) if fc_active is None else fc_active
-    loss, fc, adr, w, _, _ = fused_objective_op(
+    loss, fc, adr, w, *_ = fused_objective_op(
         v0.contiguous(),
         None if v1 is None else v1.contiguous(),
         x1.contiguous(),

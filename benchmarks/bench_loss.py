@@ -139,17 +139,21 @@ def _write_results():
     path = RESULTS / f"loss-{slug}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {path}\n")
-    print("| shape | impl | median ms | GB/s (7 N floor) | % of copy | x eager | x compiled |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| shape | impl | median ms | GB/s (7 N floor) | % of copy | GB/s moved | "
+        "x eager | x compiled |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     by = {(r["shape"], r["impl"]): r["median_s"] for r in _ROWS}
     for r in _ROWS:
         eager = by.get((r["shape"], "eager"))
         comp = by.get((r["shape"], "compiled"))
         sx = f"{eager / r['median_s']:.2f}" if eager else "-"
         sc = f"{comp / r['median_s']:.2f}" if comp else "-"
+        moved = "-" if r["moved_gbps"] is None else f"{r['moved_gbps']:.0f}"
         print(
             f"| {r['shape']} | {r['impl']} | {1e3 * r['median_s']:.3f} | {r['floor_gbps']:.1f} | "
-            f"{100 * r['floor_gbps'] / out['copy_gbps']:.0f} | {sx} | {sc} |"
+            f"{100 * r['floor_gbps'] / out['copy_gbps']:.0f} | {moved} | {sx} | {sc} |"
         )
 
 
@@ -175,6 +179,9 @@ def test_loss_forward_backward(benchmark, shape, impl):
     median = benchmark.stats.stats.median
     n = v0.numel()
     floor = n * (2 * v0.element_size() + 3 * kw["x1"].element_size() + 2 * v0.element_size())
+    moved = (
+        _moved_bytes(size, v0.element_size(), kw["x1"].element_size()) if impl == "triton" else None
+    )
     _ROWS.append(
         dict(
             shape=shape,
@@ -183,6 +190,21 @@ def test_loss_forward_backward(benchmark, shape, impl):
             median_s=median,
             floor_bytes=floor,
             floor_gbps=floor / median / 1e9,
+            moved_bytes=moved,
+            moved_gbps=None if moved is None else moved / median / 1e9,
             copy_gbps=_copy_gbps(),
         )
     )
+
+
+def _moved_bytes(size: tuple[int, ...], vb: int, sb: int) -> int:
+    """Bytes the Triton op moves, forward + backward (default knobs: gaussian channel-mean
+    map, direction loss), as counted in benchmarks/README.md."""
+    n = 1
+    for d in size:
+        n *= d
+    nm = n // size[1]  # map elements
+    pb = max(vb, sb)  # d0, r1 are stored in the promoted dtype
+    forward = n * (2 * vb + 3 * sb + 2 * pb) + nm * 4 * (2 + 4 + 3)  # main, filter, sums/w
+    backward = n * (2 * pb + vb + 2 * vb) + nm * 4  # d0, r1, v1 -> 2 grads
+    return forward + backward

@@ -179,6 +179,14 @@ def test_half_model_outputs_with_fp32_state_round_only_once(dtype, adr_loss):
     _compare((3, 4, 6, 5), dtype, state=torch.float32, adr_loss=adr_loss, grad_tol=tol)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 17, 19), (1, 2, 33, 35)], ids=str)
+def test_samples_spanning_many_programs_match_reference(shape):
+    """F P > 128 splits a sample over programs in both passes; H W > 1024 splits the
+    filter's planes: partial sums and block edges must add up."""
+    _compare(shape, inactive=(), adr_loss="direction", fc_sigma=2.5)
+    _compare(shape, inactive=(), adr_loss="mse", per_channel=True, fc_filter="box", fc_size=7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_non_contiguous_inputs_match_reference(dtype):
     _compare((3, 3, 6, 5), dtype, noncontig=True, adr_loss="direction")

@@ -100,7 +100,6 @@ def objective_kernel(
     nb = tl.num_programs(1).to(tl.int64)
     r = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = r < FP
-    base = b * C * FP
     da0 = _coef(coef, b, 0)
     ds0 = _coef(coef, b, 1)
     a1 = _coef(coef, b, 2)
@@ -115,7 +114,7 @@ def objective_kernel(
     saa = tl.zeros([BLOCK], dtype=tl.float32)
     sav = tl.zeros([BLOCK], dtype=tl.float32)
     for c in range(C):
-        off = base + c * FP + r
+        off = (b * C + c) * FP + r  # int64, as b is
         x = tl.load(x1 + off, mask=mask, other=0.0).to(tl.float32)
         e = tl.load(eps + off, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v0 + off, mask=mask, other=0.0).to(tl.float32)

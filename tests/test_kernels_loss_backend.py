@@ -67,3 +67,20 @@ def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend"):
         rf.ReflexFlowConfig(backend="cuda")
+
+
+@needs_triton
+def test_reflexflow_loss_step_breaks_no_graph_in_the_kernels():
+    """The fused op lands inside a captured graph and no graph break comes from
+    reflexflow/kernels. (ReflexFlowLoss itself still breaks elsewhere: the rollout and
+    the input checks read tensor values on the host; those are not the kernels'.)"""
+    torch._dynamo.reset()
+    net = torch.nn.Conv2d(3, 3, 3, padding=1).to(DEV)
+    loss_fn = rf.ReflexFlowLoss(backend="triton", num_sampling_steps=10)
+    x1 = torch.randn(4, 3, 6, 6, device=DEV)
+    explained = torch._dynamo.explain(lambda x: loss_fn(lambda y, t: net(y), x).loss)(x1)
+    ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes]
+    assert "reflexflow.fused_objective.default" in ops
+    for reason in explained.break_reasons:
+        for frame in reason.user_stack:
+            assert "kernels" not in frame.filename, reason.reason

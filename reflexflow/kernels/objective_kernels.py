@@ -30,6 +30,7 @@ def lowpass_axis_kernel(
     src,
     taps,
     dst,
+    e_sq,
     sums,
     P,
     LEN,
@@ -39,15 +40,16 @@ def lowpass_axis_kernel(
     HAS_SUM: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Pass 2/3: 1-D convolution of every plane along one axis, replicate padding.
+    """FC map filter: 1-D convolution of every plane along one axis, replicate padding.
 
     dst[p] = sum_j taps[j] * src[p + (clamp(i + j - R, 0, LEN - 1) - i) * STRIDE], with
     i = (p // STRIDE) % LEN the index along the axis and R = (NTAPS - 1) / 2. With
-    HAS_SUM, per program sums of dst go to sums (planes, NBLK). Grid (cdiv(P, BLOCK),
-    planes).
+    HAS_SUM, per program sums of dst and of dst * e_sq go to sums (2, planes, NBLK).
+    Grid (cdiv(P, BLOCK), planes).
     """
     blk = tl.program_id(0)
     plane = tl.program_id(1).to(tl.int64)
+    planes = tl.num_programs(1).to(tl.int64)
     p = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = p < P
     i = (p // STRIDE) % LEN
@@ -60,7 +62,101 @@ def lowpass_axis_kernel(
         acc += tap * tl.load(base + (k - i) * STRIDE, mask=mask, other=0.0)
     tl.store(dst + plane * P + p, acc, mask=mask)
     if HAS_SUM:
+        e = tl.load(e_sq + plane * P + p, mask=mask, other=0.0)
         tl.store(sums + plane * NBLK + blk, tl.sum(acc, axis=0))
+        tl.store(sums + (planes + plane) * NBLK + blk, tl.sum(acc * e, axis=0))
+
+
+@triton.jit
+def _row_sums(ptr, rows, mask, NCOL, BN: tl.constexpr):
+    """fp64 sums over NCOL columns of the rows ``rows`` of a (., NCOL) fp32 buffer."""
+    acc = tl.zeros(rows.shape, dtype=tl.float64)
+    for j0 in range(0, NCOL, BN):
+        cols = j0 + tl.arange(0, BN)
+        tile = tl.load(
+            ptr + rows[:, None] * NCOL + cols[None, :],
+            mask=mask[:, None] & (cols[None, :] < NCOL),
+            other=0.0,
+        )
+        acc += tl.sum(tile.to(tl.float64), axis=1)
+    return acc
+
+
+@triton.jit
+def finalize_kernel(
+    parts,
+    NBLK,
+    msums,
+    NS,
+    active,
+    q,
+    ab,
+    losses,
+    B,
+    CM,
+    FP,
+    inv_numel,
+    lambda_fc,
+    lambda_adr,
+    norm_eps,
+    tiny,
+    HAS_FC: tl.constexpr,
+    HAS_V1: tl.constexpr,
+    DIRECTION: tl.constexpr,
+    BB: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """Per-sample factors and the losses from the partial sums; one program, fp64.
+
+    Map rows r = (b, c): den = sum m / (F P) + tiny, q = lambda_fc / den (0 if inactive);
+    L_FC = (sum d0^2 + sum_r q sum m e) / N. Direction, per sample: n = max(|v1|, eps),
+    n_a = max(|v_adr|, eps), sum d^2 = |v1|^2/n^2 - 2 v_adr.v1/(n n_a) + |v_adr|^2/n_a^2,
+    proj = (d . v1)/n^2 (0 when the clamp is active), ab = (1/n^2 - proj/n, -1/(n n_a));
+    L_ADR = mean_b sum d^2. mse: L_ADR = sum (v1 - v_adr)^2 / N. losses = (L, L_FC, L_ADR).
+    """
+    fc = tl.zeros([BB], dtype=tl.float64)
+    adr = tl.zeros([BB], dtype=tl.float64)
+    for b0 in range(0, B, BB):
+        rows = b0 + tl.arange(0, BB)
+        mask = rows < B
+        fc += _row_sums(parts, rows, mask, NBLK, BN)
+        if HAS_V1:
+            if DIRECTION:
+                svv = _row_sums(parts + 2 * B * NBLK, rows, mask, NBLK, BN)
+                saa = _row_sums(parts + 3 * B * NBLK, rows, mask, NBLK, BN)
+                sav = _row_sums(parts + 4 * B * NBLK, rows, mask, NBLK, BN)
+                raw = tl.sqrt(svv)
+                n = tl.maximum(raw, norm_eps)
+                na = tl.maximum(tl.sqrt(saa), norm_eps)
+                dsq = svv / (n * n) - 2.0 * sav / (n * na) + saa / (na * na)
+                adr += tl.where(mask, dsq, 0.0)
+                proj = tl.where(raw >= norm_eps, (svv / n - sav / na) / (n * n), 0.0)
+                tl.store(ab + rows * 2, (1.0 / (n * n) - proj / n).to(tl.float32), mask=mask)
+                tl.store(ab + rows * 2 + 1, (-1.0 / (n * na)).to(tl.float32), mask=mask)
+            else:
+                adr += _row_sums(parts + B * NBLK, rows, mask, NBLK, BN)
+    if HAS_FC:
+        for r0 in range(0, B * CM, BB):
+            rows = r0 + tl.arange(0, BB)
+            mask = rows < B * CM
+            den = _row_sums(msums, rows, mask, NS, BN) / FP + tiny
+            me = _row_sums(msums + B * CM * NS, rows, mask, NS, BN)
+            act = tl.load(active + rows // CM, mask=mask, other=0.0)
+            qq = tl.where(act != 0, lambda_fc / den, 0.0)
+            tl.store(q + rows, qq.to(tl.float32), mask=mask)
+            fc += tl.where(mask, qq * me, 0.0)
+    fc_loss = tl.sum(fc, axis=0) * inv_numel
+    tl.store(losses + 1, fc_loss.to(tl.float32))
+    if HAS_V1:
+        if DIRECTION:
+            adr_loss = tl.sum(adr, axis=0) / B
+        else:
+            adr_loss = tl.sum(adr, axis=0) * inv_numel
+        tl.store(losses + 2, adr_loss.to(tl.float32))
+        tl.store(losses, (fc_loss + lambda_adr * adr_loss).to(tl.float32))
+    else:
+        tl.store(losses + 2, 0.0)
+        tl.store(losses, fc_loss.to(tl.float32))
 
 
 @triton.jit
@@ -169,12 +265,15 @@ def objective_grad_kernel(
     v1,
     r1,
     ab,
-    scale,
+    grad,
     g0,
     g1,
     S,
     FP,
     CM,
+    lambda_adr,
+    scale_fc,
+    scale_adr,
     HAS_FC: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_V1: tl.constexpr,
@@ -183,9 +282,10 @@ def objective_grad_kernel(
 ):
     """The backward pass: dL/dv0 and dL/dv1 from what the forward stored.
 
-    g0 = scale[0] (1 + q[row] m) d0, q = lambda_fc / (mean m + TINY) on active rows, else 0.
-    mse: g1 = scale[1] r1 (r1 = v1 - v_adr); direction: g1 = scale[1] (ab[b, 0] v1 +
-    ab[b, 1] r1) (r1 = v_adr). scale holds the incoming gradients times 2 / N or 2 / B.
+    grad = dL/d(loss, fc_loss, adr_loss) (3,). g0 = s0 (1 + q[row] m) d0 with
+    s0 = (grad[0] + grad[1]) scale_fc, q = lambda_fc / (mean m + TINY) on active rows,
+    else 0. s1 = (lambda_adr grad[0] + grad[2]) scale_adr; mse: g1 = s1 r1 (r1 = v1 -
+    v_adr); direction: g1 = s1 (ab[b, 0] v1 + ab[b, 1] r1) (r1 = v_adr).
     Grid (cdiv(S, BLOCK), B) with S = C F P.
     """
     blk = tl.program_id(0)
@@ -194,7 +294,8 @@ def objective_grad_kernel(
     mask = o < S
     off = b * S + o
     dd = tl.load(d0 + off, mask=mask, other=0.0).to(tl.float32)
-    s0 = tl.load(scale)
+    gl = tl.load(grad)
+    s0 = (gl + tl.load(grad + 1)) * scale_fc
     if HAS_FC:
         if PER_CHANNEL:
             row = b * CM + o // FP
@@ -205,7 +306,7 @@ def objective_grad_kernel(
         dd = dd * (1.0 + qq * mm)
     tl.store(g0 + off, (s0 * dd).to(g0.dtype.element_ty), mask=mask)
     if HAS_V1:
-        s1 = tl.load(scale + 1)
+        s1 = (lambda_adr * gl + tl.load(grad + 2)) * scale_adr
         rr = tl.load(r1 + off, mask=mask, other=0.0).to(tl.float32)
         if DIRECTION:
             y = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)

@@ -36,7 +36,12 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import reference as ref
-from .objective_kernels import lowpass_axis_kernel, objective_grad_kernel, objective_kernel
+from .objective_kernels import (
+    finalize_kernel,
+    lowpass_axis_kernel,
+    objective_grad_kernel,
+    objective_kernel,
+)
 
 __all__ = [
     "fused_objective",
@@ -87,22 +92,26 @@ def _taps(kind: str, sigma: float, size: int, device: torch.device) -> Tensor | 
     return None
 
 
-def _filter(m_raw: Tensor, taps: Tensor, planes: int, h: int, w: int, n_axes: int) -> Tensor:
-    """Separable filter of (planes, h * w) maps; returns the map and per-plane sums."""
+def _filter(
+    m_raw: Tensor, e_sq: Tensor, taps: Tensor, planes: int, h: int, w: int, n_axes: int
+) -> tuple[Tensor, Tensor]:
+    """Separable filter of (planes, h * w) maps; returns the map and (2, planes, nblk)
+    partial sums of m and m * e_sq."""
     p = h * w
     nblk = triton.cdiv(p, _BLOCK_FILTER)
     grid = (nblk, planes)
     tmp = _alloc(tuple(m_raw.shape), torch.float32, m_raw.device)
-    sums = _alloc((planes, nblk), torch.float32, m_raw.device)
+    sums = _alloc((2, planes, nblk), torch.float32, m_raw.device)
     last = n_axes == 1 or h == 1
+    ntaps = taps.numel()
     wrap_triton(lowpass_axis_kernel)[grid](
-        m_raw, taps, tmp, sums, p, w, 1, taps.numel(), nblk, HAS_SUM=last, BLOCK=_BLOCK_FILTER
+        m_raw, taps, tmp, e_sq, sums, p, w, 1, ntaps, nblk, HAS_SUM=last, BLOCK=_BLOCK_FILTER
     )
     if last:
         return tmp, sums
     out = _alloc(tuple(m_raw.shape), torch.float32, m_raw.device)
     wrap_triton(lowpass_axis_kernel)[grid](
-        tmp, taps, out, sums, p, h, w, taps.numel(), nblk, HAS_SUM=True, BLOCK=_BLOCK_FILTER
+        tmp, taps, out, e_sq, sums, p, h, w, ntaps, nblk, HAS_SUM=True, BLOCK=_BLOCK_FILTER
     )
     return out, sums
 
@@ -125,8 +134,8 @@ def _forward(
     fc_size: int,
     fc_cutoff: float,
     norm_eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss, fc_loss, adr_loss, w, d0, r1, m, q, ab); losses are fp32 scalars.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (losses, w, d0, r1, m, q, ab); losses = (L, L_FC, L_ADR) fp32 (3,).
 
     Inputs contiguous, same shape (B, *S); coef (B, 8) fp32 from :func:`path_coefficients`,
     active (B,) fp32 (0: w = 1). w (B, Cm, *S[1:]) fp32 (empty when lambda_fc = 0).
@@ -148,7 +157,7 @@ def _forward(
     # pass 1: the one pass over the big tensors
     block, warps = _block(fp, batch)
     nblk = triton.cdiv(fp, block)
-    parts = torch.zeros((5, batch, nblk), dtype=torch.float32, device=dev)
+    parts = _alloc((5, batch, nblk), f32, dev)
     # stored in the dtype the reference computes them in (e.g. fp32 for bf16 v, fp32 x1)
     d0 = _alloc(tuple(v0.shape), torch.promote_types(v0.dtype, x1.dtype), dev)
     r1 = (
@@ -182,45 +191,52 @@ def _forward(
         BLOCK=block,
         num_warps=warps,
     )
-    totals = parts.to(torch.float64).sum(dim=2)  # (5, B)
 
-    # pass 2: low-pass of the map, per-sample (per-channel) normalisation
-    m, q, w_out = empty(), empty(), empty()
-    fc_num = totals[0].sum()
+    # pass 2: low-pass of the map with its sums (sum m, sum m e per row)
+    m, msums, w_out = empty(), empty(), empty()
+    q = _alloc((batch * cm,), f32, dev) if has_fc else empty()
     if has_fc:
         taps = _taps(fc_filter, fc_sigma, fc_size, dev) if n_axes else None
-        if n_axes and fc_filter == "fft":
-            sizes = (frames, h, w) if n_axes == 2 else (w,)
-            m = ref._fft_lowpass(m_raw.view(batch * cm, *sizes), fc_cutoff, n_axes)
-            m = m.reshape(batch * cm, fp).contiguous()
-            sums = m.sum(dim=1, keepdim=True)
-        elif taps is not None:
-            m, sums = _filter(m_raw, taps, batch * cm * frames, h, w, n_axes)
+        if taps is not None:
+            m, msums = _filter(m_raw, e_sq, taps, batch * cm * frames, h, w, n_axes)
         else:
-            m, sums = m_raw, m_raw.sum(dim=1, keepdim=True)
-        den = sums.view(batch * cm, -1).sum(dim=1) / fp + ref.TINY
-        q = torch.where(active.repeat_interleave(cm) != 0, lambda_fc / den, 0.0).contiguous()
-        fc_num = fc_num + (q.double() * (m * e_sq).sum(dim=1).double()).sum()
-        w_rows = 1 + q[:, None] * m
-        w_out = w_rows.view(batch, cm, *v0.shape[2:]) if v0.dim() > 2 else w_rows.view(batch, -1)
-    fc_loss = (fc_num / numel).to(f32)
+            m = m_raw
+            if n_axes and fc_filter == "fft":
+                sizes = (frames, h, w) if n_axes == 2 else (w,)
+                m = ref._fft_lowpass(m_raw.view(batch * cm, *sizes), fc_cutoff, n_axes)
+                m = m.reshape(batch * cm, fp).contiguous()
+            msums = torch.stack([m.sum(dim=1), (m * e_sq).sum(dim=1)]).contiguous()
 
-    # the ADR term and its per-sample factors
-    ab = empty()
-    if has_v1 and direction:
-        svv, saa, sav = totals[2], totals[3], totals[4]
-        raw_n = svv.sqrt()
-        n = raw_n.clamp_min(norm_eps)
-        na = saa.sqrt().clamp_min(norm_eps)
-        adr_loss = ((svv / (n * n) - 2 * sav / (n * na) + saa / (na * na)).sum() / batch).to(f32)
-        proj = torch.where(raw_n >= norm_eps, (svv / n - sav / na) / (n * n), 0.0)
-        ab = torch.stack([1 / (n * n) - proj / n, -1 / (n * na)], dim=1).to(f32).contiguous()
-    elif has_v1:
-        adr_loss = (totals[1].sum() / numel).to(f32)
-    else:
-        adr_loss = torch.zeros((), dtype=f32, device=dev)
-    loss = fc_loss + lambda_adr * adr_loss if has_v1 else fc_loss.clone()
-    return loss, fc_loss, adr_loss, w_out, d0, r1, m, q, ab
+    # pass 3: per-sample factors and the losses, one program
+    ab = _alloc((batch, 2), f32, dev) if has_v1 and direction else empty()
+    losses = _alloc((3,), f32, dev)
+    wrap_triton(finalize_kernel)[(1,)](
+        parts,
+        nblk,
+        msums if has_fc else parts,
+        msums.numel() // (2 * batch * cm) if has_fc else 1,
+        active,
+        q if has_fc else parts,
+        ab if has_v1 and direction else parts,
+        losses,
+        batch,
+        cm,
+        fp,
+        1.0 / numel,
+        float(lambda_fc),
+        float(lambda_adr),
+        float(norm_eps),
+        ref.TINY,
+        HAS_FC=has_fc,
+        HAS_V1=has_v1,
+        DIRECTION=direction,
+        BB=64,
+        BN=64,
+    )
+    if has_fc:
+        w_rows = m.mul(q[:, None]).add_(1)
+        w_out = w_rows.view(batch, cm, *v0.shape[2:]) if v0.dim() > 2 else w_rows.view(batch, -1)
+    return losses, w_out, d0, r1, m, q, ab
 
 
 def _forward_fake(v0: Tensor, v1: Tensor | None, x1: Tensor, *args) -> tuple[Tensor, ...]:
@@ -232,9 +248,7 @@ def _forward_fake(v0: Tensor, v1: Tensor | None, x1: Tensor, *args) -> tuple[Ten
     w_shape = (b, cm, *v0.shape[2:]) if v0.dim() > 2 else tuple(v0.shape)
     f32 = dict(dtype=torch.float32)
     return (
-        v0.new_empty((), **f32),
-        v0.new_empty((), **f32),
-        v0.new_empty((), **f32),
+        v0.new_empty((3,), **f32),
         v0.new_empty(w_shape if has_fc else (0,), **f32),
         torch.empty_like(v0, dtype=torch.promote_types(v0.dtype, x1.dtype)),
         torch.empty_like(v1, dtype=torch.promote_types(v1.dtype, x1.dtype))
@@ -255,10 +269,12 @@ def _backward_impl(
     v1: Tensor | None,
     r1: Tensor | None,
     ab: Tensor,
-    scale: Tensor,
+    grad: Tensor,
+    lambda_adr: float,
     direction: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(dL/dv0, dL/dv1) = (scale[0] (1 + q m) d0, scale[1] r1 or scale[1] (a v1 + b r1))."""
+    """dL/dv0 = (g0 + g1) 2/N (1 + q m) d0; dL/dv1 = (lambda_adr g0 + g2) 2/N r1 (mse)
+    or (lambda_adr g0 + g2) 2/B (ab0 v1 + ab1 r1) (direction); g = grad (3,)."""
     batch = d0.shape[0]
     s = d0.numel() // batch
     has_fc, has_v1 = m.numel() > 0, r1 is not None
@@ -273,13 +289,16 @@ def _backward_impl(
         q if has_fc else d0,
         v1 if v1 is not None else d0,
         r1 if has_v1 else d0,
-        ab if ab.numel() else scale,
-        scale,
+        ab if ab.numel() else grad,
+        grad,
         g0,
         g1 if has_v1 else g0,
         s,
         fp,
         cm,
+        float(lambda_adr),
+        2.0 / d0.numel(),
+        2.0 / (batch if direction else d0.numel()),
         HAS_FC=has_fc,
         PER_CHANNEL=cm > 1,
         HAS_V1=has_v1,
@@ -290,7 +309,7 @@ def _backward_impl(
     return g0, g1
 
 
-def _backward_fake(v0_dtype, v1_dtype, d0, m, q, v1, r1, ab, scale, direction):
+def _backward_fake(v0_dtype, v1_dtype, d0, m, q, v1, r1, ab, grad, lambda_adr, direction):
     g1 = torch.empty_like(r1, dtype=v1_dtype) if r1 is not None else d0.new_empty((0,))
     return torch.empty_like(d0, dtype=v0_dtype), g1
 
@@ -313,26 +332,16 @@ else:
 def _setup_context(ctx, inputs, output) -> None:
     v1, direction = inputs[1], inputs[10]
     has_v1 = v1 is not None
-    ctx.save_for_backward(*output[4:9], v1 if has_v1 and direction else None)
+    ctx.save_for_backward(*output[2:7], v1 if has_v1 and direction else None)
     ctx.has_v1, ctx.direction, ctx.lambda_adr = has_v1, direction, inputs[8]
     ctx.dtypes = (inputs[0].dtype, v1.dtype if has_v1 else inputs[0].dtype)
-    ctx.scale_fc = 2.0 / inputs[0].numel()
-    ctx.scale_adr = 2.0 / (inputs[0].shape[0] if direction else inputs[0].numel())
 
 
-def _grad(g: Tensor | None, like: Tensor) -> Tensor:
-    """An incoming scalar gradient as a 0-dim fp32 tensor (zeros when absent)."""
-    if g is None:
-        return torch.zeros((), dtype=torch.float32, device=like.device)
-    return g.reshape(()).to(torch.float32)
-
-
-def _backward(ctx, g_loss, g_fc, g_adr, *_unused):
-    """dL/dv0 = (g_loss + g_fc) dfc/dv0; dL/dv1 = (lambda_adr g_loss + g_adr) dadr/dv1."""
+def _backward(ctx, g_losses, *_unused):
+    """Gradients for v0 and v1 from dL/d(loss, fc_loss, adr_loss), any strides."""
     d0, r1, m, q, ab, v1 = ctx.saved_tensors
-    gl = _grad(g_loss, d0)
-    s0 = (gl + _grad(g_fc, d0)) * ctx.scale_fc
-    s1 = (ctx.lambda_adr * gl + _grad(g_adr, d0)) * ctx.scale_adr
+    if g_losses is None:
+        return (None,) * 17
     g0, g1 = fused_objective_backward_op(
         *ctx.dtypes,
         d0,
@@ -341,7 +350,8 @@ def _backward(ctx, g_loss, g_fc, g_adr, *_unused):
         v1,
         r1 if ctx.has_v1 else None,
         ab,
-        torch.stack([s0, s1]),
+        g_losses.to(torch.float32).contiguous(),
+        ctx.lambda_adr,
         ctx.direction,
     )
     return (g0, g1 if ctx.has_v1 else None) + (None,) * 15
@@ -405,7 +415,7 @@ def fused_objective(
     if v0.dim() < 2:
         raise ValueError(f"v0 must have shape (B, ...) with ndim >= 2, got {tuple(shape)}")
     active = (k > 0) if fc_active is None else fc_active
-    loss, fc, adr, w, *_ = fused_objective_op(
+    losses, w, *_ = fused_objective_op(
         v0.contiguous(),
         None if v1 is None else v1.contiguous(),
         x1.contiguous(),
@@ -425,10 +435,11 @@ def fused_objective(
         float(norm_eps),
     )
     dtype = torch.promote_types(v0.dtype, x1.dtype)
+    loss, fc, adr = losses.to(dtype).unbind(0)
     return {
-        "loss": loss.to(dtype),
-        "fc_loss": fc.to(dtype),
-        "adr_loss": None if v1 is None else adr.to(dtype),
+        "loss": loss,
+        "fc_loss": fc,
+        "adr_loss": None if v1 is None else adr,
         "w": w if lambda_fc != 0 else None,
         "v_adr": None,
         "delta": None,

@@ -310,28 +310,31 @@ def _method_loss(
     if cfg.fc_t_max is not None:
         active = active & (d.t0 < cfg.fc_t_max)
 
-    terms = _objective_fn(cfg, data)(
-        path,
-        v0=v0,
-        v1=v1,
-        x1=data,
-        eps=d.eps,
-        x_hat=x_hat.detach(),
-        t0=d.t0,
-        t1=d.t1,
-        k=d.k,
-        lambda_adr=cfg.lambda_adr,
-        lambda_fc=cfg.lambda_fc,
-        adr_loss=cfg.adr_loss,
-        fc_active=active,
-        fc_delta=fc_delta,
-        per_channel=cfg.fc_per_channel,
-        fc_filter=cfg.fc_filter,
-        fc_sigma=cfg.fc_sigma,
-        fc_size=cfg.fc_size,
-        fc_cutoff=cfg.fc_cutoff,
-        norm_eps=cfg.norm_eps,
-    )
+    # The model may run under torch.autocast; the loss's own math must not (the FC
+    # filter's conv would run in bf16/fp16): w, v_adr and the loss stay in the state dtype.
+    with torch.autocast(data.device.type, enabled=False):
+        terms = _objective_fn(cfg, data)(
+            path,
+            v0=v0,
+            v1=v1,
+            x1=data,
+            eps=d.eps,
+            x_hat=x_hat.detach(),
+            t0=d.t0,
+            t1=d.t1,
+            k=d.k,
+            lambda_adr=cfg.lambda_adr,
+            lambda_fc=cfg.lambda_fc,
+            adr_loss=cfg.adr_loss,
+            fc_active=active,
+            fc_delta=fc_delta,
+            per_channel=cfg.fc_per_channel,
+            fc_filter=cfg.fc_filter,
+            fc_sigma=cfg.fc_sigma,
+            fc_size=cfg.fc_size,
+            fc_cutoff=cfg.fc_cutoff,
+            norm_eps=cfg.norm_eps,
+        )
     terms["bias_norm"] = bias_norm
     return terms
 

@@ -1,0 +1,356 @@
+"""Adapters: flow_matching schedulers, torchcfm matchers, SiT's Transport, diffusers models.
+
+Third-party packages are replaced by stand-ins that follow their documented formulas; the
+optional test at the end uses diffusers' FlowMatchEulerDiscreteScheduler when installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import runpy
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import reflexflow as rf
+from reflexflow import adapters
+from reflexflow import reference as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T = torch.linspace(0.0, 0.99, 23, dtype=torch.float64)
+
+
+def _same_path(p, q, t=T):
+    for name in ("a", "s", "da", "ds"):
+        torch.testing.assert_close(getattr(p, name)(t), getattr(q, name)(t), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------ flow_matching stand-ins
+# flow_matching.path.scheduler: scheduler(t) -> SchedulerOutput(alpha_t, sigma_t, d_alpha_t,
+# d_sigma_t), x_t = sigma_t x_0 + alpha_t x_1, x_0 noise, x_1 data.
+
+
+def cond_ot(t):
+    return SimpleNamespace(
+        alpha_t=t, sigma_t=1 - t, d_alpha_t=torch.ones_like(t), d_sigma_t=-torch.ones_like(t)
+    )
+
+
+def cosine(t):
+    c, s = torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
+    return SimpleNamespace(
+        alpha_t=s, sigma_t=c, d_alpha_t=0.5 * math.pi * c, d_sigma_t=-0.5 * math.pi * s
+    )
+
+
+def vp(t, beta_min=0.1, beta_max=20.0):
+    """flow_matching's VPScheduler formulas (as a dict, which path_from_scheduler accepts)."""
+    b, B = beta_min, beta_max
+    T_ = 0.5 * (1 - t) ** 2 * (B - b) + (1 - t) * b
+    dT = -(1 - t) * (B - b) - b
+    return {
+        "alpha_t": torch.exp(-0.5 * T_),
+        "sigma_t": torch.sqrt(1 - torch.exp(-T_)),
+        "d_alpha_t": -0.5 * dT * torch.exp(-0.5 * T_),
+        "d_sigma_t": 0.5 * dT * torch.exp(-T_) / torch.sqrt(1 - torch.exp(-T_)),
+    }
+
+
+@pytest.mark.parametrize(
+    "scheduler, path", [(cond_ot, rf.LinearPath()), (cosine, rf.GVPPath()), (vp, rf.VPPath())]
+)
+def test_flow_matching_schedulers_map_onto_the_named_paths(scheduler, path):
+    _same_path(adapters.path_from_scheduler(scheduler), path)
+
+
+def test_loss_with_scheduler_path_equals_loss_with_named_path():
+    net = torch.nn.Linear(4, 4).double()
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    draws = dict(
+        noise=torch.randn(6, 4, generator=g, dtype=torch.float64),
+        t=torch.rand(6, generator=g, dtype=torch.float64) * 0.5,
+        k=torch.tensor([0, 1, 2, 1, 2, 0]),
+    )
+    knobs = dict(rollout_steps=2, num_sampling_steps=10)
+    a = rf.reflexflow_loss(
+        lambda x, t: net(x), x1, path=adapters.path_from_scheduler(cosine), **knobs, **draws
+    )
+    b = rf.reflexflow_loss(lambda x, t: net(x), x1, path="gvp", **knobs, **draws)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-12, atol=1e-12)
+
+
+def test_path_from_scheduler_rejects_bad_input():
+    with pytest.raises(TypeError, match="scheduler"):
+        adapters.path_from_scheduler(3)
+    with pytest.raises(TypeError, match="sigma_t"):
+        adapters.path_from_scheduler(lambda t: SimpleNamespace(alpha_t=t)).s(T)
+
+
+# ----------------------------------------------------------------- torchcfm stand-ins
+class ConditionalFlowMatcher:
+    def __init__(self, sigma=0.0):
+        self.sigma = sigma
+
+
+class ExactOptimalTransportConditionalFlowMatcher(ConditionalFlowMatcher):
+    pass
+
+
+class TargetConditionalFlowMatcher(ConditionalFlowMatcher):
+    pass
+
+
+class VariancePreservingConditionalFlowMatcher(ConditionalFlowMatcher):
+    pass
+
+
+class SchrodingerBridgeConditionalFlowMatcher(ConditionalFlowMatcher):
+    pass
+
+
+def test_torchcfm_matchers_map_onto_paths():
+    assert isinstance(adapters.torchcfm_path(ConditionalFlowMatcher(0.0)), rf.LinearPath)
+    assert isinstance(
+        adapters.torchcfm_path(ExactOptimalTransportConditionalFlowMatcher()), rf.LinearPath
+    )
+    assert isinstance(
+        adapters.torchcfm_path(VariancePreservingConditionalFlowMatcher()), rf.GVPPath
+    )
+
+
+def test_lipman_path_reproduces_target_cfm_sample_and_target():
+    # torchcfm TargetConditionalFlowMatcher: x_t = t x1 + (1 - (1 - sigma) t) eps,
+    # u_t = (x1 - (1 - sigma) x_t) / (1 - (1 - sigma) t)
+    sigma = 0.05
+    path = adapters.torchcfm_path(TargetConditionalFlowMatcher(sigma))
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    t = torch.rand(7, generator=g, dtype=torch.float64)
+    xt = t[:, None] * x1 + (1 - (1 - sigma) * t[:, None]) * eps
+    ut = (x1 - (1 - sigma) * xt) / (1 - (1 - sigma) * t[:, None])
+    torch.testing.assert_close(ref.interpolate(path, x1, eps, t), xt)
+    torch.testing.assert_close(ref.velocity_target(path, x1, eps, t), ut)
+
+
+def test_torchcfm_matchers_without_affine_equivalent_are_refused():
+    with pytest.raises(ValueError, match="sigma"):
+        adapters.torchcfm_path(ConditionalFlowMatcher(0.1))
+    with pytest.raises(ValueError, match="Schrodinger"):
+        adapters.torchcfm_path(SchrodingerBridgeConditionalFlowMatcher(1.0))
+    with pytest.raises(TypeError, match="matcher"):
+        adapters.torchcfm_path(object())
+
+
+# ---------------------------------------------------------------------------- SiT
+class LabelRecordingModel(torch.nn.Module):
+    """model(x, t, y) with a null class at index num_classes; records the labels it sees."""
+
+    def __init__(self, num_classes=3, dim=4):
+        super().__init__()
+        self.emb = torch.nn.Embedding(num_classes + 1, dim)
+        self.lin = torch.nn.Linear(dim, dim)
+        self.seen = []
+
+    def forward(self, x, t, y):
+        self.seen.append((x.detach().clone(), y.clone()))
+        return self.lin(x) + self.emb(y) * t[:, None]
+
+
+def test_sit_adapter_matches_reflexflow_loss_and_drops_labels_consistently():
+    torch.manual_seed(0)
+    model = LabelRecordingModel()
+    B = 64
+    x1 = torch.randn(B, 4)
+    y = torch.randint(0, 3, (B,))
+    sit = adapters.SiTTransportAdapter(
+        "Linear", num_classes=3, class_dropout_prob=0.5, rollout_steps=1, num_sampling_steps=10
+    )
+    terms = sit.training_losses(model, x1, {"y": y}, generator=torch.Generator().manual_seed(0))
+    assert terms["loss"].dim() == 0 and terms["loss"].mean() is not None
+    # one rollout call (B) then the joint 2B call: the same (dropped or kept) label each time
+    (_, y_roll), (_, y_joint) = model.seen
+    assert torch.equal(y_joint[:B], y_joint[B:])
+    out = terms["output"]
+    order = torch.sort(out.k, descending=True, stable=True).indices
+    assert torch.equal(y_roll, y_joint[:B][order])
+    dropped = y_joint[:B] == 3
+    assert torch.equal(y_joint[:B][~dropped], y[~dropped])
+    assert 10 < int(dropped.sum()) < 54
+
+    # without dropout it is ReflexFlowLoss with path "linear" on the same draws
+    plain = adapters.SiTTransportAdapter("Linear", rollout_steps=1, num_sampling_steps=10)
+    draws = dict(noise=torch.randn(B, 4), t=out.t0, k=out.k)
+    a = plain.training_losses(model, x1, {"y": y}, **draws)["loss"]
+    b = rf.ReflexFlowLoss(rollout_steps=1, num_sampling_steps=10)(
+        model, x1, model_kwargs={"y": y}, **draws
+    )
+    torch.testing.assert_close(a, b.loss)
+
+
+def test_sit_adapter_reads_a_transport_and_refuses_non_velocity():
+    enum = SimpleNamespace
+    transport = SimpleNamespace(path_type=enum(name="GVP"), model_type=enum(name="VELOCITY"))
+    assert isinstance(adapters.SiTTransportAdapter(transport).loss_fn.config.path, rf.GVPPath)
+    with pytest.raises(ValueError, match="velocity"):
+        adapters.SiTTransportAdapter(SimpleNamespace(path_type="Linear", model_type="NOISE"))
+    with pytest.raises(ValueError, match="path_type"):
+        adapters.SiTTransportAdapter("Cosine")
+    with pytest.raises(ValueError, match="num_classes"):
+        adapters.SiTTransportAdapter("Linear", class_dropout_prob=0.1)
+
+
+# ----------------------------------------------------------------------- diffusers
+class TinyTransformer(torch.nn.Module):
+    """diffusers-shaped stand-in: forward(hidden_states, timestep, encoder_hidden_states,
+    return_dict) on (B, L, D) tokens, returns a tuple; records the timesteps it sees."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim)
+        self.timesteps = []
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states=None, return_dict=True):
+        self.timesteps.append(timestep.detach().clone())
+        h = self.proj(hidden_states) * (timestep[:, None, None] / 1000.0)
+        if encoder_hidden_states is not None:
+            h = h + encoder_hidden_states.mean(1, keepdim=True)
+        assert return_dict is False
+        return (h,)
+
+
+def _pack(x):  # (B, C, H, W) -> (B, H*W/4, 4C): 2x2 patches as tokens (Flux-style)
+    B, C, H, W = x.shape
+    return x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, 4 * C)
+
+
+def _unpack(tokens, like):
+    B, C, H, W = like.shape
+    return tokens.view(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+
+
+def test_pack_unpack_roundtrip():
+    x = torch.randn(2, 2, 4, 6)
+    assert torch.equal(_unpack(_pack(x), x), x)
+
+
+def test_sd3_timesteps_are_sigma_times_1000_and_loss_equals_canonical():
+    torch.manual_seed(0)
+    tr = TinyTransformer()
+    model = adapters.DiffusersModelAdapter(tr, pack=_pack, unpack=_unpack)
+    B = 4
+    x0 = torch.randn(B, 2, 4, 4)  # clean latents (data at sigma = 0)
+    ctx = torch.randn(B, 3, 8)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = torch.rand(B, generator=g) * 0.5 + 0.4  # rollout start sigma (noise_at_1)
+    k = torch.tensor([0, 1, 2, 1])
+    knobs = dict(rollout_steps=2, num_sampling_steps=10)
+    out = rf.ReflexFlowLoss(**adapters.diffusers_knobs("sd3"), **knobs)(
+        model, x0, noise=noise, t=sigma, k=k, model_kwargs={"encoder_hidden_states": ctx}
+    )
+    joint = tr.timesteps[-1]
+    torch.testing.assert_close(joint, 1000 * torch.cat([out.t0, out.t1]).float())
+    assert bool((joint >= 0).all() and (joint <= 1000).all())
+
+    # the same step in the canonical convention: t = 1 - sigma, v = -model output
+    def canonical(x, t, encoder_hidden_states):
+        return -model(x, 1000 * (1 - t), encoder_hidden_states=encoder_hidden_states)
+
+    can = rf.ReflexFlowLoss(**knobs)(
+        canonical, x0, noise=noise, t=1 - sigma, k=k, model_kwargs={"encoder_hidden_states": ctx}
+    )
+    torch.testing.assert_close(out.loss, can.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_flux_knobs_pass_sigma_and_shifted_sampler_is_in_range():
+    assert adapters.diffusers_knobs("flux")["timestep_scale"] == 1.0
+    s = adapters.ShiftedSigmaSampler(3.0)(
+        1000, torch.device("cpu"), torch.Generator().manual_seed(0)
+    )
+    u = torch.sigmoid(torch.randn(1000, generator=torch.Generator().manual_seed(0), dtype=s.dtype))
+    torch.testing.assert_close(s, 3 * u / (1 + 2 * u))
+    with pytest.raises(ValueError, match="family"):
+        adapters.diffusers_knobs("sdxl")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers not installed")
+def test_diffusers_scheduler_sigmas_and_scale_noise_match_noise_at_1():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sched.set_timesteps(10)
+    torch.testing.assert_close(sched.timesteps, sched.sigmas[:-1] * 1000)
+    x0 = torch.randn(1, 2, 4, 4)
+    noise = torch.randn_like(x0)
+    ts = sched.timesteps[3:4]
+    sigma = sched.sigmas[3:4]
+    noisy = sched.scale_noise(x0, ts, noise)
+    ours = ref.interpolate(rf.LinearPath(), x0, noise, 1 - sigma)  # canonical t = 1 - sigma
+    torch.testing.assert_close(noisy, ours)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers not installed")
+def test_tiny_diffusers_sd3_transformer_trains_through_the_adapter():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+    )
+    seen = []
+    tr.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw["timestep"]), with_kwargs=True
+    )
+    loss_fn = rf.ReflexFlowLoss(
+        **adapters.diffusers_knobs("sd3"), num_sampling_steps=10, rollout_steps=2
+    )
+    kw = {"encoder_hidden_states": torch.randn(2, 5, 16), "pooled_projections": torch.randn(2, 8)}
+    out = loss_fn(
+        adapters.DiffusersModelAdapter(tr),
+        torch.randn(2, 4, 8, 8),
+        model_kwargs=kw,
+        generator=torch.Generator().manual_seed(0),
+    )
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert sum(float(p.grad.abs().sum()) for p in tr.parameters() if p.grad is not None) > 0
+    torch.testing.assert_close(seen[-1], 1000 * torch.cat([out.t0, out.t1]))
+
+
+# ------------------------------------------------------------------------ examples
+@pytest.mark.parametrize("name", ["sit_style.py", "diffusers_style.py", "flow_matching_paths.py"])
+def test_example_runs_at_toy_size(name, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [name, "--steps", "2"])
+    runpy.run_path(os.path.join(ROOT, "examples", name), run_name="__main__")
+    assert "loss" in capsys.readouterr().out
+
+
+def test_sampler_timestep_scale_and_noise_at_1_equal_canonical_sampling():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4)
+    seen = []
+
+    def sd3_model(x, timestep):  # noise_at_1 model taking timesteps in [0, 1000]
+        seen.append(timestep)
+        return net(x) * (timestep[:, None] / 1000.0)
+
+    noise = torch.randn(3, 4)
+    a = rf.sample(sd3_model, noise, steps=5, convention="noise_at_1", timestep_scale=1000.0)
+    b = rf.sample(lambda x, t: -sd3_model(x, 1000 * (1 - t)), noise, steps=5)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(seen[0], torch.full((3,), 1000.0))  # starts at sigma = 1

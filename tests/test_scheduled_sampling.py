@@ -1,0 +1,50 @@
+"""The batched rollout equals the per-sample oracle; it runs only active samples."""
+
+import torch
+
+import reflexflow as rf
+from reflexflow import reference as ref
+from reflexflow.rollout import euler_rollout, rollout_plan
+from tests.helpers import ConvVelocity
+
+
+def test_rollout_plan_sorts_by_k_and_counts_active_samples_per_step():
+    k = torch.tensor([0, 3, 1, 3, 2, 0])
+    order, active = rollout_plan(k)
+    assert order.tolist() == [1, 3, 4, 2, 0, 5]  # stable, descending
+    assert active == [4, 3, 2]
+
+
+def test_rollout_together_equals_one_by_one_for_per_sample_k():
+    model = ConvVelocity(num_classes=3).double()
+    vel = rf.VelocityModel(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 6, 5, generator=g, dtype=torch.float64)
+    t0 = torch.rand(7, generator=g, dtype=torch.float64) * 0.5
+    k = torch.tensor([0, 3, 1, 2, 3, 0, 1])
+    step = torch.rand(7, generator=g, dtype=torch.float64) * 0.1
+    kwargs = {"y": torch.tensor([0, 1, 2, 0, 1, 2, 0])}
+    together = euler_rollout(vel, x, t0, k, step, kwargs)
+    one_by_one = ref.euler_rollout_per_sample(vel, x, t0, k, step, kwargs)
+    torch.testing.assert_close(together, one_by_one, rtol=1e-12, atol=1e-12)
+    assert torch.equal(together[k == 0], x[k == 0])  # k = 0 rows untouched, bit for bit
+
+
+def test_rollout_runs_exactly_sum_of_k_sample_forwards():
+    vel = rf.VelocityModel(lambda x, t: -x)
+    x = torch.randn(8, 4)
+    k = torch.tensor([0, 1, 4, 2, 0, 3, 1, 1])
+    euler_rollout(vel, x, torch.zeros(8), k, torch.full((8,), 0.05))
+    assert vel.sample_forwards == int(k.sum())
+    assert vel.calls == int(k.max())
+
+
+def test_rollout_does_not_modify_its_input_and_builds_no_graph():
+    weight = torch.ones((), requires_grad=True)
+    vel = rf.VelocityModel(lambda x, t: weight * x)
+    x = torch.randn(3, 2)
+    before = x.clone()
+    out = euler_rollout(vel, x, torch.zeros(3), torch.tensor([2, 1, 0]), torch.full((3,), 0.1))
+    assert torch.equal(x, before)
+    assert not out.requires_grad
+    torch.testing.assert_close(out[0], x[0] * 1.1**2)

@@ -71,16 +71,17 @@ def test_unknown_backend_is_rejected():
 
 @needs_triton
 def test_reflexflow_loss_step_breaks_no_graph_in_the_kernels():
-    """The fused op lands inside a captured graph and no graph break comes from
-    reflexflow/kernels. (ReflexFlowLoss itself still breaks elsewhere: the rollout and
-    the input checks read tensor values on the host; those are not the kernels'.)"""
+    """The fused op lands inside a captured graph; the only graph breaks of a whole
+    compiled ReflexFlowLoss step are the rollout plan's host reads (as with the reference,
+    tests/test_compile.py), none in reflexflow/kernels."""
     torch._dynamo.reset()
     net = torch.nn.Conv2d(3, 3, 3, padding=1).to(DEV)
-    loss_fn = rf.ReflexFlowLoss(backend="triton", num_sampling_steps=10)
+    loss_fn = rf.ReflexFlowLoss(
+        backend="triton", k_draw="fixed", rollout_steps=2, num_sampling_steps=10
+    )
     x1 = torch.randn(4, 3, 6, 6, device=DEV)
     explained = torch._dynamo.explain(lambda x: loss_fn(lambda y, t: net(y), x).loss)(x1)
     ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes]
     assert "reflexflow.fused_objective.default" in ops
-    for reason in explained.break_reasons:
-        for frame in reason.user_stack:
-            assert "kernels" not in frame.filename, reason.reason
+    files = {r.user_stack[-1].filename.replace("\\", "/") for r in explained.break_reasons}
+    assert all(f.endswith("reflexflow/rollout.py") for f in files), files

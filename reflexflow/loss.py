@@ -343,7 +343,8 @@ def _objective_fn(cfg: ReflexFlowConfig, data: Tensor) -> Callable[..., dict]:
     """reference.objective, or its Triton twin kernels.fused_objective (DESIGN.md section 5).
 
     backend="triton" forces the kernels (CUDA, or CPU under TRITON_INTERPRET=1); "auto"
-    takes them for CUDA float32/16 data that needs no gradient when triton imports.
+    takes them for CUDA float32/16 data that needs no gradient when triton imports, and
+    falls back to the reference (one warning) if they fail to compile or launch.
     """
     if cfg.backend == "torch":
         return ref.objective
@@ -363,7 +364,7 @@ def _objective_fn(cfg: ReflexFlowConfig, data: Tensor) -> Callable[..., dict]:
         and not data.requires_grad
         and kernels.triton_available()
     )
-    return kernels.fused_objective if fast else ref.objective
+    return kernels.fused_objective_auto if fast else ref.objective
 
 
 class ReflexFlowLoss(nn.Module):

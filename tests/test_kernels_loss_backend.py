@@ -85,3 +85,34 @@ def test_reflexflow_loss_step_breaks_no_graph_in_the_kernels():
     assert "reflexflow.fused_objective.default" in ops
     files = {r.user_stack[-1].filename.replace("\\", "/") for r in explained.break_reasons}
     assert all(f.endswith("reflexflow/rollout.py") for f in files), files
+
+
+def test_auto_falls_back_to_reference_once_the_triton_path_fails(monkeypatch):
+    from reflexflow import kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(kernels, "fused_objective", broken)
+    monkeypatch.setattr(kernels, "_FAILED", [])
+    p = rf.get_path("linear")
+    x = torch.randn(3, 2, 5, 4)
+    t = torch.full((3,), 0.3)
+    kw = dict(v0=x, v1=x + 1, x1=x, eps=-x, x_hat=x, t0=t, t1=t + 0.1, k=torch.ones(3).long())
+    with pytest.warns(RuntimeWarning, match="Triton loss kernels failed"):
+        got = kernels.fused_objective_auto(p, **kw)
+    torch.testing.assert_close(got["loss"], ref.objective(p, **kw)["loss"])
+    kernels.fused_objective_auto(p, **kw)  # no second warning, no second attempt
+    assert len(kernels._FAILED) == 1
+
+
+def test_auto_does_not_hide_argument_errors(monkeypatch):
+    from reflexflow import kernels
+
+    def bad_args(*args, **kwargs):
+        raise ValueError("x1 requires grad")
+
+    monkeypatch.setattr(kernels, "fused_objective", bad_args)
+    monkeypatch.setattr(kernels, "_FAILED", [])
+    with pytest.raises(ValueError, match="x1"):
+        kernels.fused_objective_auto(None)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from typing import Any
 
-__all__ = ["triton_available", "triton_usable", "fused_objective"]
+__all__ = ["triton_available", "triton_usable", "fused_objective", "fused_objective_auto"]
+
+_FAILED: list[str] = []  # the first failure of the Triton path under backend="auto"
 
 
 def triton_available() -> bool:
@@ -31,3 +34,25 @@ def fused_objective(*args: Any, **kwargs: Any) -> dict:
     from .objective_op import fused_objective as impl
 
     return impl(*args, **kwargs)
+
+
+def fused_objective_auto(*args: Any, **kwargs: Any) -> dict:
+    """backend="auto": fused_objective, or reference.objective once the Triton path has
+    failed to compile or launch on this machine (one warning, then the reference for the
+    rest of the process). Errors about the arguments (ValueError, TypeError) propagate."""
+    if not _FAILED:
+        try:
+            return fused_objective(*args, **kwargs)
+        except (ValueError, TypeError):
+            raise
+        except Exception as err:  # a Triton compile/launch failure: fail soft
+            _FAILED.append(repr(err))
+            warnings.warn(
+                f"reflexflow: the Triton loss kernels failed ({err!r}); backend='auto' uses "
+                "the PyTorch reference from now on (backend='triton' shows the error)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    from ..reference import objective
+
+    return objective(*args, **kwargs)

@@ -91,7 +91,9 @@ def finalize_kernel(
     active,
     q,
     ab,
-    losses,
+    loss_out,
+    fc_out,
+    adr_out,
     B,
     CM,
     FP,
@@ -112,7 +114,8 @@ def finalize_kernel(
     L_FC = (sum d0^2 + sum_r q sum m e) / N. Direction, per sample: n = max(|v1|, eps),
     n_a = max(|v_adr|, eps), sum d^2 = |v1|^2/n^2 - 2 v_adr.v1/(n n_a) + |v_adr|^2/n_a^2,
     proj = (d . v1)/n^2 (0 when the clamp is active), ab = (1/n^2 - proj/n, -1/(n n_a));
-    L_ADR = mean_b sum d^2. mse: L_ADR = sum (v1 - v_adr)^2 / N. losses = (L, L_FC, L_ADR).
+    L_ADR = mean_b sum d^2. mse: L_ADR = sum (v1 - v_adr)^2 / N. Writes the three 0-dim
+    outputs L = L_FC + lambda_adr L_ADR, L_FC, L_ADR (0 without v1).
     """
     fc = tl.zeros([BB], dtype=tl.float64)
     adr = tl.zeros([BB], dtype=tl.float64)
@@ -146,17 +149,17 @@ def finalize_kernel(
             tl.store(q + rows, qq.to(tl.float32), mask=mask)
             fc += tl.where(mask, qq * me, 0.0)
     fc_loss = tl.sum(fc, axis=0) * inv_numel
-    tl.store(losses + 1, fc_loss.to(tl.float32))
+    tl.store(fc_out, fc_loss.to(tl.float32))
     if HAS_V1:
         if DIRECTION:
             adr_loss = tl.sum(adr, axis=0) / B
         else:
             adr_loss = tl.sum(adr, axis=0) * inv_numel
-        tl.store(losses + 2, adr_loss.to(tl.float32))
-        tl.store(losses, (fc_loss + lambda_adr * adr_loss).to(tl.float32))
+        tl.store(adr_out, adr_loss.to(tl.float32))
+        tl.store(loss_out, (fc_loss + lambda_adr * adr_loss).to(tl.float32))
     else:
-        tl.store(losses + 2, 0.0)
-        tl.store(losses, fc_loss.to(tl.float32))
+        tl.store(adr_out, 0.0)
+        tl.store(loss_out, fc_loss.to(tl.float32))
 
 
 @triton.jit
@@ -265,7 +268,9 @@ def objective_grad_kernel(
     v1,
     r1,
     ab,
-    grad,
+    g_loss,
+    g_fc,
+    g_adr,
     g0,
     g1,
     S,
@@ -278,14 +283,17 @@ def objective_grad_kernel(
     PER_CHANNEL: tl.constexpr,
     HAS_V1: tl.constexpr,
     DIRECTION: tl.constexpr,
+    HAS_GL: tl.constexpr,
+    HAS_GF: tl.constexpr,
+    HAS_GA: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """The backward pass: dL/dv0 and dL/dv1 from what the forward stored.
 
-    grad = dL/d(loss, fc_loss, adr_loss) (3,). g0 = s0 (1 + q[row] m) d0 with
-    s0 = (grad[0] + grad[1]) scale_fc, q = lambda_fc / (mean m + TINY) on active rows,
-    else 0. s1 = (lambda_adr grad[0] + grad[2]) scale_adr; mse: g1 = s1 r1 (r1 = v1 -
-    v_adr); direction: g1 = s1 (ab[b, 0] v1 + ab[b, 1] r1) (r1 = v_adr).
+    Incoming gradients of loss, fc_loss, adr_loss (0-dim, each absent unless HAS_G*).
+    g0 = s0 (1 + q[row] m) d0, s0 = (g_loss + g_fc) scale_fc, q = lambda_fc / (mean m +
+    TINY) on active rows, else 0. s1 = (lambda_adr g_loss + g_adr) scale_adr; mse:
+    g1 = s1 r1 (r1 = v1 - v_adr); direction: g1 = s1 (ab[b, 0] v1 + ab[b, 1] r1), r1 = v_adr.
     Grid (cdiv(S, BLOCK), B) with S = C F P.
     """
     blk = tl.program_id(0)
@@ -294,8 +302,16 @@ def objective_grad_kernel(
     mask = o < S
     off = b * S + o
     dd = tl.load(d0 + off, mask=mask, other=0.0).to(tl.float32)
-    gl = tl.load(grad)
-    s0 = (gl + tl.load(grad + 1)) * scale_fc
+    gl = 0.0
+    gf = 0.0
+    ga = 0.0
+    if HAS_GL:
+        gl = tl.load(g_loss).to(tl.float32)
+    if HAS_GF:
+        gf = tl.load(g_fc).to(tl.float32)
+    if HAS_GA:
+        ga = tl.load(g_adr).to(tl.float32)
+    s0 = (gl + gf) * scale_fc
     if HAS_FC:
         if PER_CHANNEL:
             row = b * CM + o // FP
@@ -306,7 +322,7 @@ def objective_grad_kernel(
         dd = dd * (1.0 + qq * mm)
     tl.store(g0 + off, (s0 * dd).to(g0.dtype.element_ty), mask=mask)
     if HAS_V1:
-        s1 = (lambda_adr * gl + tl.load(grad + 2)) * scale_adr
+        s1 = (lambda_adr * gl + ga) * scale_adr
         rr = tl.load(r1 + off, mask=mask, other=0.0).to(tl.float32)
         if DIRECTION:
             y = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)

@@ -82,11 +82,14 @@ def _layout(shape: torch.Size) -> tuple[int, int, int, int, int]:
 
 
 def _taps(kind: str, sigma: float, size: int, device: torch.device) -> Tensor | None:
-    """The 1-D filter taps of reference.lowpass in fp32, or None when no filter runs."""
+    """The 1-D filter taps of reference.lowpass in fp32 (computed on the host: one small
+    copy, no launches), or None when no filter runs."""
     if kind == "gaussian":
         if sigma <= 0:
             return None
-        return ref._gaussian_taps(sigma, torch.float32, device)
+        radius = max(1, math.ceil(3.0 * sigma))
+        taps = [math.exp(-0.5 * (o / sigma) ** 2) for o in range(-radius, radius + 1)]
+        return torch.tensor([t / math.fsum(taps) for t in taps], dtype=torch.float32, device=device)
     if kind == "box":
         return torch.full((size,), 1.0 / size, dtype=torch.float32, device=device)
     return None
@@ -134,8 +137,8 @@ def _forward(
     fc_size: int,
     fc_cutoff: float,
     norm_eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (losses, w, d0, r1, m, q, ab); losses = (L, L_FC, L_ADR) fp32 (3,).
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, fc_loss, adr_loss, w, d0, r1, m, q, ab); losses fp32 0-dim.
 
     Inputs contiguous, same shape (B, *S); coef (B, 8) fp32 from :func:`path_coefficients`,
     active (B,) fp32 (0: w = 1). w (B, Cm, *S[1:]) fp32 (empty when lambda_fc = 0).
@@ -209,7 +212,7 @@ def _forward(
 
     # pass 3: per-sample factors and the losses, one program
     ab = _alloc((batch, 2), f32, dev) if has_v1 and direction else empty()
-    losses = _alloc((3,), f32, dev)
+    loss, fc_loss, adr_loss = (_alloc((), f32, dev) for _ in range(3))
     wrap_triton(finalize_kernel)[(1,)](
         parts,
         nblk,
@@ -218,7 +221,9 @@ def _forward(
         active,
         q if has_fc else parts,
         ab if has_v1 and direction else parts,
-        losses,
+        loss,
+        fc_loss,
+        adr_loss,
         batch,
         cm,
         fp,
@@ -236,7 +241,7 @@ def _forward(
     if has_fc:
         w_rows = m.mul(q[:, None]).add_(1)
         w_out = w_rows.view(batch, cm, *v0.shape[2:]) if v0.dim() > 2 else w_rows.view(batch, -1)
-    return losses, w_out, d0, r1, m, q, ab
+    return loss, fc_loss, adr_loss, w_out, d0, r1, m, q, ab
 
 
 def _forward_fake(v0: Tensor, v1: Tensor | None, x1: Tensor, *args) -> tuple[Tensor, ...]:
@@ -248,7 +253,9 @@ def _forward_fake(v0: Tensor, v1: Tensor | None, x1: Tensor, *args) -> tuple[Ten
     w_shape = (b, cm, *v0.shape[2:]) if v0.dim() > 2 else tuple(v0.shape)
     f32 = dict(dtype=torch.float32)
     return (
-        v0.new_empty((3,), **f32),
+        v0.new_empty((), **f32),
+        v0.new_empty((), **f32),
+        v0.new_empty((), **f32),
         v0.new_empty(w_shape if has_fc else (0,), **f32),
         torch.empty_like(v0, dtype=torch.promote_types(v0.dtype, x1.dtype)),
         torch.empty_like(v1, dtype=torch.promote_types(v1.dtype, x1.dtype))
@@ -269,12 +276,15 @@ def _backward_impl(
     v1: Tensor | None,
     r1: Tensor | None,
     ab: Tensor,
-    grad: Tensor,
+    g_loss: Tensor | None,
+    g_fc: Tensor | None,
+    g_adr: Tensor | None,
     lambda_adr: float,
     direction: bool,
 ) -> tuple[Tensor, Tensor]:
-    """dL/dv0 = (g0 + g1) 2/N (1 + q m) d0; dL/dv1 = (lambda_adr g0 + g2) 2/N r1 (mse)
-    or (lambda_adr g0 + g2) 2/B (ab0 v1 + ab1 r1) (direction); g = grad (3,)."""
+    """dL/dv0 = (g_loss + g_fc) 2/N (1 + q m) d0; dL/dv1 = (lambda_adr g_loss + g_adr) 2/N
+    r1 (mse) or (lambda_adr g_loss + g_adr) 2/B (ab0 v1 + ab1 r1) (direction); absent
+    incoming gradients count as 0."""
     batch = d0.shape[0]
     s = d0.numel() // batch
     has_fc, has_v1 = m.numel() > 0, r1 is not None
@@ -289,8 +299,10 @@ def _backward_impl(
         q if has_fc else d0,
         v1 if v1 is not None else d0,
         r1 if has_v1 else d0,
-        ab if ab.numel() else grad,
-        grad,
+        ab if ab.numel() else d0,
+        g_loss if g_loss is not None else d0,
+        g_fc if g_fc is not None else d0,
+        g_adr if g_adr is not None else d0,
         g0,
         g1 if has_v1 else g0,
         s,
@@ -303,13 +315,16 @@ def _backward_impl(
         PER_CHANNEL=cm > 1,
         HAS_V1=has_v1,
         DIRECTION=direction,
+        HAS_GL=g_loss is not None,
+        HAS_GF=g_fc is not None,
+        HAS_GA=g_adr is not None,
         BLOCK=block,
         num_warps=warps,
     )
     return g0, g1
 
 
-def _backward_fake(v0_dtype, v1_dtype, d0, m, q, v1, r1, ab, grad, lambda_adr, direction):
+def _backward_fake(v0_dtype, v1_dtype, d0, m, q, v1, r1, ab, gl, gf, ga, lambda_adr, direction):
     g1 = torch.empty_like(r1, dtype=v1_dtype) if r1 is not None else d0.new_empty((0,))
     return torch.empty_like(d0, dtype=v0_dtype), g1
 
@@ -332,15 +347,23 @@ else:
 def _setup_context(ctx, inputs, output) -> None:
     v1, direction = inputs[1], inputs[10]
     has_v1 = v1 is not None
-    ctx.save_for_backward(*output[2:7], v1 if has_v1 and direction else None)
+    ctx.save_for_backward(*output[4:9], v1 if has_v1 and direction else None)
+    ctx.set_materialize_grads(False)  # no N-sized zero gradients for d0, r1, ...
+    ctx.mark_non_differentiable(*output[3:9])
     ctx.has_v1, ctx.direction, ctx.lambda_adr = has_v1, direction, inputs[8]
     ctx.dtypes = (inputs[0].dtype, v1.dtype if has_v1 else inputs[0].dtype)
 
 
-def _backward(ctx, g_losses, *_unused):
-    """Gradients for v0 and v1 from dL/d(loss, fc_loss, adr_loss), any strides."""
+def _scalar_grad(g: Tensor | None) -> Tensor | None:
+    """An incoming gradient of a 0-dim loss as a contiguous fp32 0-dim tensor (any
+    strides, including an expanded one), or None when that output was not used."""
+    return None if g is None else g.reshape(()).to(torch.float32).contiguous()
+
+
+def _backward(ctx, g_loss, g_fc, g_adr, *_unused):
+    """Gradients for v0 and v1 from dL/dloss, dL/dfc_loss, dL/dadr_loss."""
     d0, r1, m, q, ab, v1 = ctx.saved_tensors
-    if g_losses is None:
+    if g_loss is None and g_fc is None and g_adr is None:
         return (None,) * 17
     g0, g1 = fused_objective_backward_op(
         *ctx.dtypes,
@@ -350,7 +373,9 @@ def _backward(ctx, g_losses, *_unused):
         v1,
         r1 if ctx.has_v1 else None,
         ab,
-        g_losses.to(torch.float32).contiguous(),
+        _scalar_grad(g_loss),
+        _scalar_grad(g_fc),
+        _scalar_grad(g_adr),
         ctx.lambda_adr,
         ctx.direction,
     )
@@ -415,7 +440,7 @@ def fused_objective(
     if v0.dim() < 2:
         raise ValueError(f"v0 must have shape (B, ...) with ndim >= 2, got {tuple(shape)}")
     active = (k > 0) if fc_active is None else fc_active
-    losses, w, *_ = fused_objective_op(
+    loss, fc, adr, w, *_ = fused_objective_op(
         v0.contiguous(),
         None if v1 is None else v1.contiguous(),
         x1.contiguous(),
@@ -435,11 +460,10 @@ def fused_objective(
         float(norm_eps),
     )
     dtype = torch.promote_types(v0.dtype, x1.dtype)
-    loss, fc, adr = losses.to(dtype).unbind(0)
     return {
-        "loss": loss,
-        "fc_loss": fc,
-        "adr_loss": None if v1 is None else adr,
+        "loss": loss.to(dtype),
+        "fc_loss": fc.to(dtype),
+        "adr_loss": None if v1 is None else adr.to(dtype),
         "w": w if lambda_fc != 0 else None,
         "v_adr": None,
         "delta": None,

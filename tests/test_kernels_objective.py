@@ -243,6 +243,7 @@ def _op_args(v1=True, **over):
         eps=eps,
         x_hat=x_hat,
         coef=fo.path_coefficients(p, t0, t1),
+        path_kind=0,
         active=(k > 0).float(),
         fc_delta=None,
         lambda_adr=10.0,
@@ -256,11 +257,14 @@ def _op_args(v1=True, **over):
         norm_eps=1e-6,
     )
     args.update(over)
+    if args["path_kind"] == 1:  # linear, computed in the kernel from (t0, t1)
+        args["coef"] = torch.stack([t0, t1], dim=1)
     return tuple(z.to(DEV) if isinstance(z, torch.Tensor) else z for z in args.values())
 
 
 @pytest.mark.parametrize(
-    "over", [{}, dict(v1=False, per_channel=True), dict(direction=False, fc_filter="fft")]
+    "over",
+    [{}, dict(v1=False, per_channel=True), dict(direction=False, fc_filter="fft", path_kind=1)],
 )
 def test_opcheck_passes(over):
     torch.library.opcheck(fo.fused_objective_op, _op_args(**over))

@@ -11,7 +11,8 @@ The FC map is (B, Cm, F, P) with Cm = C per channel, else 1. All arithmetic is f
 offsets are int64 so that tensors past 2^31 elements address correctly.
 
 Per-sample path coefficients come in ``coef`` (B, 8) fp32:
-[a'(t0), s'(t0), a(t1), s(t1), a'(t1), s'(t1), s'(t1) / s(t1), 0].
+[a'(t0), s'(t0), a(t1), s(t1), a'(t1), s'(t1), s'(t1) / s(t1), 0], or, for the linear
+and GVP paths, are computed in the kernel from coef (B, 2) = (t0, t1).
 """
 
 from __future__ import annotations
@@ -23,6 +24,44 @@ import triton.language as tl
 @triton.jit
 def _coef(coef, b, i: tl.constexpr):
     return tl.load(coef + b * 8 + i)
+
+
+@triton.jit
+def _path_coefs(coef, b, PATH: tl.constexpr):
+    """(a'(t0), s'(t0), a(t1), s(t1), a'(t1), s'(t1), s'(t1)/s(t1)) of sample b.
+
+    PATH 0: read from coef (B, 8) (any path, computed by torch); 1: linear and 2: GVP,
+    computed here from coef (B, 2) = (t0, t1), saving the launches of the torch ops.
+    """
+    if PATH == 0:
+        da0 = _coef(coef, b, 0)
+        ds0 = _coef(coef, b, 1)
+        a1 = _coef(coef, b, 2)
+        s1 = _coef(coef, b, 3)
+        da1 = _coef(coef, b, 4)
+        ds1 = _coef(coef, b, 5)
+        rat = _coef(coef, b, 6)
+    else:
+        t0 = tl.load(coef + b * 2)
+        t1 = tl.load(coef + b * 2 + 1)
+        if PATH == 1:
+            da0 = t0 * 0.0 + 1.0
+            ds0 = t0 * 0.0 - 1.0
+            a1 = t1
+            s1 = 1.0 - t1
+            da1 = da0
+            ds1 = ds0
+            rat = -1.0 / s1
+        else:
+            h = 1.5707963267948966  # pi / 2
+            da0 = h * tl.cos(h * t0)
+            ds0 = -h * tl.sin(h * t0)
+            a1 = tl.sin(h * t1)
+            s1 = tl.cos(h * t1)
+            da1 = h * s1
+            ds1 = -h * a1
+            rat = ds1 / s1
+    return da0, ds0, a1, s1, da1, ds1, rat
 
 
 @triton.jit
@@ -179,6 +218,7 @@ def objective_kernel(
     C,
     FP,
     NBLK,
+    PATH: tl.constexpr,
     HAS_FC: tl.constexpr,
     HAS_FC_DELTA: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
@@ -199,13 +239,7 @@ def objective_kernel(
     nb = tl.num_programs(1).to(tl.int64)
     r = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = r < FP
-    da0 = _coef(coef, b, 0)
-    ds0 = _coef(coef, b, 1)
-    a1 = _coef(coef, b, 2)
-    s1 = _coef(coef, b, 3)
-    da1 = _coef(coef, b, 4)
-    ds1 = _coef(coef, b, 5)
-    rat = _coef(coef, b, 6)
+    da0, ds0, a1, s1, da1, ds1, rat = _path_coefs(coef, b, PATH)
     acc_m = tl.zeros([BLOCK], dtype=tl.float32)
     acc_e = tl.zeros([BLOCK], dtype=tl.float32)
     s_adr = tl.zeros([BLOCK], dtype=tl.float32)

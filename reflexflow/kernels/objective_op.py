@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import reference as ref
+from ..paths import GVPPath, LinearPath
 from .objective_kernels import (
     finalize_kernel,
     lowpass_axis_kernel,
@@ -126,6 +127,7 @@ def _forward(
     eps: Tensor,
     x_hat: Tensor,
     coef: Tensor,
+    path_kind: int,
     active: Tensor,
     fc_delta: Tensor | None,
     lambda_adr: float,
@@ -140,8 +142,9 @@ def _forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, fc_loss, adr_loss, w, d0, r1, m, q, ab); losses fp32 0-dim.
 
-    Inputs contiguous, same shape (B, *S); coef (B, 8) fp32 from :func:`path_coefficients`,
-    active (B,) fp32 (0: w = 1). w (B, Cm, *S[1:]) fp32 (empty when lambda_fc = 0).
+    Inputs contiguous, same shape (B, *S); coef (B, 8) fp32 from :func:`path_coefficients`
+    (path_kind 0) or (B, 2) fp32 (t0, t1) for the linear (1) and GVP (2) paths; active
+    (B,) fp32 (0: w = 1). w (B, Cm, *S[1:]) fp32 (empty when lambda_fc = 0).
     Kept for backward: d0 = v0 - u0, r1 (v1 - v_adr or v_adr), the filtered map m
     (B Cm, F P), q (B Cm,) and ab (B, 2), the direction loss's alpha, beta.
     """
@@ -186,6 +189,7 @@ def _forward(
         c,
         fp,
         nblk,
+        PATH=path_kind,
         HAS_FC=has_fc,
         HAS_FC_DELTA=fc_delta is not None,
         PER_CHANNEL=cm > 1,
@@ -246,7 +250,7 @@ def _forward(
 
 def _forward_fake(v0: Tensor, v1: Tensor | None, x1: Tensor, *args) -> tuple[Tensor, ...]:
     """Shapes and dtypes of the outputs, for tracing (the interpreter's custom_op)."""
-    lambda_fc, per_channel = args[6], args[8]
+    lambda_fc, direction, per_channel = args[7], args[8], args[9]
     c, frames, h, w, _ = _layout(v0.shape)
     cm = c if per_channel and v0.dim() > 2 else 1
     has_fc, b = lambda_fc != 0, v0.shape[0]
@@ -263,7 +267,7 @@ def _forward_fake(v0: Tensor, v1: Tensor | None, x1: Tensor, *args) -> tuple[Ten
         else v0.new_empty((0,)),
         v0.new_empty((b * cm, frames * h * w) if has_fc else (0,), **f32),
         v0.new_empty((b * cm,) if has_fc else (0,), **f32),
-        v0.new_empty((b, 2) if v1 is not None and args[7] else (0,), **f32),
+        v0.new_empty((b, 2) if v1 is not None and direction else (0,), **f32),
     )
 
 
@@ -345,12 +349,12 @@ else:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    v1, direction = inputs[1], inputs[10]
+    v1, direction = inputs[1], inputs[11]
     has_v1 = v1 is not None
     ctx.save_for_backward(*output[4:9], v1 if has_v1 and direction else None)
     ctx.set_materialize_grads(False)  # no N-sized zero gradients for d0, r1, ...
     ctx.mark_non_differentiable(*output[3:9])
-    ctx.has_v1, ctx.direction, ctx.lambda_adr = has_v1, direction, inputs[8]
+    ctx.has_v1, ctx.direction, ctx.lambda_adr = has_v1, direction, inputs[9]
     ctx.dtypes = (inputs[0].dtype, v1.dtype if has_v1 else inputs[0].dtype)
 
 
@@ -364,7 +368,7 @@ def _backward(ctx, g_loss, g_fc, g_adr, *_unused):
     """Gradients for v0 and v1 from dL/dloss, dL/dfc_loss, dL/dadr_loss."""
     d0, r1, m, q, ab, v1 = ctx.saved_tensors
     if g_loss is None and g_fc is None and g_adr is None:
-        return (None,) * 17
+        return (None,) * 18
     g0, g1 = fused_objective_backward_op(
         *ctx.dtypes,
         d0,
@@ -379,7 +383,7 @@ def _backward(ctx, g_loss, g_fc, g_adr, *_unused):
         ctx.lambda_adr,
         ctx.direction,
     )
-    return (g0, g1 if ctx.has_v1 else None) + (None,) * 15
+    return (g0, g1 if ctx.has_v1 else None) + (None,) * 16
 
 
 fused_objective_op.register_autograd(_backward, setup_context=_setup_context)
@@ -392,6 +396,14 @@ def path_coefficients(path: ref.PathLike, t0: Tensor, t1: Tensor) -> Tensor:
     cols = [torch.as_tensor(x, device=t0.device).to(torch.float32) for x in cols]
     cols.append(torch.zeros_like(cols[0]))
     return torch.stack(cols, dim=1).contiguous()
+
+
+def _coefficients(path: ref.PathLike, t0: Tensor, t1: Tensor) -> tuple[Tensor, int]:
+    """(coef, path_kind): (t0, t1) for the paths the kernel knows, else the (B, 8) table."""
+    kind = {LinearPath: 1, GVPPath: 2}.get(type(path), 0)
+    if kind:
+        return torch.stack([t0, t1], dim=1).to(torch.float32).contiguous(), kind
+    return path_coefficients(path, t0, t1), 0
 
 
 def fused_objective(
@@ -446,7 +458,7 @@ def fused_objective(
         x1.contiguous(),
         eps.contiguous(),
         x_hat.detach().contiguous(),
-        path_coefficients(path, t0, t1),
+        *_coefficients(path, t0, t1),
         active.to(torch.float32).contiguous(),
         None if fc_delta is None else fc_delta.detach().contiguous(),
         float(lambda_adr),

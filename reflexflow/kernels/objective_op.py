@@ -13,8 +13,9 @@ Passes over memory (N = elements of v0; the map has N / C elements, N per channe
    e = sum_c d0^2 (2 N / C), and per-program partial sums.
 2. lowpass_axis_kernel along W, then H (gaussian / box) on the map only (4 N / C).
    fft runs on the torch path (reference._fft_lowpass on the map: torch.fft, clamped >= 0).
-3. Per-sample scalars (map mean, norms of the direction loss) and the losses from the
-   partial sums: L_FC = (sum d0^2 + sum_rows q sum m e) / N, q = lambda_fc / (mean + TINY).
+3. finalize_kernel (one program): per-sample scalars (map mean, norms of the direction
+   loss) and the losses from the partial sums: L_FC = (sum d0^2 + sum_rows q sum m e) / N,
+   q = lambda_fc / (mean + TINY).
 Backward, objective_grad_kernel: dL/dv0 = g 2/N (1 + q m) d0, dL/dv1 = g' 2/N r1 (mse)
 or g' (alpha v1 + beta v_adr) (direction): reads 2 N (3 N direction), writes 2 N.
 
@@ -443,7 +444,7 @@ def fused_objective(
     for name, x in (("v1", v1), ("x1", x1), ("eps", eps), ("x_hat", x_hat), ("fc_delta", fc_delta)):
         if x is not None and x.shape != shape:
             raise ValueError(f"{name} must have v0's shape {tuple(shape)}, got {tuple(x.shape)}")
-    for name, x in (("x1", x1), ("eps", eps)):
+    for name, x in (("x1", x1), ("eps", eps), ("x_hat", x_hat)):
         if x.requires_grad:
             raise ValueError(
                 f"{name} requires grad: the fused objective differentiates v0 and v1 only "
@@ -457,7 +458,7 @@ def fused_objective(
         None if v1 is None else v1.contiguous(),
         x1.contiguous(),
         eps.contiguous(),
-        x_hat.detach().contiguous(),
+        x_hat.contiguous(),
         *_coefficients(path, t0, t1),
         active.to(torch.float32).contiguous(),
         None if fc_delta is None else fc_delta.detach().contiguous(),

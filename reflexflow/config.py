@@ -17,7 +17,7 @@ from .time_sampling import get_time_sampler
 __all__ = ["ReflexFlowConfig", "METHODS", "BACKENDS"]
 
 METHODS = ("reflexflow", "fm", "ip", "ss")
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 K_DRAWS = ("fixed", "uniform")
 SCHEDULES = ("grid", "single")
 FC_SOURCES = ("state", "velocity")

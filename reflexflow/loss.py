@@ -313,7 +313,7 @@ def _method_loss(
     # The model may run under torch.autocast; the loss's own math must not (the FC
     # filter's conv would run in bf16/fp16): w, v_adr and the loss stay in the state dtype.
     with torch.autocast(data.device.type, enabled=False):
-        terms = ref.objective(
+        terms = _objective_fn(cfg, data)(
             path,
             v0=v0,
             v1=v1,
@@ -337,6 +337,34 @@ def _method_loss(
         )
     terms["bias_norm"] = bias_norm
     return terms
+
+
+def _objective_fn(cfg: ReflexFlowConfig, data: Tensor) -> Callable[..., dict]:
+    """reference.objective, or its Triton twin kernels.fused_objective (DESIGN.md section 5).
+
+    backend="triton" forces the kernels (CUDA, or CPU under TRITON_INTERPRET=1); "auto"
+    takes them for CUDA float32/16 data that needs no gradient when triton imports, and
+    falls back to the reference (one warning) if they fail to compile or launch.
+    """
+    if cfg.backend == "torch":
+        return ref.objective
+    from . import kernels
+
+    if cfg.backend == "triton":
+        if not kernels.triton_usable(data.device.type):
+            raise ValueError(
+                f"backend='triton' cannot run on {data.device.type} tensors here: it needs "
+                "the triton package and a CUDA device (or TRITON_INTERPRET=1 set before "
+                "triton is imported, for Triton's CPU interpreter)"
+            )
+        return kernels.fused_objective
+    fast = (
+        data.device.type == "cuda"
+        and data.dtype != torch.float64
+        and not data.requires_grad
+        and kernels.triton_available()
+    )
+    return kernels.fused_objective_auto if fast else ref.objective
 
 
 class ReflexFlowLoss(nn.Module):

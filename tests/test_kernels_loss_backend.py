@@ -1,0 +1,118 @@
+"""ReflexFlowLoss(backend="triton") against backend="torch" (the reference objective)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reflexflow as rf
+from reflexflow import reference as ref
+from reflexflow.kernels import triton_usable
+from reflexflow.loss import _objective_fn
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    not triton_usable(DEV), reason="Triton needs CUDA or TRITON_INTERPRET=1"
+)
+
+
+def _run(backend: str, **knobs):
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 3, 3, padding=1).to(DEV)
+    x1 = torch.randn(4, 3, 6, 7, generator=torch.Generator().manual_seed(1)).to(DEV)
+    gen = torch.Generator(DEV).manual_seed(2)
+    loss_fn = rf.ReflexFlowLoss(backend=backend, num_sampling_steps=10, **knobs)
+    out = loss_fn(lambda x, t: net(x), x1, generator=gen)
+    out.loss.backward()
+    return out, net.weight.grad.clone()
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(rollout_steps=2, ss_prob=0.5),
+        dict(adr_loss="mse", fc_per_channel=True, fc_filter="box", path="gvp"),
+        dict(fc_source="velocity", fc_t_max=0.5),
+        dict(lambda_adr=0.0),
+    ],
+    ids=["direction", "mse_per_channel", "fc_velocity", "fc_only"],
+)
+def test_triton_backend_gives_reference_loss_and_gradients(knobs):
+    want, want_grad = _run("torch", **knobs)
+    got, got_grad = _run("triton", **knobs)
+    assert torch.equal(got.k, want.k) and torch.equal(got.t0, want.t0)
+    for name in ("loss", "fc_loss", "adr_loss"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.fc_weight, want.fc_weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_uses_reference_on_cpu_and_torch_always():
+    cfg = rf.ReflexFlowConfig()
+    assert _objective_fn(cfg, torch.zeros(2, 3)) is ref.objective
+    assert _objective_fn(cfg.replace(backend="torch"), torch.zeros(2, 3)) is ref.objective
+
+
+def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = rf.ReflexFlowConfig(backend="triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        _objective_fn(cfg, torch.zeros(2, 3))
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend"):
+        rf.ReflexFlowConfig(backend="cuda")
+
+
+@needs_triton
+def test_reflexflow_loss_step_breaks_no_graph_in_the_kernels():
+    """The fused op lands inside a captured graph; the only graph breaks of a whole
+    compiled ReflexFlowLoss step are the rollout plan's host reads (as with the reference,
+    tests/test_compile.py), none in reflexflow/kernels."""
+    torch._dynamo.reset()
+    net = torch.nn.Conv2d(3, 3, 3, padding=1).to(DEV)
+    loss_fn = rf.ReflexFlowLoss(
+        backend="triton", k_draw="fixed", rollout_steps=2, num_sampling_steps=10
+    )
+    x1 = torch.randn(4, 3, 6, 6, device=DEV)
+    explained = torch._dynamo.explain(lambda x: loss_fn(lambda y, t: net(y), x).loss)(x1)
+    ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes]
+    assert "reflexflow.fused_objective.default" in ops
+    files = {r.user_stack[-1].filename.replace("\\", "/") for r in explained.break_reasons}
+    assert all(f.endswith("reflexflow/rollout.py") for f in files), files
+
+
+def test_auto_falls_back_to_reference_once_the_triton_path_fails(monkeypatch):
+    from reflexflow import kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(kernels, "fused_objective", broken)
+    monkeypatch.setattr(kernels, "_FAILED", [])
+    p = rf.get_path("linear")
+    x = torch.randn(3, 2, 5, 4)
+    t = torch.full((3,), 0.3)
+    kw = dict(v0=x, v1=x + 1, x1=x, eps=-x, x_hat=x, t0=t, t1=t + 0.1, k=torch.ones(3).long())
+    with pytest.warns(RuntimeWarning, match="Triton loss kernels failed"):
+        got = kernels.fused_objective_auto(p, **kw)
+    torch.testing.assert_close(got["loss"], ref.objective(p, **kw)["loss"])
+    kernels.fused_objective_auto(p, **kw)  # no second warning, no second attempt
+    assert len(kernels._FAILED) == 1
+
+
+def test_auto_does_not_hide_argument_errors(monkeypatch):
+    from reflexflow import kernels
+
+    def bad_args(*args, **kwargs):
+        raise ValueError("x1 requires grad")
+
+    monkeypatch.setattr(kernels, "fused_objective", bad_args)
+    monkeypatch.setattr(kernels, "_FAILED", [])
+    with pytest.raises(ValueError, match="x1"):
+        kernels.fused_objective_auto(None)

@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from reflexflow import reference as ref
+from reflexflow.bench.loss import objective_inputs
 from reflexflow.kernels import triton_usable
-from reflexflow.paths import get_path
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 V_DTYPE = getattr(torch, os.environ.get("REFLEXFLOW_BENCH_DTYPE", "float32"))
@@ -76,28 +76,7 @@ def _now() -> float:
 
 
 def _inputs(shape: tuple[int, ...]) -> dict:
-    g = torch.Generator(device=DEV).manual_seed(0)
-    p = get_path("linear")
-    b = shape[0]
-
-    def rnd(dtype=torch.float32):
-        return torch.randn(shape, device=DEV, generator=g, dtype=torch.float32).to(dtype)
-
-    x1, eps = rnd(), rnd()
-    t0 = 0.5 * torch.rand(b, device=DEV, generator=g)
-    t1 = t0 + 0.1
-    x_hat = ref.interpolate(p, x1, eps, t1) + 0.1 * rnd()
-    return dict(
-        path=p,
-        v0=rnd(V_DTYPE).requires_grad_(),
-        v1=rnd(V_DTYPE).requires_grad_(),
-        x1=x1,
-        eps=eps,
-        x_hat=x_hat,
-        t0=t0,
-        t1=t1,
-        k=torch.ones(b, dtype=torch.int64, device=DEV),
-    )
+    return objective_inputs(shape, DEV, V_DTYPE)
 
 
 def _objective(impl: str):

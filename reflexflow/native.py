@@ -71,11 +71,13 @@ def _load_jit() -> str | None:
         if with_cuda:
             sources += [CSRC / name for name in CUDA_SOURCES]
         where = cpp_extension._get_build_directory(JIT_NAME, verbose=False)
-        print(
-            f"reflexflow: building the C++ rollout extension{' with CUDA' if with_cuda else ''}"
-            f" (first use only; cached in {where})",
-            file=sys.stderr,
-        )
+        if not os.path.exists(os.path.join(where, f"{JIT_NAME}.so")):
+            print(
+                f"reflexflow: compiling the C++ rollout extension"
+                f"{' with CUDA' if with_cuda else ''} (first use only, about a minute; "
+                f"cached in {where})",
+                file=sys.stderr,
+            )
         cpp_extension.load(
             name=JIT_NAME,
             sources=[str(p) for p in sources],

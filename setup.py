@@ -7,6 +7,7 @@ optional: if it fails, the package installs without it and falls back at run tim
 """
 
 import os
+import sys
 
 from setuptools import setup
 
@@ -39,10 +40,22 @@ def _extensions() -> dict:
     else:
         ext = CppExtension("reflexflow._C", sources, extra_compile_args=flags)
     ext.optional = True  # a failed build warns and installs without it
-    return {
-        "ext_modules": [ext],
-        "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)},
-    }
+
+    class OptionalBuild(BuildExtension.with_options(use_ninja=True)):
+        def build_extension(self, ext) -> None:
+            try:
+                super().build_extension(ext)
+            except Exception as err:  # ninja/compiler errors are not distutils errors
+                if not getattr(ext, "optional", False):
+                    raise
+                print(
+                    f"WARNING: reflexflow: building {ext.name} failed ({err}); installing "
+                    "without it (it is JIT-built on first use, else the pure-PyTorch "
+                    "rollout engine runs)",
+                    file=sys.stderr,
+                )
+
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuild}}
 
 
 setup(**_extensions())

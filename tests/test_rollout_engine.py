@@ -178,3 +178,15 @@ def test_loss_cuda_graph_knob_is_validated():
     )
     b = rf.ReflexFlowLoss(**kw)(net, x1, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a.loss, b.loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_bf16_model_keeps_a_float32_state(backend):
+    engine = _backend(backend)
+    vm = rf.VelocityModel(TinyNet())
+    x, t0, k, h = _inputs(seed=10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = engine(vm, x, t0, k, h)
+        want = euler_rollout_per_sample(vm, x, t0, k, h)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=3e-2)

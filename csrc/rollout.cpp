@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace reflexflow {
@@ -65,6 +67,22 @@ PlanResult rollout_plan_cpu(const at::Tensor& k_in, const at::Tensor& t0_in,
   return {order, counts, times, steps};
 }
 
+// Output cast. float -> bfloat16 is c10's round-to-nearest-even written without a branch
+// (NaN by a select), so that the compiler can vectorise the loop; the rest: static_cast.
+template <typename O, typename S>
+inline O cast_out(S x) {
+  return static_cast<O>(x);
+}
+
+template <>
+inline c10::BFloat16 cast_out<c10::BFloat16, float>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
 // s[j] = s[j] + h_r * S(v[j]) (product rounded, then sum rounded: no FMA, like
 // `state += h * v` in PyTorch), optionally o[j] = O(s[j]).
 template <typename S, typename V, typename O, bool WRITE>
@@ -87,7 +105,7 @@ void euler_rows(S* __restrict__ s, const V* __restrict__ v, const S* __restrict_
         const S prod = hr * static_cast<S>(vr[j]);
         const S x = sr[j] + prod;
         sr[j] = x;
-        if constexpr (WRITE) orow[j] = static_cast<O>(x);
+        if constexpr (WRITE) orow[j] = cast_out<O, S>(x);
       }
       i = stop;
     }

@@ -210,3 +210,15 @@ def test_rollout_plan_fake_kernel_has_a_dynamic_step_count(ops):
         order, counts, times, steps = ops.rollout_plan(k, t0, t0)
     assert order.shape == (6,) and steps.shape == (6,) and times.shape[1] == 6
     assert isinstance(counts.shape[0], torch.SymInt) and times.shape[0] == counts.shape[0]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_next_input_cast_keeps_nan_inf_and_rounding_ties(ops, out_dtype):
+    vals = [float("nan"), float("inf"), -float("inf"), 1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.4e38, -0.0]
+    vals += [1e-40, 65520.0, 2**-24 * 1.5]
+    state = torch.tensor(vals, dtype=torch.float32).view(-1, 1)
+    out = torch.empty(state.shape, dtype=out_dtype)
+    ops.euler_update_(state, torch.zeros_like(state), torch.zeros(state.shape[0]), out)
+    assert torch.equal(out.float().isnan(), state.isnan())
+    keep = ~state.isnan()
+    assert torch.equal(out[keep], state.to(out_dtype)[keep])

@@ -12,7 +12,9 @@ backend "native": the C++/CUDA ops (``rollout_plan``; ``euler_update_``, which a
 writes the next model input already cast to the model's dtype); "torch": the
 pure-PyTorch twin :func:`reflexflow.rollout.euler_rollout`; "auto" (and "triton",
 which has no rollout kernel): native where the extension has a kernel for the device.
-Fixed k (every k_i equal) on CUDA with ``cuda_graph=True``: the whole rollout is
+Under torch.compile the engine traces the torch twin (no extension lookups in the graph;
+the graph breaks only at the plan's host sync). Fixed k (every k_i equal) on CUDA with
+``cuda_graph=True``: the whole rollout is
 captured once per (model, shapes, dtypes, k) as a CUDA graph and replayed.
 The state stays float32/float64 while the model may run in bf16/fp16.
 Oracle: :func:`reflexflow.reference.euler_rollout_per_sample`.
@@ -182,6 +184,8 @@ class RolloutEngine:
 
         Runs under torch.no_grad; x_t0 is not modified; k_i = 0 returns x_t0[i] unchanged.
         """
+        if torch.compiler.is_compiling():  # traced: the torch twin (Inductor fuses its update)
+            return euler_rollout(velocity, x_t0, t0, k, step, model_kwargs)
         use_native = self.uses_native(x_t0)
         graph = self.cuda_graph and x_t0.is_cuda
         if not (use_native or graph):

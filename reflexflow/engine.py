@@ -35,7 +35,7 @@ from .conventions import VelocityModel
 from .reference import VelocityFn
 from .rollout import euler_rollout, euler_update, plan_tensors
 
-__all__ = ["RolloutEngine", "rollout", "ENGINE_BACKENDS"]
+__all__ = ["RolloutEngine", "rollout", "clear_graph_cache", "ENGINE_BACKENDS"]
 
 ENGINE_BACKENDS = ("auto", "torch", "native", "triton")
 _MAX_GRAPHS = 8
@@ -218,6 +218,10 @@ class RolloutEngine:
             out.index_copy_(0, order, xs)
         return out
 
+    def clear_graphs(self) -> None:
+        """Drop the captured CUDA graphs (and the references they hold to models)."""
+        self._graphs.clear()
+
     def _graph_rollout(self, velocity, x, times, steps, kwargs, update) -> Tensor:
         cast = _cast_dtype(velocity, x) if update is _native_update else None
         key = (
@@ -263,3 +267,9 @@ def rollout(
     if engine is None:
         engine = _ENGINES[key] = RolloutEngine(backend, cuda_graph=cuda_graph)
     return engine(velocity, x_t0, t0, k, step, model_kwargs)
+
+
+def clear_graph_cache() -> None:
+    """Drop every CUDA graph captured by :func:`rollout` (the loss's engines)."""
+    for engine in _ENGINES.values():
+        engine.clear_graphs()

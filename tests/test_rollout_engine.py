@@ -190,3 +190,15 @@ def test_autocast_bf16_model_keeps_a_float32_state(backend):
         want = euler_rollout_per_sample(vm, x, t0, k, h)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=3e-2)
+
+
+def test_clear_graph_cache_empties_every_engine():
+    from reflexflow import engine as engine_mod
+
+    eng = RolloutEngine("torch", cuda_graph=True)
+    eng._graphs[("fake",)] = object()
+    eng.clear_graphs()
+    assert eng._graphs == {}
+    rollout(rf.VelocityModel(TinyNet()), *_inputs(), backend="torch", cuda_graph=True)
+    engine_mod.clear_graph_cache()
+    assert all(not e._graphs for e in engine_mod._ENGINES.values())

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_rollout import SmallUNet
 
 import reflexflow as rf
 from reflexflow import native
+from reflexflow.bench.rollout import SmallUNet
 from reflexflow.engine import RolloutEngine
 from reflexflow.reference import euler_rollout_per_sample
 

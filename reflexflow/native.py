@@ -33,7 +33,13 @@ CXX_FLAGS = ["-O3", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3", "--fmad=false"]
 JIT_NAME = "reflexflow_jit_C"
 
-_state: dict = {"tried": False, "loaded": False, "source": None, "reason": None}
+_state: dict = {
+    "tried": False,
+    "loaded": False,
+    "source": None,
+    "reason": None,
+    "warned_cuda": False,
+}
 
 
 def _load_prebuilt() -> str | None:
@@ -141,7 +147,7 @@ def load_extension() -> bool:
 
 
 def extension_status() -> dict:
-    """{'tried', 'loaded', 'source' ('prebuilt' | 'jit' | None), 'reason'} of this process."""
+    """{'tried', 'loaded', 'source' ('prebuilt' | 'jit' | None), 'reason', 'warned_cuda'}."""
     return dict(_state)
 
 
@@ -149,7 +155,18 @@ def has_kernel(device: torch.device | str) -> bool:
     """True when the loaded extension has kernels for ``device``'s type (CPU, CUDA)."""
     if not load_extension():
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    kind = torch.device(device).type
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(kind)
+    found = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "reflexflow::euler_update_", key
     )
+    if not found and kind == "cuda" and not _state.get("warned_cuda"):
+        _state["warned_cuda"] = True
+        warnings.warn(
+            f"reflexflow: the {_state['source']} C++ extension has no CUDA kernels (built "
+            "without CUDA); CUDA rollouts use the pure-PyTorch engine. Rebuild it where a "
+            "GPU is visible, or with REFLEXFLOW_FORCE_CUDA=1",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return found

@@ -222,3 +222,14 @@ def test_next_input_cast_keeps_nan_inf_and_rounding_ties(ops, out_dtype):
     assert torch.equal(out.float().isnan(), state.isnan())
     keep = ~state.isnan()
     assert torch.equal(out[keep], state.to(out_dtype)[keep])
+
+
+def test_extension_without_cuda_kernels_warns_once_on_cuda(ops, monkeypatch):
+    monkeypatch.setitem(native._state, "warned_cuda", False)
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: False)
+    with pytest.warns(RuntimeWarning, match="no CUDA kernels"):
+        assert native.has_kernel("cuda") is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.has_kernel("cuda") is False
+        assert native.has_kernel("cpu") is False  # no warning for other devices

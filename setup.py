@@ -1,5 +1,61 @@
-"""Build script. Metadata lives in pyproject.toml; this file exists for native extensions."""
+"""Build script. Metadata lives in pyproject.toml; this file builds the native extension.
+
+reflexflow._C (csrc/): a CppExtension, or a CUDAExtension when torch is a CUDA build,
+CUDA_HOME is set and a GPU is visible (or REFLEXFLOW_FORCE_CUDA=1). The build is
+optional: if it fails, the package installs without it and falls back at run time
+(JIT build, else the pure-PyTorch engine). REFLEXFLOW_NO_EXT=1 skips it.
+"""
+
+import os
+import sys
 
 from setuptools import setup
 
-setup()
+
+def _extensions() -> dict:
+    if os.environ.get("REFLEXFLOW_NO_EXT") == "1":
+        return {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import (
+            CUDA_HOME,
+            BuildExtension,
+            CppExtension,
+            CUDAExtension,
+        )
+    except ImportError:  # torch not installed yet: pure-Python package
+        return {}
+    sources = ["csrc/ops.cpp", "csrc/rollout.cpp"]
+    flags = {"cxx": ["-O3", "-ffp-contract=off"]}
+    use_cuda = (
+        bool(torch.version.cuda)
+        and CUDA_HOME is not None
+        and (torch.cuda.is_available() or os.environ.get("REFLEXFLOW_FORCE_CUDA") == "1")
+    )
+    if use_cuda:
+        flags["nvcc"] = ["-O3", "--fmad=false"]
+        ext = CUDAExtension(
+            "reflexflow._C", sources + ["csrc/rollout_cuda.cu"], extra_compile_args=flags
+        )
+    else:
+        ext = CppExtension("reflexflow._C", sources, extra_compile_args=flags)
+    ext.optional = True  # a failed build warns and installs without it
+
+    class OptionalBuild(BuildExtension.with_options(use_ninja=True)):
+        def build_extension(self, ext) -> None:
+            try:
+                super().build_extension(ext)
+            except Exception as err:  # ninja/compiler errors are not distutils errors
+                if not getattr(ext, "optional", False):
+                    raise
+                print(
+                    f"WARNING: reflexflow: building {ext.name} failed ({err}); installing "
+                    "without it (it is JIT-built on first use, else the pure-PyTorch "
+                    "rollout engine runs)",
+                    file=sys.stderr,
+                )
+
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuild}}
+
+
+setup(**_extensions())

@@ -81,6 +81,7 @@ class ReflexFlowConfig:
     joint_forward: bool | None = None
     ip_gamma: float = 0.1
     backend: str = "auto"
+    cuda_graph: bool = False  # capture fixed-k rollouts on CUDA as CUDA graphs
     check_finite: bool = False
 
     def __post_init__(self) -> None:
@@ -116,6 +117,8 @@ class ReflexFlowConfig:
         _check_number("norm_eps", self.norm_eps, low=0, low_open=True)
         _check_number("ip_gamma", self.ip_gamma, low=0)
         _check_choice("backend", self.backend, BACKENDS)
+        if not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {self.cuda_graph!r}")
         if self.step_schedule == "grid" and self.rollout_steps * self.step >= 1 - self.t_eps:
             raise ValueError(
                 f"rollout_steps={self.rollout_steps} Euler steps of h = 1/num_sampling_steps = "

@@ -76,8 +76,15 @@ class VelocityModel:
         tm = from_canonical_time(t, self.convention)
         return tm * self.timestep_scale if self.timestep_scale != 1.0 else tm
 
-    def __call__(self, x: Tensor, t: Tensor, kwargs: Any = None) -> Tensor:
-        inp = x if self.input_dtype is None else x.to(self.input_dtype)
+    def __call__(
+        self, x: Tensor, t: Tensor, kwargs: Any = None, *, model_input: Tensor | None = None
+    ) -> Tensor:
+        """v(x, t); ``model_input``: x already cast to input_dtype (the fused Euler update
+        writes it), passed to the model instead of casting x again."""
+        if model_input is not None:
+            inp = model_input
+        else:
+            inp = x if self.input_dtype is None else x.to(self.input_dtype)
         out = self.model(inp, self.model_time(t), **(kwargs or {}))
         self.calls += 1
         self.sample_forwards += x.shape[0]

@@ -26,7 +26,7 @@ from . import reference as ref
 from .batching import repeat_batch
 from .config import ReflexFlowConfig
 from .conventions import VelocityModel, from_canonical_time, to_canonical_time
-from .rollout import euler_rollout
+from .engine import rollout
 
 __all__ = ["ReflexFlowLoss", "ReflexFlowOutput", "reflexflow_loss"]
 
@@ -278,7 +278,16 @@ def _method_loss(
         v0 = velocity(x_t0, d.t0, kwargs)
         x_hat = x_t0 + ref.bcast(d.step * (d.k > 0).to(d.step.dtype), x_t0) * v0
     else:
-        x_hat = euler_rollout(velocity, x_t0, d.t0, d.k, d.step, kwargs)
+        x_hat = rollout(
+            velocity,
+            x_t0,
+            d.t0,
+            d.k,
+            d.step,
+            kwargs,
+            backend=cfg.backend,
+            cuda_graph=cfg.cuda_graph,
+        )
     x_t1 = ref.interpolate(path, data, d.eps, d.t1)
     delta = (x_hat - x_t1).detach()
     bias_norm = delta.flatten(1).norm(dim=1)

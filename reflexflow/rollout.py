@@ -18,7 +18,7 @@ from torch import Tensor
 from .batching import index_batch, prefix_batch
 from .reference import VelocityFn, bcast
 
-__all__ = ["rollout_plan", "euler_rollout"]
+__all__ = ["rollout_plan", "euler_rollout", "plan_tensors", "euler_update"]
 
 
 def rollout_plan(k: Tensor) -> tuple[Tensor, list[int]]:
@@ -63,3 +63,33 @@ def euler_rollout(
         out = torch.empty_like(x_t0)
         out.index_copy_(0, order, xs)
     return out
+
+
+def plan_tensors(k: Tensor, t0: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference twin of ``torch.ops.reflexflow.rollout_plan``: (order, counts, times, steps).
+
+    order = stable sort of k, descending; counts[j] = #{i : k_i > j} for j < max k;
+    steps = step[order]; times[j] = t0[order] + steps added j times (tau = tau + h, the
+    rounding of the loop), shape (max k, B).
+    """
+    order, active = rollout_plan(k)
+    steps = step.index_select(0, order)
+    tau = t0.index_select(0, order)
+    rows = []
+    for _ in active:
+        rows.append(tau)
+        tau = tau + steps
+    times = torch.stack(rows) if rows else t0.new_empty(0, k.shape[0])
+    return order, torch.tensor(active, dtype=torch.int64, device=k.device), times, steps
+
+
+def euler_update(state: Tensor, v: Tensor, h: Tensor, next_input: Tensor | None = None) -> None:
+    """Reference twin of ``torch.ops.reflexflow.euler_update_``, in place.
+
+    state += h * v (v cast to state's dtype; h of shape (n,) per sample, or one value);
+    next_input, when given, receives the new state cast to its own dtype.
+    """
+    hb = h.to(state.dtype).reshape(-1, *([1] * (state.dim() - 1)))
+    state += hb * v.to(state.dtype)
+    if next_input is not None:
+        next_input.copy_(state)

@@ -164,3 +164,14 @@ def test_bad_options_are_rejected(tmp_path, capsys):
     assert "eval_steps" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--methods", "fm,bogus"])
+
+
+def test_progress_falls_back_without_tqdm(monkeypatch, capsys):
+    from reflexflow.demo.progress import progress, say
+
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)
+    monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)
+    assert list(progress(range(5), desc="work")) == [0, 1, 2, 3, 4]
+    say("hello")
+    err = capsys.readouterr().err
+    assert "work: 5/5" in err and "hello" in err

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .deps import require
 
-__all__ = ["check_plotting", "summarise", "write_all", "markdown"]
+__all__ = ["check_plotting", "summarise", "write_all", "markdown", "rerender_markdown"]
 
 # metric -> (label, lower is better)
 METRICS = {
@@ -59,14 +59,7 @@ def _fmt(x: float) -> str:
         return "nan"
     if x == 0:
         return "0"
-    mag = abs(x)
-    if mag >= 100:
-        return f"{x:.0f}"
-    if mag >= 10:
-        return f"{x:.1f}"
-    if mag >= 0.01:
-        return f"{x:.3f}"
-    return f"{x:.2e}"
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def _table(summary: dict[str, Any], metric: str, eval_steps: tuple[int, ...]) -> list[str]:
@@ -117,6 +110,19 @@ def verdict(summary: dict[str, Any], eval_steps: tuple[int, ...], metric: str) -
     return lines + [""]
 
 
+def rerender_markdown(out: Path) -> str:
+    """Rewrite out/results.md from out/results.json (same numbers, current formatting)."""
+    from .study import DemoConfig
+
+    results = json.loads((Path(out) / "results.json").read_text())
+    c = dict(results["config"])
+    for key in ("methods", "seeds", "eval_steps", "channels"):
+        c[key] = tuple(c[key])
+    text = markdown(DemoConfig(**c), results)
+    (Path(out) / "results.md").write_text(text)
+    return text
+
+
 def markdown(cfg: Any, results: dict[str, Any]) -> str:
     """results.md: the setting, then one table per metric (method x steps, mean ± std)."""
     summary, steps = results["summary"], tuple(cfg.eval_steps)
@@ -127,12 +133,14 @@ def markdown(cfg: Any, results: dict[str, Any]) -> str:
         "",
         f"Command: `{results.get('command', 'reflexflow demo')}`",
         "",
-        f"Wall time {results['wall_seconds']:.0f} s on {env.get('cpu_count')} CPU cores "
+        f"Wall time {results['wall_seconds']:.0f} s ({_cpu(results)}) on "
+        f"{env.get('cpu_count')} CPU cores "
         f"(device {cfg.device}, torch {env['torch']}, {env['torch_threads']} threads; "
         f"load average at start {_load(env.get('loadavg_start'))}, "
         f"at end {_load(env.get('loadavg_end'))}).",
         "",
-        f"Data: {results['data']}. Each method: {cfg.steps} Adam steps, batch {cfg.batch_size}, "
+        f"Data: {_data_line(results['data'])}. Each method: {cfg.steps} Adam steps, "
+        f"batch {cfg.batch_size}, "
         f"lr {cfg.lr} (cosine), the same seeds ({seeds}) and data order. Training rollouts: "
         f"K = {cfg.rollout_steps}, h = 1/{cfg.train_sampling_steps}; lambda_adr = "
         f"{cfg.lambda_adr}, lambda_fc = {cfg.lambda_fc} (library defaults unless stated). "
@@ -167,6 +175,17 @@ def markdown(cfg: Any, results: dict[str, Any]) -> str:
         lines += _table(summary, m, steps)
     lines += ["Figures: exposure-bias.png, loss-curves.png, samples-<method>.png.", ""]
     return "\n".join(lines)
+
+
+def _data_line(info: dict[str, Any]) -> str:
+    sizes = " / ".join(f"{n} {k}" for k, n in info["sizes"].items())
+    px = f" {info['image_size']}x{info['image_size']}" if "image_size" in info else ""
+    return f"{info['dataset']}{px}, {sizes}"
+
+
+def _cpu(results: dict[str, Any]) -> str:
+    cpu = results.get("cpu_seconds")
+    return "CPU time n/a" if cpu is None else f"CPU time {cpu:.0f} s"
 
 
 def _load(v: Any) -> str:
@@ -263,7 +282,7 @@ def _bias_png(plt: Any, path: Path, results: dict[str, Any], cfg: Any) -> None:
         ax.set_xlabel("rollout start t0")
         ax.set_title(f"N = {n} (h = 1/{n}), k = {ub['k']}", fontsize=9)
     axes[0][0].set_ylabel("E ||x^_t1 - x_t1||^2")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

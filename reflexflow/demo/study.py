@@ -325,7 +325,7 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict[str, Any]:
     from . import report  # imports matplotlib lazily (clear message when missing)
 
     report.check_plotting()
-    wall0 = time.perf_counter()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -395,6 +395,7 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict[str, Any]:
     results["runs"] = runs
     results["summary"] = report.summarise(runs, cfg.eval_steps)
     results["wall_seconds"] = time.perf_counter() - wall0
+    results["cpu_seconds"] = time.process_time() - cpu0  # all threads of this process
     try:
         import os
 

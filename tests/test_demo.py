@@ -132,7 +132,7 @@ def test_method_ablations_set_the_documented_lambdas():
 
 def test_toy_dataset_runs_the_adr_view(tmp_path):
     args = ["demo", "--dataset", "8gaussians", "--steps", "20", "--seeds", "1"]
-    args += ["--eval-steps", "5", "--num-samples", "200", "--bias-samples", "64"]
+    args += ["--eval-steps", "5", "--num-samples", "200", "--bias-samples", "64", "--workers", "1"]
     assert main([*args, "--out", str(tmp_path), "--no-progress"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in res["runs"]] == ["fm", "ss", "adr-only", "adr-only-mse"]
@@ -175,3 +175,19 @@ def test_progress_falls_back_without_tqdm(monkeypatch, capsys):
     say("hello")
     err = capsys.readouterr().err
     assert "work: 5/5" in err and "hello" in err
+
+
+def test_worker_processes_give_the_same_numbers(tmp_path):
+    args = ["demo", "--methods", "fm,reflexflow", "--seeds", "2", "--steps", "8"]
+    args += ["--eval-steps", "4", "--num-samples", "40", "--bias-samples", "16", "--no-progress"]
+    res = []
+    for w in (1, 2):
+        out = tmp_path / f"w{w}"
+        assert (
+            main([*args, "--workers", str(w), "--out", str(out), "--cache-dir", str(tmp_path)]) == 0
+        )
+        res.append(json.loads((out / "results.json").read_text()))
+    for a, b in zip(res[0]["runs"], res[1]["runs"], strict=True):
+        assert (a["method"], a["seed"]) == (b["method"], b["seed"])
+        assert a["scores"] == b["scores"] and a["bias"] == b["bias"]
+        assert a["loss_curve"] == b["loss_curve"]

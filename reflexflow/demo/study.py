@@ -65,6 +65,7 @@ class DemoConfig:
     split: str = "test"
     device: str = "cpu"
     threads: int | None = 1
+    workers: int = 1
     cache_dir: Path | None = None
     show_progress: bool = True
     quick: bool = False
@@ -96,6 +97,10 @@ class DemoConfig:
             raise ValueError(f"bias_span must lie in (0, 1), got {self.bias_span}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.workers > 1 and self.device != "cpu":
+            raise ValueError(f"workers > 1 needs device='cpu', got {self.device!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         self.out = Path(self.out)
@@ -287,6 +292,110 @@ def _downsample(values: list[float], points: int = 200) -> list[float]:
     return [float(t[a:b].mean()) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
+def _run_one(
+    cfg: DemoConfig, data: _Data, scorer: _Scorer, method: str, seed: int
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Train and evaluate one (method, seed); returns (run record, sample grids)."""
+    model, losses, train_s = train(cfg, data, method, seed)
+    t0 = time.perf_counter()
+    ev, grids = evaluate(cfg, data, scorer, model, seed, method)
+    run = {
+        "method": method,
+        "seed": seed,
+        "knobs": _knobs(cfg, method),
+        "train_seconds": train_s,
+        "eval_seconds": time.perf_counter() - t0,
+        "final_loss": losses[-1],
+        "loss_curve": _downsample(losses),
+        **ev,
+    }
+    return run, grids
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(cfg: DemoConfig, clf_state: dict[str, Tensor] | None) -> None:
+    """Worker process: one torch thread budget, its own data and scorer (classifier given)."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    data = _Data(cfg)
+    clf = None
+    if clf_state is not None:
+        from .model import DigitClassifier
+
+        clf = DigitClassifier(size=cfg.size)
+        clf.load_state_dict(clf_state)
+        clf.eval()
+    _WORKER.update(cfg=cfg, data=data, scorer=_Scorer(cfg, data, clf))
+
+
+def _worker_job(method: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    run, grids = _run_one(_WORKER["cfg"], _WORKER["data"], _WORKER["scorer"], method, seed)
+    return run, {k: v.numpy() for k, v in grids.items()}
+
+
+def _run_jobs(
+    cfg: DemoConfig,
+    data: _Data,
+    scorer: _Scorer,
+    clf: nn.Module | None,
+    jobs: list[tuple[str, int]],
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Tensor]]]:
+    """Run every (method, seed), in this process or in ``cfg.workers`` processes.
+
+    Every job is seeded on its own, so the numbers do not depend on the worker count.
+    """
+    done: dict[int, tuple[dict[str, Any], dict[str, Tensor]]] = {}
+    key = "fd" if clf is not None else "mmd"
+    main_n = str(cfg.eval_steps[0])
+
+    def report(i: int, run: dict[str, Any], grids: dict[str, Tensor]) -> None:
+        done[i] = (run, grids)
+        _say(
+            cfg,
+            f"{run['method']:>14} seed {run['seed']}: {key}@{main_n} "
+            f"{run['scores'][main_n][key]:.4g}, bias@{main_n} "
+            f"{run['bias'][main_n]['mean_mse']:.4g}, train {run['train_seconds']:.1f}s "
+            f"eval {run['eval_seconds']:.1f}s",
+        )
+
+    workers = min(cfg.workers, len(jobs))
+    if workers <= 1:
+        for i, (method, seed) in enumerate(
+            progress(jobs, desc="runs", disable=not cfg.show_progress)
+        ):
+            report(i, *_run_one(cfg, data, scorer, method, seed))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        wcfg = dataclasses.replace(cfg, show_progress=False)
+        state = None if clf is None else {k: v.cpu() for k, v in clf.state_dict().items()}
+        with ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(wcfg, state),
+        ) as pool:
+            futures = {pool.submit(_worker_job, m, s): i for i, (m, s) in enumerate(jobs)}
+            bar = progress(
+                as_completed(futures),
+                desc=f"runs ({workers} workers)",
+                total=len(jobs),
+                disable=not cfg.show_progress,
+            )
+            for fut in bar:
+                run, grids = fut.result()
+                report(futures[fut], run, {k: torch.from_numpy(v) for k, v in grids.items()})
+    runs = [done[i][0] for i in range(len(jobs))]
+    grids = {}
+    for i, (method, seed) in enumerate(jobs):
+        if seed == cfg.seeds[0]:
+            grids[method] = done[i][1]
+    return runs, grids
+
+
 def environment() -> dict[str, Any]:
     """Versions and machine facts recorded with every result."""
     env: dict[str, Any] = {
@@ -364,34 +473,8 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict[str, Any]:
     untrained = _make_model(cfg, data, cfg.seeds[0]).to(cfg.device).eval()
     results["untrained_bias"] = bias_curves(cfg, data, untrained, cfg.seeds[0])
 
-    runs: list[dict[str, Any]] = []
-    grids: dict[str, dict[str, Tensor]] = {}
     jobs = [(m, s) for m in cfg.methods for s in cfg.seeds]
-    for method, seed in progress(jobs, desc="runs", disable=not cfg.show_progress):
-        model, losses, train_s = train(cfg, data, method, seed)
-        t0 = time.perf_counter()
-        ev, g = evaluate(cfg, data, scorer, model, seed, method)
-        if seed == cfg.seeds[0]:
-            grids[method] = g
-        run = {
-            "method": method,
-            "seed": seed,
-            "knobs": _knobs(cfg, method),
-            "train_seconds": train_s,
-            "eval_seconds": time.perf_counter() - t0,
-            "final_loss": losses[-1],
-            "loss_curve": _downsample(losses),
-            **ev,
-        }
-        runs.append(run)
-        main_n = str(cfg.eval_steps[0])
-        key = "fd" if clf is not None else "mmd"
-        _say(
-            cfg,
-            f"{method:>14} seed {seed}: {key}@{main_n} {ev['scores'][main_n][key]:.4g}, "
-            f"bias@{main_n} {ev['bias'][main_n]['mean_mse']:.4g}, "
-            f"train {train_s:.1f}s eval {run['eval_seconds']:.1f}s",
-        )
+    runs, grids = _run_jobs(cfg, data, scorer, clf, jobs)
     results["runs"] = runs
     results["summary"] = report.summarise(runs, cfg.eval_steps)
     results["wall_seconds"] = time.perf_counter() - wall0

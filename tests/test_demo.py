@@ -191,3 +191,11 @@ def test_worker_processes_give_the_same_numbers(tmp_path):
         assert (a["method"], a["seed"]) == (b["method"], b["seed"])
         assert a["scores"] == b["scores"] and a["bias"] == b["bias"]
         assert a["loss_curve"] == b["loss_curve"]
+
+
+def test_results_md_is_rendered_from_results_json(quick_run):
+    from reflexflow.demo.report import rerender_markdown
+
+    out, _ = quick_run
+    written = (out / "results.md").read_text()
+    assert rerender_markdown(out) == written

@@ -15,6 +15,12 @@ def _example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.cli import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reflexflow",
@@ -30,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--steps", type=int, default=300, help="optimizer steps per method")
     ex.add_argument("--seed", type=int, default=0, help="random seed")
     ex.set_defaults(func=_example)
+    from .demo.cli import add_demo_arguments
+
+    dm = sub.add_parser(
+        "demo", help="the main job: exposure-bias and sample-quality study on real digits"
+    )
+    add_demo_arguments(dm)
+    dm.set_defaults(func=_demo)
     add_bench_parser(sub)
     return parser
 

@@ -1,0 +1,137 @@
+"""Networks of the demo: a compact time-conditioned UNet, a 2-D MLP, a digit classifier."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["TinyUNet", "ToyMLP", "DigitClassifier", "time_embedding"]
+
+
+def time_embedding(t: Tensor, dim: int, max_period: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of t in [0, 1]: [cos(1000 t f_i), sin(1000 t f_i)], f_i geometric."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+    )
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+class _ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, time embedding added in between, 1x1 skip if needed."""
+
+    def __init__(self, c_in: int, c_out: int, t_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(8, c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb = nn.Linear(t_dim, c_out)
+        self.norm2 = nn.GroupNorm(min(8, c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(temb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class TinyUNet(nn.Module):
+    """v(x, t) for (B, C, S, S) images: a UNet with one residual block per level.
+
+    ``channels`` lists the width of each level; each level after the first halves the
+    resolution (S must be divisible by 2^(levels - 1)). Skip connections concatenate.
+    """
+
+    def __init__(
+        self, in_channels: int = 1, channels: tuple[int, ...] = (32, 64), t_dim: int = 64
+    ) -> None:
+        super().__init__()
+        self.t_dim = t_dim
+        self.t_mlp = nn.Sequential(nn.Linear(t_dim, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        self.pool = nn.ModuleList()
+        c_prev = channels[0]
+        for i, c in enumerate(channels):
+            self.down.append(_ResBlock(c_prev, c, t_dim))
+            self.pool.append(
+                nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(channels) - 1 else nn.Identity()
+            )
+            c_prev = c
+        self.mid = _ResBlock(c_prev, c_prev, t_dim)
+        self.up = nn.ModuleList()
+        for c in reversed(channels):
+            self.up.append(_ResBlock(c_prev + c, c, t_dim))
+            c_prev = c
+        self.norm_out = nn.GroupNorm(min(8, c_prev), c_prev)
+        # PyTorch's default init, not DiT's zero-init: at v = 0 the direction ADR loss has
+        # a gradient of size 1 / norm_eps, which swamps Adam's second-moment estimate.
+        self.conv_out = nn.Conv2d(c_prev, in_channels, 3, padding=1)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        temb = self.t_mlp(time_embedding(t, self.t_dim).to(x.dtype))
+        h = self.conv_in(x)
+        skips = []
+        for block, pool in zip(self.down, self.pool, strict=True):
+            h = block(h, temb)
+            skips.append(h)
+            h = pool(h)
+        h = self.mid(h, temb)
+        for block in self.up:
+            s = skips.pop()
+            if h.shape[-1] != s.shape[-1]:
+                h = F.interpolate(h, size=s.shape[-2:], mode="nearest")
+            h = block(torch.cat([h, s], dim=1), temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class ToyMLP(nn.Module):
+    """v(x, t) for 2-D points: an MLP on (x, time embedding)."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, t_dim: int = 16) -> None:
+        super().__init__()
+        self.t_dim = t_dim
+        self.net = nn.Sequential(
+            nn.Linear(dim + t_dim, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, dim),
+        )
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.net(torch.cat([x, time_embedding(t, self.t_dim).to(x.dtype)], dim=1))
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN for (B, 1, S, S) digits; ``features`` is the 64-d penultimate layer."""
+
+    def __init__(self, size: int = 8, feature_dim: int = 64) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 4, feature_dim),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, 10)
+        self.size = size
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))

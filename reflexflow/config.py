@@ -11,7 +11,7 @@ from typing import Any
 
 from .conventions import check_convention
 from .paths import get_path
-from .reference import FILTERS, NORM_EPS
+from .reference import FILTERS, NORM_EPS, NORM_FLOOR
 from .time_sampling import get_time_sampler
 
 __all__ = ["ReflexFlowConfig", "METHODS", "BACKENDS"]
@@ -77,6 +77,7 @@ class ReflexFlowConfig:
     fc_t_max: float | None = None
     fc_source: str = "state"
     norm_eps: float = NORM_EPS
+    norm_floor: float = NORM_FLOOR
     rollout_grad: bool = False
     joint_forward: bool | None = None
     ip_gamma: float = 0.1
@@ -115,6 +116,7 @@ class ReflexFlowConfig:
             _check_number("fc_t_max", self.fc_t_max, low=0, high=1)
         _check_choice("fc_source", self.fc_source, FC_SOURCES)
         _check_number("norm_eps", self.norm_eps, low=0, low_open=True)
+        _check_number("norm_floor", self.norm_floor, low=0, high=1)
         _check_number("ip_gamma", self.ip_gamma, low=0)
         _check_choice("backend", self.backend, BACKENDS)
         if not isinstance(self.cuda_graph, bool):

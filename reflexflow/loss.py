@@ -343,6 +343,7 @@ def _method_loss(
             fc_size=cfg.fc_size,
             fc_cutoff=cfg.fc_cutoff,
             norm_eps=cfg.norm_eps,
+            norm_floor=cfg.norm_floor,
         )
     terms["bias_norm"] = bias_norm
     return terms

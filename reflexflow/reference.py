@@ -42,11 +42,15 @@ __all__ = [
     "low_frequency_share",
     "FILTERS",
     "NORM_EPS",
+    "NORM_FLOOR",
     "TINY",
 ]
 
 FILTERS = ("gaussian", "box", "fft")
-NORM_EPS = 1e-6  # lower bound of the per-sample velocity norms in the direction loss
+NORM_EPS = 1e-6  # absolute lower bound of the per-sample norms in the direction loss
+# |v1| is also bounded below by NORM_FLOOR * |v_adr|: a model whose output starts at zero
+# (SiT/DiT zero-initialise their last layer) would otherwise see gradients ~ 1/NORM_EPS.
+NORM_FLOOR = 0.1
 TINY = 1e-12  # added to the per-sample mean of the FC map before dividing
 
 
@@ -197,16 +201,20 @@ def adr_mse_loss(v1: Tensor, v_adr: Tensor) -> Tensor:
     return (v1 - v_adr.detach()).square().mean()
 
 
-def adr_direction_loss(v1: Tensor, v_adr: Tensor, norm_eps: float = NORM_EPS) -> Tensor:
-    """L_ADR (direction) = mean over samples || v1/|v1| - v_adr/|v_adr| ||^2.
+def adr_direction_loss(
+    v1: Tensor, v_adr: Tensor, norm_eps: float = NORM_EPS, norm_floor: float = NORM_FLOOR
+) -> Tensor:
+    """L_ADR (direction) = mean over samples || v1/n - v_adr/n_a ||^2, v_adr detached.
 
-    Norms over all non-batch axes, each bounded below by norm_eps; v_adr detached.
+    Norms over all non-batch axes: n = max(|v1|, norm_floor |v_adr|, norm_eps) and
+    n_a = max(|v_adr|, norm_eps). Where |v1| is below the floor, n is a constant, so the
+    gradient stays bounded by about 2 lambda / (B norm_floor |v_adr|).
     """
     v = v1.flatten(1)
     a = v_adr.detach().flatten(1)
-    d = v / v.norm(dim=1, keepdim=True).clamp_min(norm_eps) - a / a.norm(
-        dim=1, keepdim=True
-    ).clamp_min(norm_eps)
+    a_norm = a.norm(dim=1, keepdim=True)
+    floor = (norm_floor * a_norm).clamp_min(norm_eps)
+    d = v / torch.maximum(v.norm(dim=1, keepdim=True), floor) - a / a_norm.clamp_min(norm_eps)
     return d.square().sum(dim=1).mean()
 
 
@@ -232,6 +240,7 @@ def objective(
     fc_size: int = 5,
     fc_cutoff: float = 0.25,
     norm_eps: float = NORM_EPS,
+    norm_floor: float = NORM_FLOOR,
 ) -> dict[str, Tensor | None]:
     """The ReflexFlow objective L = L_FC + lambda_adr * L_ADR (DESIGN.md section 5).
 
@@ -263,7 +272,7 @@ def objective(
     if v1 is not None:
         out["v_adr"] = v_adr = adr_target(path, x1, eps, x_hat, t1)
         if adr_loss == "direction":
-            out["adr_loss"] = adr_direction_loss(v1, v_adr, norm_eps)
+            out["adr_loss"] = adr_direction_loss(v1, v_adr, norm_eps, norm_floor)
         elif adr_loss == "mse":
             out["adr_loss"] = adr_mse_loss(v1, v_adr)
         else:

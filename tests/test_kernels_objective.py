@@ -73,6 +73,7 @@ def _compare(
     inactive=(0,),
     noncontig=False,
     zero_v1_rows=(),
+    small_v1_rows=(),
     fc_delta=False,
     state=None,
     grad_tol=None,
@@ -83,6 +84,9 @@ def _compare(
     if zero_v1_rows:
         v1 = v1.clone()
         v1[list(zero_v1_rows)] = 0
+    if small_v1_rows:  # |v1| below norm_floor |v_adr| but far above norm_eps
+        v1 = v1.clone()
+        v1[list(small_v1_rows)] *= 0.01
     delta_fc = 0.1 * torch.randn(shape, dtype=torch.float64).to(dtype) if fc_delta else None
     has_v1 = kw.pop("has_v1", True)
     active = kw.pop("fc_active", None)
@@ -203,8 +207,21 @@ def test_non_contiguous_inputs_match_reference(dtype):
         dict(fc_delta=True, fc_sigma=0.0),
         dict(fc_active=torch.tensor([True, False, True]), lambda_fc=2.5, lambda_adr=3.0),
         dict(zero_v1_rows=(1,)),  # |v1| < norm_eps: the clamp's gradient
+        dict(small_v1_rows=(0, 2)),  # |v1| < norm_floor |v_adr|: the relative floor
+        dict(small_v1_rows=(0,), norm_floor=0.0),  # floor off: only norm_eps bounds |v1|
     ],
-    ids=["all_k0", "vp_box1", "no_fc", "no_adr", "no_v1", "fc_delta", "fc_active", "zero_v1"],
+    ids=[
+        "all_k0",
+        "vp_box1",
+        "no_fc",
+        "no_adr",
+        "no_v1",
+        "fc_delta",
+        "fc_active",
+        "zero_v1",
+        "small_v1",
+        "small_v1_no_floor",
+    ],
 )
 def test_special_rows_and_options_match_reference(case):
     _compare((3, 2, 9, 7), **case)
@@ -255,6 +272,7 @@ def _op_args(v1=True, **over):
         fc_size=5,
         fc_cutoff=0.25,
         norm_eps=1e-6,
+        norm_floor=0.1,
     )
     args.update(over)
     if args["path_kind"] == 1:  # linear, computed in the kernel from (t0, t1)

@@ -162,3 +162,27 @@ def test_low_frequency_share_is_one_for_constant_and_small_for_checkerboard():
     checker = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2 - 1).double()
     share = ref.low_frequency_share(checker.expand(1, 1, 8, 8))
     assert float(share) < 1e-12
+
+
+def test_direction_loss_gradient_stays_bounded_for_a_zero_initialised_model():
+    """SiT/DiT zero-initialise the output layer: v1 = 0 at step 0. With the relative floor
+    |v1| >= 0.1 |v_adr| the gradient is 2 lambda/(B 0.1 |v_adr|) * ||d||, not ~1/norm_eps."""
+    batch, dim = 4, 64
+    v_adr = torch.randn(batch, dim, dtype=torch.float64)
+    v1 = torch.zeros(batch, dim, dtype=torch.float64, requires_grad=True)
+    ref.adr_direction_loss(v1, v_adr).backward()
+    a_norm = v_adr.norm(dim=1, keepdim=True)
+    # n = 0.1 |v_adr| is a constant: d = -v_adr/|v_adr|, dL/dv1 = (2/B) d / n
+    expected = (2 / batch) * (-v_adr / a_norm) / (ref.NORM_FLOOR * a_norm)
+    torch.testing.assert_close(v1.grad, expected)
+    v1_old = torch.zeros(batch, dim, dtype=torch.float64, requires_grad=True)
+    ref.adr_direction_loss(v1_old, v_adr, norm_floor=0.0).backward()
+    assert float(v1_old.grad.norm()) > 1e4 * float(v1.grad.norm())  # what the floor prevents
+
+
+def test_direction_loss_is_unchanged_above_the_floor():
+    v_adr = torch.randn(3, 10, dtype=torch.float64)
+    v1 = v_adr * 0.5 + 0.1 * torch.randn(3, 10, dtype=torch.float64)
+    with_floor = ref.adr_direction_loss(v1, v_adr)
+    without = ref.adr_direction_loss(v1, v_adr, norm_floor=0.0)
+    torch.testing.assert_close(with_floor, without, rtol=0, atol=0)

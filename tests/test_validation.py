@@ -117,6 +117,7 @@ def test_single_step_schedule_rejects_k_above_one(x1):
         ({"rollout_grad": True, "rollout_steps": 2}, ValueError, "rollout_grad needs one"),
         ({"rollout_grad": True, "joint_forward": True}, ValueError, "joint_forward=True is"),
         ({"timestep_scale": 0.0}, ValueError, "timestep_scale must be > 0"),
+        ({"norm_floor": 2.0}, ValueError, "norm_floor must be <= 1"),
         ({"not_a_knob": 1}, TypeError, "not_a_knob"),
     ],
 )

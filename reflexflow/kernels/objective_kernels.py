@@ -140,6 +140,7 @@ def finalize_kernel(
     lambda_fc,
     lambda_adr,
     norm_eps,
+    norm_floor,
     tiny,
     HAS_FC: tl.constexpr,
     HAS_V1: tl.constexpr,
@@ -150,8 +151,9 @@ def finalize_kernel(
     """Per-sample factors and the losses from the partial sums; one program, fp64.
 
     Map rows r = (b, c): den = sum m / (F P) + tiny, q = lambda_fc / den (0 if inactive);
-    L_FC = (sum d0^2 + sum_r q sum m e) / N. Direction, per sample: n = max(|v1|, eps),
-    n_a = max(|v_adr|, eps), sum d^2 = |v1|^2/n^2 - 2 v_adr.v1/(n n_a) + |v_adr|^2/n_a^2,
+    L_FC = (sum d0^2 + sum_r q sum m e) / N. Direction, per sample: n = max(|v1|, floor)
+    with floor = max(norm_floor |v_adr|, eps), n_a = max(|v_adr|, eps),
+    sum d^2 = |v1|^2/n^2 - 2 v_adr.v1/(n n_a) + |v_adr|^2/n_a^2,
     proj = (d . v1)/n^2 (0 when the clamp is active), ab = (1/n^2 - proj/n, -1/(n n_a));
     L_ADR = mean_b sum d^2. mse: L_ADR = sum (v1 - v_adr)^2 / N. Writes the three 0-dim
     outputs L = L_FC + lambda_adr L_ADR, L_FC, L_ADR (0 without v1).
@@ -168,11 +170,13 @@ def finalize_kernel(
                 saa = _row_sums(parts + 3 * B * NBLK, rows, mask, NBLK, BN)
                 sav = _row_sums(parts + 4 * B * NBLK, rows, mask, NBLK, BN)
                 raw = tl.sqrt(svv)
-                n = tl.maximum(raw, norm_eps)
-                na = tl.maximum(tl.sqrt(saa), norm_eps)
+                raw_a = tl.sqrt(saa)
+                floor = tl.maximum(norm_floor * raw_a, norm_eps)
+                n = tl.maximum(raw, floor)
+                na = tl.maximum(raw_a, norm_eps)
                 dsq = svv / (n * n) - 2.0 * sav / (n * na) + saa / (na * na)
                 adr += tl.where(mask, dsq, 0.0)
-                proj = tl.where(raw >= norm_eps, (svv / n - sav / na) / (n * n), 0.0)
+                proj = tl.where(raw >= floor, (svv / n - sav / na) / (n * n), 0.0)
                 tl.store(ab + rows * 2, (1.0 / (n * n) - proj / n).to(tl.float32), mask=mask)
                 tl.store(ab + rows * 2 + 1, (-1.0 / (n * na)).to(tl.float32), mask=mask)
             else:

@@ -140,6 +140,7 @@ def _forward(
     fc_size: int,
     fc_cutoff: float,
     norm_eps: float,
+    norm_floor: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, fc_loss, adr_loss, w, d0, r1, m, q, ab); losses fp32 0-dim.
 
@@ -236,6 +237,7 @@ def _forward(
         float(lambda_fc),
         float(lambda_adr),
         float(norm_eps),
+        float(norm_floor),
         ref.TINY,
         HAS_FC=has_fc,
         HAS_V1=has_v1,
@@ -369,7 +371,7 @@ def _backward(ctx, g_loss, g_fc, g_adr, *_unused):
     """Gradients for v0 and v1 from dL/dloss, dL/dfc_loss, dL/dadr_loss."""
     d0, r1, m, q, ab, v1 = ctx.saved_tensors
     if g_loss is None and g_fc is None and g_adr is None:
-        return (None,) * 18
+        return (None,) * 19
     g0, g1 = fused_objective_backward_op(
         *ctx.dtypes,
         d0,
@@ -384,7 +386,7 @@ def _backward(ctx, g_loss, g_fc, g_adr, *_unused):
         ctx.lambda_adr,
         ctx.direction,
     )
-    return (g0, g1 if ctx.has_v1 else None) + (None,) * 16
+    return (g0, g1 if ctx.has_v1 else None) + (None,) * 17
 
 
 fused_objective_op.register_autograd(_backward, setup_context=_setup_context)
@@ -429,6 +431,7 @@ def fused_objective(
     fc_size: int = 5,
     fc_cutoff: float = 0.25,
     norm_eps: float = ref.NORM_EPS,
+    norm_floor: float = ref.NORM_FLOOR,
 ) -> dict[str, Tensor | None]:
     """Triton twin of :func:`reflexflow.reference.objective`, same signature and keys.
 
@@ -471,6 +474,7 @@ def fused_objective(
         int(fc_size),
         float(fc_cutoff),
         float(norm_eps),
+        float(norm_floor),
     )
     dtype = torch.promote_types(v0.dtype, x1.dtype)
     return {

@@ -50,7 +50,9 @@ FILTERS = ("gaussian", "box", "fft")
 NORM_EPS = 1e-6  # absolute lower bound of the per-sample norms in the direction loss
 # |v1| is also bounded below by NORM_FLOOR * |v_adr|: a model whose output starts at zero
 # (SiT/DiT zero-initialise their last layer) would otherwise see gradients ~ 1/NORM_EPS.
-NORM_FLOOR = 0.1
+# 0.01 rather than 0.1: a larger floor also binds in normal training near t = 1, where
+# |v_adr| = |x1 - x^| / (1 - t1) is large (docs/demo.md).
+NORM_FLOOR = 0.01
 TINY = 1e-12  # added to the per-sample mean of the FC map before dividing
 
 

@@ -86,7 +86,7 @@ def _compare(
         v1[list(zero_v1_rows)] = 0
     if small_v1_rows:  # |v1| below norm_floor |v_adr| but far above norm_eps
         v1 = v1.clone()
-        v1[list(small_v1_rows)] *= 0.01
+        v1[list(small_v1_rows)] *= 1e-4
     delta_fc = 0.1 * torch.randn(shape, dtype=torch.float64).to(dtype) if fc_delta else None
     has_v1 = kw.pop("has_v1", True)
     active = kw.pop("fc_active", None)

@@ -166,13 +166,14 @@ def test_low_frequency_share_is_one_for_constant_and_small_for_checkerboard():
 
 def test_direction_loss_gradient_stays_bounded_for_a_zero_initialised_model():
     """SiT/DiT zero-initialise the output layer: v1 = 0 at step 0. With the relative floor
-    |v1| >= 0.1 |v_adr| the gradient is 2 lambda/(B 0.1 |v_adr|) * ||d||, not ~1/norm_eps."""
+    |v1| >= NORM_FLOOR |v_adr| the gradient is 2 lambda / (B NORM_FLOOR |v_adr|) ||d||,
+    not ~1 / norm_eps."""
     batch, dim = 4, 64
     v_adr = torch.randn(batch, dim, dtype=torch.float64)
     v1 = torch.zeros(batch, dim, dtype=torch.float64, requires_grad=True)
     ref.adr_direction_loss(v1, v_adr).backward()
     a_norm = v_adr.norm(dim=1, keepdim=True)
-    # n = 0.1 |v_adr| is a constant: d = -v_adr/|v_adr|, dL/dv1 = (2/B) d / n
+    # n = NORM_FLOOR |v_adr| is a constant: d = -v_adr/|v_adr|, dL/dv1 = (2/B) d / n
     expected = (2 / batch) * (-v_adr / a_norm) / (ref.NORM_FLOOR * a_norm)
     torch.testing.assert_close(v1.grad, expected)
     v1_old = torch.zeros(batch, dim, dtype=torch.float64, requires_grad=True)

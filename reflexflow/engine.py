@@ -179,17 +179,20 @@ class RolloutEngine:
         k: Tensor,
         step: Tensor,
         model_kwargs: Any = None,
+        *,
+        fixed_k: int | None = None,
     ) -> Tensor:
         """Roll each sample k_i Euler steps of size step_i from (x_t0, t0); returns x^_t1.
 
         Runs under torch.no_grad; x_t0 is not modified; k_i = 0 returns x_t0[i] unchanged.
+        ``fixed_k``: the caller guarantees every k_i equals it (a static plan, no host sync).
         """
         if torch.compiler.is_compiling():  # traced: the torch twin (Inductor fuses its update)
-            return euler_rollout(velocity, x_t0, t0, k, step, model_kwargs)
+            return euler_rollout(velocity, x_t0, t0, k, step, model_kwargs, fixed_k=fixed_k)
         use_native = self.uses_native(x_t0)
         graph = self.cuda_graph and x_t0.is_cuda
         if not (use_native or graph):
-            return euler_rollout(velocity, x_t0, t0, k, step, model_kwargs)
+            return euler_rollout(velocity, x_t0, t0, k, step, model_kwargs, fixed_k=fixed_k)
         with torch.no_grad():
             plan = torch.ops.reflexflow.rollout_plan if use_native else plan_tensors
             order, counts, times, steps = plan(k, t0.to(x_t0.dtype), step.to(x_t0.dtype))
@@ -260,13 +263,14 @@ def rollout(
     *,
     backend: str = "auto",
     cuda_graph: bool = False,
+    fixed_k: int | None = None,
 ) -> Tensor:
     """x^_t1 by a process-wide :class:`RolloutEngine` (its CUDA graphs are cached)."""
     key = (backend, cuda_graph)
     engine = _ENGINES.get(key)
     if engine is None:
         engine = _ENGINES[key] = RolloutEngine(backend, cuda_graph=cuda_graph)
-    return engine(velocity, x_t0, t0, k, step, model_kwargs)
+    return engine(velocity, x_t0, t0, k, step, model_kwargs, fixed_k=fixed_k)
 
 
 def clear_graph_cache() -> None:

@@ -133,10 +133,25 @@ def _check_t(t: Any, batch: int, device: torch.device) -> None:
 
 
 class _Draws:
-    """The per-sample random quantities of one step, canonical convention."""
+    """The per-sample random quantities of one step, canonical convention.
 
-    def __init__(self, eps: Tensor, k: Tensor, t0: Tensor, t1: Tensor, step: Tensor) -> None:
+    fixed_k: every k_i is known to equal it without reading k (k drawn with ss_prob = 1
+    and a single possible length), else None.
+    """
+
+    def __init__(
+        self, eps: Tensor, k: Tensor, t0: Tensor, t1: Tensor, step: Tensor, fixed_k: int | None
+    ) -> None:
         self.eps, self.k, self.t0, self.t1, self.step = eps, k, t0, t1, step
+        self.fixed_k = fixed_k
+
+
+def _static_k(cfg: ReflexFlowConfig) -> int | None:
+    """The one rollout length every drawn k_i takes, when the config pins it."""
+    kmax = 1 if cfg.step_schedule == "single" else cfg.rollout_steps
+    if cfg.uses_rollout and cfg.ss_prob == 1.0 and (cfg.k_draw == "fixed" or kmax == 1):
+        return kmax
+    return None
 
 
 def _draw(
@@ -153,6 +168,7 @@ def _draw(
         if noise is None
         else noise.to(dtype)
     )
+    fixed_k = _static_k(cfg) if k is None else None
     if k is None:
         k = (
             _draw_k(cfg, batch, device, generator)
@@ -186,7 +202,7 @@ def _draw(
     else:
         t1 = t0 + h * k.to(torch.float64)
         step = torch.full_like(t0, h)
-    return _Draws(eps, k, t0.to(dtype), t1.to(dtype), step.to(dtype))
+    return _Draws(eps, k, t0.to(dtype), t1.to(dtype), step.to(dtype), fixed_k)
 
 
 def reflexflow_loss(
@@ -287,6 +303,7 @@ def _method_loss(
             kwargs,
             backend=cfg.backend,
             cuda_graph=cfg.cuda_graph,
+            fixed_k=d.fixed_k,
         )
     x_t1 = ref.interpolate(path, data, d.eps, d.t1)
     delta = (x_hat - x_t1).detach()

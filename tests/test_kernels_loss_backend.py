@@ -71,9 +71,8 @@ def test_unknown_backend_is_rejected():
 
 @needs_triton
 def test_reflexflow_loss_step_breaks_no_graph_in_the_kernels():
-    """The fused op lands inside a captured graph; the only graph breaks of a whole
-    compiled ReflexFlowLoss step are the rollout plan's host reads (as with the reference,
-    tests/test_compile.py), none in reflexflow/kernels."""
+    """The fused op lands inside a captured graph; in fixed-k mode (k_draw="fixed",
+    ss_prob=1) the whole compiled ReflexFlowLoss has no graph break at all."""
     torch._dynamo.reset()
     net = torch.nn.Conv2d(3, 3, 3, padding=1).to(DEV)
     loss_fn = rf.ReflexFlowLoss(
@@ -83,8 +82,7 @@ def test_reflexflow_loss_step_breaks_no_graph_in_the_kernels():
     explained = torch._dynamo.explain(lambda x: loss_fn(lambda y, t: net(y), x).loss)(x1)
     ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes]
     assert "reflexflow.fused_objective.default" in ops
-    files = {r.user_stack[-1].filename.replace("\\", "/") for r in explained.break_reasons}
-    assert all(f.endswith("reflexflow/rollout.py") for f in files), files
+    assert explained.graph_break_count == 0, explained.break_reasons
 
 
 def test_auto_falls_back_to_reference_once_the_triton_path_fails(monkeypatch):

@@ -48,3 +48,17 @@ def test_rollout_does_not_modify_its_input_and_builds_no_graph():
     assert torch.equal(x, before)
     assert not out.requires_grad
     torch.testing.assert_close(out[0], x[0] * 1.1**2)
+
+
+def test_static_plan_for_a_fixed_k_equals_the_sorted_plan_bit_for_bit():
+    model = ConvVelocity(num_classes=3)
+    vel = rf.VelocityModel(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 6, 5, generator=g)
+    t0 = torch.rand(5, generator=g) * 0.5
+    k = torch.full((5,), 3)
+    step = torch.full((5,), 0.05)
+    kwargs = {"y": torch.tensor([0, 1, 2, 0, 1])}
+    planned = euler_rollout(vel, x, t0, k, step, kwargs)
+    static = euler_rollout(vel, x, t0, k, step, kwargs, fixed_k=3)
+    assert torch.equal(planned, static)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .loss import ReflexFlowLoss, ReflexFlowOutput
-from .paths import AffinePath, GVPPath, LinearPath, PathLike
+from .paths import AffinePath, GVPPath, LinearPath, PathLike, VPPath
 
 __all__ = [
     "FunctionPath",
@@ -204,6 +204,30 @@ def sit_path(path_type: Any) -> str:
     return _SIT_PATHS[name.lower()]
 
 
+_SIT_PLANS = {"ICPlan": "linear", "GVPCPlan": "gvp"}
+
+
+def _transport_path(transport_or_path: Any) -> Any:
+    """The reflexflow path of a SiT Transport (from its path_sampler plan) or path type.
+
+    SiT's Transport keeps no path_type, only ``path_sampler``: an ICPlan (linear),
+    GVPCPlan (gvp) or VPCPlan(sigma_min, sigma_max) (vp with those betas).
+    """
+    if hasattr(transport_or_path, "path_type"):
+        return sit_path(transport_or_path.path_type)
+    plan = getattr(transport_or_path, "path_sampler", None)
+    if plan is None:
+        return sit_path(transport_or_path)
+    name = type(plan).__name__
+    if name == "VPCPlan":
+        return VPPath(float(plan.sigma_min), float(plan.sigma_max))
+    if name not in _SIT_PLANS:
+        raise ValueError(
+            f"transport.path_sampler must be a SiT ICPlan, GVPCPlan or VPCPlan, got {name}"
+        )
+    return _SIT_PLANS[name]
+
+
 class SiTTransportAdapter:
     """Drop-in for SiT's ``Transport.training_losses(model, x1, model_kwargs)``.
 
@@ -235,7 +259,7 @@ class SiTTransportAdapter:
             raise ValueError(
                 f"ReflexFlow trains a velocity model; the transport's model_type is {model_type}"
             )
-        path_type = getattr(transport_or_path, "path_type", transport_or_path)
+        path = _transport_path(transport_or_path)
         if not 0.0 <= class_dropout_prob <= 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob}")
         if class_dropout_prob > 0 and (not isinstance(num_classes, int) or num_classes < 1):
@@ -243,7 +267,7 @@ class SiTTransportAdapter:
         self.num_classes = num_classes
         self.class_dropout_prob = float(class_dropout_prob)
         self.label_key = label_key
-        self.loss_fn = ReflexFlowLoss(path=sit_path(path_type), **knobs)
+        self.loss_fn = ReflexFlowLoss(path=path, **knobs)
 
     def training_losses(
         self,

@@ -9,7 +9,7 @@ Dicts, lists and tuples are searched recursively (e.g. diffusers' ``added_cond_k
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ def map_batched(obj: Any, batch: int, fn: Callable[[Tensor], Tensor]) -> Any:
     """Apply fn to every batch-shaped tensor inside obj (dict/list/tuple, recursively)."""
     if isinstance(obj, Tensor):
         return fn(obj) if obj.dim() >= 1 and obj.shape[0] == batch else obj
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):  # any mapping (MappingProxyType, ...) comes back a dict
         return {key: map_batched(val, batch, fn) for key, val in obj.items()}
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(map_batched(val, batch, fn) for val in obj)

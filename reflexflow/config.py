@@ -29,6 +29,12 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _check_bool(name: str, value: Any, *, optional: bool = False) -> None:
+    if not (isinstance(value, bool) or (optional and value is None)):
+        expected = "a bool or None" if optional else "a bool"
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+
+
 def _check_number(
     name: str,
     value: Any,
@@ -119,6 +125,9 @@ class ReflexFlowConfig:
         _check_number("norm_floor", self.norm_floor, low=0, high=1)
         _check_number("ip_gamma", self.ip_gamma, low=0)
         _check_choice("backend", self.backend, BACKENDS)
+        for name in ("fc_per_channel", "rollout_grad", "check_finite"):
+            _check_bool(name, getattr(self, name))
+        _check_bool("joint_forward", self.joint_forward, optional=True)
         if not isinstance(self.cuda_graph, bool):
             raise TypeError(f"cuda_graph must be a bool, got {self.cuda_graph!r}")
         if self.step_schedule == "grid" and self.rollout_steps * self.step >= 1 - self.t_eps:

@@ -81,7 +81,9 @@ def _model_key(velocity: VelocityFn) -> tuple:
             velocity.timestep_scale,
             velocity.input_dtype,
         )
-    return (id(velocity),)
+    if hasattr(velocity, "__self__") and hasattr(velocity, "__func__"):  # a bound method
+        return (id(velocity.__self__), velocity.__func__)
+    return (id(velocity),)  # the cached graph keeps velocity alive: the id is not reused
 
 
 def _cast_dtype(velocity: VelocityFn, state: Tensor) -> torch.dtype | None:
@@ -102,12 +104,15 @@ class _Graph:
     """One captured fixed-k rollout: static buffers and the CUDA graph that updates them."""
 
     def __init__(self, velocity, x, times, steps, kwargs, update, cast) -> None:
+        self.source = velocity  # kept alive, so its id in the cache key is never reused
         self.velocity = copy.copy(velocity)  # its call counters are not the caller's
-        self.state = x.clone()
+        # contiguous buffers whatever x's layout (channels_last, permuted): the fused
+        # update requires them
+        self.state = x.clone(memory_format=torch.contiguous_format)
         self.times = times.clone()
         self.steps = steps.clone()
         self.kwargs = _map_tensors(kwargs, lambda a: a.clone())
-        self.xin = None if cast is None else x.to(cast)
+        self.xin = None if cast is None else self.state.to(cast)
         self.update = update
         self.k = times.shape[0]
         stream = torch.cuda.Stream(device=x.device)

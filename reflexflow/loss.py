@@ -27,6 +27,7 @@ from .batching import repeat_batch
 from .config import ReflexFlowConfig
 from .conventions import VelocityModel, from_canonical_time, to_canonical_time
 from .engine import rollout
+from .time_sampling import LogitNormalTime, UniformTime
 
 __all__ = ["ReflexFlowLoss", "ReflexFlowOutput", "reflexflow_loss"]
 
@@ -116,7 +117,26 @@ def _check_k(k: Any, cfg: ReflexFlowConfig, batch: int, device: torch.device) ->
         raise ValueError("k must be 0 or 1 with step_schedule='single' (one Euler step)")
     if cfg.rollout_grad and bool((k > 1).any()):
         raise ValueError("k must be 0 or 1 with rollout_grad=True")
+    if cfg.step_schedule == "grid":
+        too_long = k.to(torch.float64) * cfg.step > 1 - cfg.t_eps + _T_TOL
+        if bool(too_long.any()):
+            i = int(too_long.nonzero()[0, 0])
+            raise ValueError(
+                f"k[{i}] = {int(k[i])} Euler steps of h = {cfg.step:.6g} do not fit before "
+                f"t = 1 - t_eps = {1 - cfg.t_eps:.6g}"
+            )
     return k
+
+
+def _check_sampler_output(u: Any, batch: int, device: torch.device) -> Tensor:
+    """A time sampler must return a floating (B,) tensor on x1's device, in [0, 1]."""
+    if not isinstance(u, Tensor) or not u.is_floating_point():
+        raise TypeError(f"time_sampler must return a floating-point tensor, got {u!r:.80}")
+    if u.shape != (batch,):
+        raise ValueError(f"time_sampler must return shape ({batch},), got {tuple(u.shape)}")
+    if u.device != device:
+        raise ValueError(f"time_sampler returned a tensor on {u.device}, x1 is on {device}")
+    return u
 
 
 def _check_t(t: Any, batch: int, device: torch.device) -> None:
@@ -181,12 +201,16 @@ def _draw(
     single = cfg.step_schedule == "single"
     room = (1 - cfg.t_eps) - (0 if single else h) * k.to(torch.float64)  # t0 <= room
     if t is None:
-        u = cfg.time_sampler(batch, device, generator).to(torch.float64)
-        t0 = to_canonical_time(u, cfg.convention) * room
+        u = cfg.time_sampler(batch, device, generator)
+        if not isinstance(cfg.time_sampler, (UniformTime, LogitNormalTime)):
+            u = _check_sampler_output(u, batch, device).to(torch.float64)
+            if bool(((u < 0) | (u > 1) | u.isnan()).any()):  # one sync, user samplers only
+                raise ValueError("time_sampler must return values in [0, 1]")
+        t0 = to_canonical_time(u.to(torch.float64), cfg.convention) * room
     else:
         _check_t(t, batch, device)
         t0 = to_canonical_time(t.to(torch.float64), cfg.convention)
-        bad = (t0 < -_T_TOL) | (t0 > room + _T_TOL)
+        bad = ~((t0 >= -_T_TOL) & (t0 <= room + _T_TOL))  # NaN is bad too
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(

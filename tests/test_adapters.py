@@ -354,3 +354,44 @@ def test_sampler_timestep_scale_and_noise_at_1_equal_canonical_sampling():
     b = rf.sample(lambda x, t: -sd3_model(x, 1000 * (1 - t)), noise, steps=5)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(seen[0], torch.full((3,), 1000.0))  # starts at sigma = 1
+
+
+class ICPlan:  # SiT's plan class names; SiT's Transport stores no path_type
+    pass
+
+
+class GVPCPlan:
+    pass
+
+
+class VPCPlan:
+    def __init__(self, sigma_min=0.1, sigma_max=20.0):
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+
+class SiTLikeTransport:
+    """The attributes SiT's transport.Transport keeps (willisma/SiT transport/transport.py)."""
+
+    def __init__(self, plan):
+        self.model_type = SimpleNamespace(name="VELOCITY")
+        self.loss_type = SimpleNamespace(name="NONE")
+        self.path_sampler = plan
+        self.train_eps = 0.0
+        self.sample_eps = 0.0
+
+
+@pytest.mark.parametrize(
+    "plan, expected",
+    [(ICPlan(), rf.LinearPath), (GVPCPlan(), rf.GVPPath), (VPCPlan(0.2, 10.0), rf.VPPath)],
+)
+def test_sit_adapter_reads_the_path_from_a_real_transports_path_sampler(plan, expected):
+    adapter = adapters.SiTTransportAdapter(SiTLikeTransport(plan))
+    path = adapter.loss_fn.config.path
+    assert isinstance(path, expected)
+    if isinstance(plan, VPCPlan):
+        assert (path.beta_min, path.beta_max) == (0.2, 10.0)
+
+
+def test_sit_adapter_rejects_an_unknown_plan():
+    with pytest.raises(ValueError, match="path_sampler must be a SiT ICPlan"):
+        adapters.SiTTransportAdapter(SiTLikeTransport(object()))

@@ -62,3 +62,25 @@ def test_static_plan_for_a_fixed_k_equals_the_sorted_plan_bit_for_bit():
     planned = euler_rollout(vel, x, t0, k, step, kwargs)
     static = euler_rollout(vel, x, t0, k, step, kwargs, fixed_k=3)
     assert torch.equal(planned, static)
+
+
+def test_model_kwargs_in_any_mapping_follow_their_samples():
+    from types import MappingProxyType
+
+    model = ConvVelocity(num_classes=3).double()
+    x1 = torch.randn(4, 3, 6, 5, dtype=torch.float64)
+    noise = torch.randn_like(x1)
+    y = torch.tensor([0, 2, 1, 2])
+    knobs = {"rollout_steps": 2, "num_sampling_steps": 10, "k": torch.tensor([1, 2, 2, 1])}
+    plain = rf.reflexflow_loss(
+        model, x1, noise=noise, t=torch.full((4,), 0.3), model_kwargs={"y": y}, **knobs
+    )
+    proxy = rf.reflexflow_loss(
+        model,
+        x1,
+        noise=noise,
+        t=torch.full((4,), 0.3),
+        model_kwargs=MappingProxyType({"y": y}),
+        **knobs,
+    )
+    assert torch.equal(plain.loss, proxy.loss)

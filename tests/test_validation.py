@@ -147,3 +147,43 @@ def test_generator_on_another_device_type_is_rejected(x1):
         pytest.skip("needs a CUDA device to build a mismatched generator")
     with pytest.raises(ValueError, match="generator is on"):
         rf.reflexflow_loss(model, x1, generator=torch.Generator(device="cuda"))
+
+
+def test_explicit_k_that_does_not_fit_is_rejected_even_with_drawn_times(x1):
+    with pytest.raises(ValueError, match=r"k\[0\] = 60 Euler steps of h = 0.02 do not fit"):
+        rf.reflexflow_loss(model, x1, k=torch.tensor([60, 60, 1, 0]), rollout_steps=2)
+
+
+@pytest.mark.parametrize(
+    "sampler, error, match",
+    [
+        (lambda b, d, g: torch.rand(b, generator=g) * 1000, ValueError, r"values in \[0, 1\]"),
+        (lambda b, d, g: torch.rand(b, 1, generator=g), ValueError, r"shape \(4,\)"),
+        (lambda b, d, g: torch.ones(b, dtype=torch.int64), TypeError, "floating-point"),
+        (lambda b, d, g: torch.full((b,), float("nan")), ValueError, r"values in \[0, 1\]"),
+    ],
+)
+def test_custom_time_sampler_output_is_validated(x1, sampler, error, match):
+    with pytest.raises(error, match=match):
+        rf.reflexflow_loss(model, x1, time_sampler=sampler)
+
+
+def test_custom_time_sampler_in_range_is_used(x1):
+    out = rf.reflexflow_loss(
+        model, x1, time_sampler=lambda b, d, g: torch.full((b,), 0.5), k=torch.zeros(4).long()
+    )
+    torch.testing.assert_close(out.t0, torch.full((4,), 0.5 * (1 - 1e-3)))
+
+
+def test_nan_time_is_rejected(x1):
+    t = torch.tensor([0.1, float("nan"), 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"t\[1\] = nan"):
+        rf.reflexflow_loss(model, x1, t=t, k=torch.zeros(4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    "name", ["fc_per_channel", "rollout_grad", "check_finite", "joint_forward"]
+)
+def test_bool_knobs_reject_strings(name):
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        rf.ReflexFlowLoss(**{name: "False"})

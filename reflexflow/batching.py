@@ -15,18 +15,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["map_batched", "index_batch", "repeat_batch", "prefix_batch"]
+__all__ = ["map_tensors", "map_batched", "index_batch", "repeat_batch", "prefix_batch"]
+
+
+def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """Apply fn to every tensor inside obj (mappings, lists, tuples, recursively).
+
+    Any mapping (MappingProxyType, ...) comes back a dict; named tuples and other values
+    are passed through as they are.
+    """
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {key: map_tensors(val, fn) for key, val in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(map_tensors(val, fn) for val in obj)
+    return obj
 
 
 def map_batched(obj: Any, batch: int, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply fn to every batch-shaped tensor inside obj (dict/list/tuple, recursively)."""
-    if isinstance(obj, Tensor):
-        return fn(obj) if obj.dim() >= 1 and obj.shape[0] == batch else obj
-    if isinstance(obj, Mapping):  # any mapping (MappingProxyType, ...) comes back a dict
-        return {key: map_batched(val, batch, fn) for key, val in obj.items()}
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(map_batched(val, batch, fn) for val in obj)
-    return obj
+    """Apply fn to every batch-shaped tensor inside obj (see :func:`map_tensors`)."""
+    return map_tensors(obj, lambda x: fn(x) if x.dim() >= 1 and x.shape[0] == batch else x)
 
 
 def index_batch(obj: Any, batch: int, index: Tensor) -> Any:

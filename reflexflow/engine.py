@@ -23,14 +23,13 @@ Oracle: :func:`reflexflow.reference.euler_rollout_per_sample`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import native
-from .batching import index_batch, prefix_batch
+from .batching import index_batch, map_tensors, prefix_batch
 from .conventions import VelocityModel
 from .reference import VelocityFn
 from .rollout import euler_rollout, euler_update, plan_tensors
@@ -39,16 +38,6 @@ __all__ = ["RolloutEngine", "rollout", "clear_graph_cache", "ENGINE_BACKENDS"]
 
 ENGINE_BACKENDS = ("auto", "torch", "native", "triton")
 _MAX_GRAPHS = 8
-
-
-def _map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {key: _map_tensors(val, fn) for key, val in obj.items()}
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_map_tensors(val, fn) for val in obj)
-    return obj
 
 
 def _signature(obj: Any) -> Any:
@@ -111,7 +100,7 @@ class _Graph:
         self.state = x.clone(memory_format=torch.contiguous_format)
         self.times = times.clone()
         self.steps = steps.clone()
-        self.kwargs = _map_tensors(kwargs, lambda a: a.clone())
+        self.kwargs = map_tensors(kwargs, lambda a: a.clone())
         self.xin = None if cast is None else self.state.to(cast)
         self.update = update
         self.k = times.shape[0]
@@ -231,6 +220,7 @@ class RolloutEngine:
         self._graphs.clear()
 
     def _graph_rollout(self, velocity, x, times, steps, kwargs, update) -> Tensor:
+        kwargs = map_tensors(kwargs, lambda a: a)  # any mapping as a dict: keyed, copied
         cast = _cast_dtype(velocity, x) if update is _native_update else None
         key = (
             _model_key(velocity),

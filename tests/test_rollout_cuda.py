@@ -136,3 +136,16 @@ def test_cuda_graph_cache_never_replays_another_models_graph(ops):
         want = RolloutEngine("torch")(w.vel, x, t0, k, h, kwargs)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         del w
+
+
+def test_cuda_graph_replays_copy_labels_given_in_any_mapping(ops):
+    from types import MappingProxyType
+
+    vm = rf.VelocityModel(TinyNet().cuda())
+    engine = RolloutEngine("native", cuda_graph=True)
+    x, t0, k, h = _inputs(fixed=True)
+    for label in (0, 3):  # the second call replays: its labels must reach the graph
+        kwargs = MappingProxyType({"y": torch.full((16,), label, device="cuda")})
+        got = engine(vm, x, t0, k, h, kwargs)
+        want = RolloutEngine("torch")(vm, x, t0, k, h, dict(kwargs))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

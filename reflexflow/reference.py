@@ -32,9 +32,14 @@ __all__ = [
     "adr_target",
     "adr_target_linear",
     "lowpass",
+    "adr_ratio",
     "fc_weight",
+    "per_sample_mean",
+    "weighted_mean",
     "fm_loss",
     "fc_loss",
+    "per_sample_fc",
+    "per_sample_adr_direction",
     "adr_mse_loss",
     "adr_direction_loss",
     "objective",
@@ -46,7 +51,7 @@ __all__ = [
     "TINY",
 ]
 
-FILTERS = ("gaussian", "box", "fft")
+FILTERS = ("gaussian", "box", "fft", "none")
 NORM_EPS = 1e-6  # absolute lower bound of the per-sample norms in the direction loss
 # |v1| is also bounded below by NORM_FLOOR * |v_adr|: a model whose output starts at zero
 # (SiT/DiT zero-initialise their last layer) would otherwise see gradients ~ 1/NORM_EPS.
@@ -76,11 +81,19 @@ def adr_target(path: PathLike, x1: Tensor, eps: Tensor, x_hat: Tensor, t1: Tenso
 
     Equivalent to a'(t1) x1 + s'(t1) eps^ with eps^ = (x^_t1 - a(t1) x1) / s(t1): the
     velocity that carries the biased state back onto the path towards the same x1.
-    Requires s(t1) > 0 (t1 <= 1 - t_eps).
+    Rolled-out samples have s(t1) > 0 (t1 <= 1 - t_eps); where s(t1) = 0 (t1 = 1, only
+    for samples that were not rolled out, whose delta is 0) the ratio is taken as 0, so
+    v_adr = u_t1 and nothing divides by zero.
     """
     delta = x_hat - interpolate(path, x1, eps, t1)
-    ratio = path.ds(t1) / path.s(t1)
-    return velocity_target(path, x1, eps, t1) + bcast(ratio, x1) * delta
+    return velocity_target(path, x1, eps, t1) + bcast(adr_ratio(path, t1), x1) * delta
+
+
+def adr_ratio(path: PathLike, t1: Tensor) -> Tensor:
+    """s'(t1) / s(t1), and 0 where s(t1) = 0 (the coefficient of delta in v_adr)."""
+    s1 = path.s(t1)
+    safe = torch.where(s1 != 0, s1, torch.ones_like(s1))
+    return torch.where(s1 != 0, path.ds(t1) / safe, torch.zeros_like(s1))
 
 
 def adr_target_linear(x1: Tensor, x_hat: Tensor, t1: Tensor) -> Tensor:
@@ -113,7 +126,7 @@ def _separable_conv(m: Tensor, taps: Tensor, n_axes: int) -> Tensor:
     return m
 
 
-def _fft_lowpass(m: Tensor, cutoff: float, n_axes: int) -> Tensor:
+def _fft_lowpass(m: Tensor, cutoff: float, n_axes: int, clamp: bool = True) -> Tensor:
     dims = tuple(range(-n_axes, 0))
     sizes = m.shape[-n_axes:]
     spec = torch.fft.rfftn(m, dim=dims)
@@ -123,7 +136,8 @@ def _fft_lowpass(m: Tensor, cutoff: float, n_axes: int) -> Tensor:
     radius = torch.sqrt(sum(g * g for g in grids))  # cycles per sample; Nyquist = 0.5
     mask = (radius <= 0.5 * cutoff).to(spec.dtype)
     out = torch.fft.irfftn(spec * mask, s=sizes, dim=dims)
-    return out.clamp_min(0)  # an ideal low-pass rings; the FC map must stay >= 0
+    # an ideal low-pass rings; an unsigned FC map must stay >= 0
+    return out.clamp_min(0) if clamp else out
 
 
 def lowpass(
@@ -140,9 +154,9 @@ def lowpass(
     gaussian: separable, taps exp(-o^2 / (2 sigma^2)) for |o| <= ceil(3 sigma), normalised;
     box: separable mean over an odd window of ``size``; both with replicate padding, so a
     constant map stays constant. fft: ideal low-pass keeping frequencies with radius
-    <= cutoff * Nyquist, clamped at 0 afterwards.
+    <= cutoff * Nyquist, clamped at 0 afterwards. none: m unchanged.
     """
-    if n_axes == 0:
+    if n_axes == 0 or kind == "none":
         return m
     if kind == "gaussian":
         if sigma <= 0:
@@ -162,6 +176,7 @@ def fc_weight(
     lambda_fc: float = 1.0,
     active: Tensor | None = None,
     per_channel: bool = False,
+    signed: bool = False,
     kind: str = "gaussian",
     sigma: float = 2.0,
     size: int = 5,
@@ -169,38 +184,88 @@ def fc_weight(
 ) -> Tensor:
     """Frequency-compensation weight w = 1 + lambda_fc * m / (mean(m) + tiny).
 
-    m = LP(mean over channels of |delta|) (or per channel), the mean taken per sample
-    (and per channel when per_channel) over the remaining axes. Rows with active False
-    (k = 0, or outside fc_t_max) get w = 1. Shape: (B, 1, *S) broadcasting over
-    channels, (B, C, *S) per channel, (B, D) for vectors. The result carries no gradient.
+    Unsigned (default): m = LP(mean over channels of |delta|) (or per channel), the mean
+    taken per sample (and per channel when per_channel) over the remaining axes, so each
+    sample's w has mean 1 + lambda_fc. Signed: m = LP(delta) element-wise (no channel
+    mean) and the denominator is the mean of |m| over all of a sample's elements, so w
+    may fall below 1 or 0 (use it with fc_form="squared"). Rows with active False (k = 0,
+    or outside fc_t_max) get w = 1. Shape: (B, 1, *S) broadcasting over channels,
+    (B, C, *S) per channel or signed, (B, D) for vectors. The result carries no gradient.
     """
     delta = delta.detach()
     n_axes = _spatial_ndim(delta)
-    m = delta.abs()
-    if delta.dim() > 2 and not per_channel:
-        m = m.mean(dim=1, keepdim=True)
-    m = lowpass(m, kind=kind, n_axes=n_axes, sigma=sigma, size=size, cutoff=cutoff)
-    norm_dims = tuple(range(2 if delta.dim() > 2 else 1, m.dim()))
-    m = m / (m.mean(dim=norm_dims, keepdim=True) + TINY)
+    if signed:
+        m = delta
+        if kind == "fft":  # the ideal low-pass without the clamp that keeps |.| maps >= 0
+            m = _fft_lowpass(m, cutoff, n_axes, clamp=False) if n_axes else m
+        else:
+            m = lowpass(m, kind=kind, n_axes=n_axes, sigma=sigma, size=size, cutoff=cutoff)
+        norm_dims = tuple(range(1, m.dim()))
+        m = m / (m.abs().mean(dim=norm_dims, keepdim=True) + TINY)
+    else:
+        m = delta.abs()
+        if delta.dim() > 2 and not per_channel:
+            m = m.mean(dim=1, keepdim=True)
+        m = lowpass(m, kind=kind, n_axes=n_axes, sigma=sigma, size=size, cutoff=cutoff)
+        norm_dims = tuple(range(2 if delta.dim() > 2 else 1, m.dim()))
+        m = m / (m.mean(dim=norm_dims, keepdim=True) + TINY)
     w = 1 + lambda_fc * m
     if active is not None:
         w = torch.where(bcast(active, w).bool(), w, torch.ones_like(w))
     return w
 
 
-def fm_loss(v: Tensor, u: Tensor) -> Tensor:
-    """Plain flow-matching loss mean ||v - u||^2 (mean over all elements)."""
-    return (v - u).square().mean()
+def per_sample_mean(x: Tensor) -> Tensor:
+    """(B,) mean of x over all non-batch axes."""
+    return x.flatten(1).mean(dim=1)
 
 
-def fc_loss(v0: Tensor, u0: Tensor, w: Tensor) -> Tensor:
-    """L_FC = mean(w * (v0 - u0)^2), w broadcast over channels and detached."""
-    return (w.detach() * (v0 - u0).square()).mean()
+def weighted_mean(per_sample: Tensor, weight: Tensor | None = None) -> Tensor:
+    """mean_i weight_i * per_sample_i (the plain mean when weight is None)."""
+    if weight is None:
+        return per_sample.mean()
+    return (weight.to(per_sample.dtype) * per_sample).mean()
+
+
+def fm_loss(v: Tensor, u: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Flow-matching loss mean_i weight_i mean ||v_i - u_i||^2 (plain mean when weight is
+    None: mean over all elements). weight (B,) is a detached per-sample loss weighting."""
+    if weight is None:
+        return (v - u).square().mean()
+    return weighted_mean(per_sample_mean((v - u).square()), weight.detach())
+
+
+def fc_loss(v0: Tensor, u0: Tensor, w: Tensor, form: str = "weight") -> Tensor:
+    """L_FC = mean(w * (v0 - u0)^2) ("weight") or mean((w * (v0 - u0))^2) ("squared");
+    w broadcast over channels and detached."""
+    return per_sample_fc(v0, u0, w, form).mean()
+
+
+def per_sample_fc(v0: Tensor, u0: Tensor, w: Tensor | None, form: str = "weight") -> Tensor:
+    """(B,) per-sample FC term: mean over a sample's elements of w (v0 - u0)^2 (or w^2 for
+    form "squared"; plain squared error when w is None)."""
+    sq = (v0 - u0).square()
+    if w is not None:
+        w = w.detach()
+        sq = (w.square() if form == "squared" else w) * sq
+    return per_sample_mean(sq)
 
 
 def adr_mse_loss(v1: Tensor, v_adr: Tensor) -> Tensor:
     """L_ADR (mse) = mean ||v1 - v_adr||^2, v_adr detached."""
     return (v1 - v_adr.detach()).square().mean()
+
+
+def per_sample_adr_direction(
+    v1: Tensor, v_adr: Tensor, norm_eps: float = NORM_EPS, norm_floor: float = NORM_FLOOR
+) -> Tensor:
+    """(B,) || v1/n - v_adr/n_a ||^2 with the norms of :func:`adr_direction_loss`."""
+    v = v1.flatten(1)
+    a = v_adr.detach().flatten(1)
+    a_norm = a.norm(dim=1, keepdim=True)
+    floor = (norm_floor * a_norm).clamp_min(norm_eps)
+    d = v / torch.maximum(v.norm(dim=1, keepdim=True), floor) - a / a_norm.clamp_min(norm_eps)
+    return d.square().sum(dim=1)
 
 
 def adr_direction_loss(
@@ -212,18 +277,13 @@ def adr_direction_loss(
     n_a = max(|v_adr|, norm_eps). Where |v1| is below the floor, n is a constant, so the
     gradient stays bounded by about 2 lambda / (B norm_floor |v_adr|).
     """
-    v = v1.flatten(1)
-    a = v_adr.detach().flatten(1)
-    a_norm = a.norm(dim=1, keepdim=True)
-    floor = (norm_floor * a_norm).clamp_min(norm_eps)
-    d = v / torch.maximum(v.norm(dim=1, keepdim=True), floor) - a / a_norm.clamp_min(norm_eps)
-    return d.square().sum(dim=1).mean()
+    return per_sample_adr_direction(v1, v_adr, norm_eps, norm_floor).mean()
 
 
 def objective(
     path: PathLike,
     *,
-    v0: Tensor,
+    v0: Tensor | None,
     v1: Tensor | None,
     x1: Tensor,
     eps: Tensor,
@@ -237,23 +297,45 @@ def objective(
     fc_active: Tensor | None = None,
     fc_delta: Tensor | None = None,
     per_channel: bool = False,
+    fc_signed: bool = False,
+    fc_form: str = "weight",
     fc_filter: str = "gaussian",
     fc_sigma: float = 2.0,
     fc_size: int = 5,
     fc_cutoff: float = 0.25,
+    fm_weight: Tensor | None = None,
+    adr_weight: Tensor | None = None,
+    u0: Tensor | None = None,
+    v_adr: Tensor | None = None,
+    v_joint: Tensor | None = None,
     norm_eps: float = NORM_EPS,
     norm_floor: float = NORM_FLOOR,
 ) -> dict[str, Tensor | None]:
     """The ReflexFlow objective L = L_FC + lambda_adr * L_ADR (DESIGN.md section 5).
 
-    v0 = v(x_t0, t0) and v1 = v(x^_t1, t1) are the two gradient-carrying model outputs;
-    delta = x^_t1 - x_t1 (or fc_delta, e.g. the velocity-space bias) drives the FC map;
-    fc_active (B,) bool defaults to k > 0. Returns loss, fc_loss, adr_loss, w, v_adr, delta;
-    with v1 None the ADR term is skipped (lambda_adr = 0), with lambda_fc = 0 w is None.
+    v0 = v(x_t0, t0) and v1 = v(x^_t1, t1) are the two gradient-carrying model outputs
+    (or ``v_joint``, their (2B, ...) concatenation, with v0 = v1 = None).
+    delta = x^_t1 - x_t1 (or fc_delta, e.g. the velocity-space bias) drives the FC map
+    w (:func:`fc_weight`; fc_active (B,) bool defaults to k > 0), and
+    per sample i:  fc_i  = fm_weight_i * mean(w (v0 - u0)^2)     (w^2 for fc_form "squared")
+                   adr_i = adr_weight_i * (mean (v1 - v_adr)^2  (mse)  or
+                                           ||v1/|v1| - v_adr/|v_adr| ||^2  (direction))
+    L_FC = mean_i fc_i, L_ADR = mean_i adr_i. The targets are u0 = u_t0 and v_adr =
+    u_t1 + (s'/s)(t1) delta unless given (e.g. stable targets). Returns loss, fc_loss,
+    adr_loss, per_sample (B,) (its mean is loss up to float rounding), w, v_adr,
+    delta; with v1
+    None the ADR term is skipped (lambda_adr = 0), with lambda_fc = 0 w is None.
     This is the contract of the fused kernels: same inputs, same outputs and gradients.
     """
+    if v_joint is not None:
+        if v0 is not None or v1 is not None:
+            raise ValueError("pass either v_joint or v0/v1, not both")
+        v0, v1 = v_joint.chunk(2)
+    if v0 is None:
+        raise ValueError("v0 (or v_joint) is required")
     delta = x_hat - interpolate(path, x1, eps, t1)
-    u0 = velocity_target(path, x1, eps, t0)
+    if u0 is None:
+        u0 = velocity_target(path, x1, eps, t0)
     out: dict[str, Tensor | None] = {"delta": delta, "w": None, "v_adr": None, "adr_loss": None}
     if lambda_fc != 0:
         active = (k > 0) if fc_active is None else fc_active
@@ -262,24 +344,43 @@ def objective(
             lambda_fc=lambda_fc,
             active=active,
             per_channel=per_channel,
+            signed=fc_signed,
             kind=fc_filter,
             sigma=fc_sigma,
             size=fc_size,
             cutoff=fc_cutoff,
         )
-        out["fc_loss"] = fc_loss(v0, u0, out["w"])
+    fc_rows = per_sample_fc(v0, u0, out["w"], fc_form)
+    if fm_weight is None:  # the mean over all elements (rounds as fm_loss / fc_loss do)
+        w = out["w"]
+        sq = (v0 - u0).square()
+        out["fc_loss"] = (
+            sq if w is None else (w.square() if fc_form == "squared" else w) * sq
+        ).mean()
     else:
-        out["fc_loss"] = fm_loss(v0, u0)
-    out["loss"] = out["fc_loss"]
+        fc_rows = fm_weight.detach().to(fc_rows.dtype) * fc_rows
+        out["fc_loss"] = fc_rows.mean()
+    out["loss"], per_sample = out["fc_loss"], fc_rows
     if v1 is not None:
-        out["v_adr"] = v_adr = adr_target(path, x1, eps, x_hat, t1)
+        if v_adr is None:
+            v_adr = adr_target(path, x1, eps, x_hat, t1)
+        out["v_adr"] = v_adr = v_adr.detach()
         if adr_loss == "direction":
-            out["adr_loss"] = adr_direction_loss(v1, v_adr, norm_eps, norm_floor)
+            adr_rows = per_sample_adr_direction(v1, v_adr, norm_eps, norm_floor)
         elif adr_loss == "mse":
-            out["adr_loss"] = adr_mse_loss(v1, v_adr)
+            adr_rows = per_sample_mean((v1 - v_adr).square())
         else:
             raise ValueError(f"adr_loss must be 'direction' or 'mse', got {adr_loss!r}")
+        if adr_weight is not None:
+            adr_rows = adr_weight.detach().to(adr_rows.dtype) * adr_rows
+            out["adr_loss"] = adr_rows.mean()
+        elif adr_loss == "mse":
+            out["adr_loss"] = (v1 - v_adr).square().mean()
+        else:
+            out["adr_loss"] = adr_rows.mean()
         out["loss"] = out["fc_loss"] + lambda_adr * out["adr_loss"]
+        per_sample = fc_rows + lambda_adr * adr_rows
+    out["per_sample"] = per_sample  # per_sample.mean() == loss up to float rounding
     return out
 
 

@@ -187,3 +187,73 @@ def test_direction_loss_is_unchanged_above_the_floor():
     with_floor = ref.adr_direction_loss(v1, v_adr)
     without = ref.adr_direction_loss(v1, v_adr, norm_floor=0.0)
     torch.testing.assert_close(with_floor, without, rtol=0, atol=0)
+
+
+def _objective(**kw):
+    x1, eps, v0, v1, x_hat, t0, t1, k = _objective_inputs()
+    base = dict(v0=v0, v1=v1, x1=x1, eps=eps, x_hat=x_hat, t0=t0, t1=t1, k=k)
+    base.update(kw)
+    return ref.objective(LinearPath(), **base), base
+
+
+@pytest.mark.parametrize("adr_loss", ["mse", "direction"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_objective_per_sample_terms_average_to_the_loss(adr_loss, weighted):
+    x1 = _objective_inputs()[0]
+    weight = torch.rand(x1.shape[0], dtype=torch.float64) if weighted else None
+    out, _ = _objective(adr_loss=adr_loss, fm_weight=weight, adr_weight=weight)
+    assert out["per_sample"].shape == (x1.shape[0],)
+    torch.testing.assert_close(out["per_sample"].mean(), out["loss"], rtol=1e-12, atol=0)
+
+
+def test_fm_weight_scales_each_samples_fm_term():
+    x1, eps, v0, *_ = _objective_inputs()
+    weight = torch.rand(x1.shape[0], dtype=torch.float64)
+    out, _ = _objective(v1=None, lambda_fc=0.0, fm_weight=weight)
+    per_sample = (v0 - (x1 - eps)).square().flatten(1).mean(1)
+    torch.testing.assert_close(out["fc_loss"], (weight * per_sample).mean())
+
+
+def test_joint_output_gives_the_same_loss_and_gradients_as_two_halves():
+    x1, eps, v0, v1, *_ = _objective_inputs()
+    split = [z.detach().clone().requires_grad_() for z in (v0, v1)]
+    joint = torch.cat([v0, v1]).detach().requires_grad_()
+    a, _ = _objective(v0=split[0], v1=split[1])
+    b, _ = _objective(v0=None, v1=None, v_joint=joint)
+    a["loss"].backward()
+    b["loss"].backward()
+    torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=0)
+    torch.testing.assert_close(joint.grad, torch.cat([split[0].grad, split[1].grad]))
+
+
+def test_explicit_targets_replace_u_t0_and_v_adr():
+    x1, eps, v0, v1, x_hat, t0, t1, k = _objective_inputs()
+    u0, v_adr = torch.randn_like(v0), torch.randn_like(v1)
+    out, _ = _objective(adr_loss="mse", lambda_fc=0.0, u0=u0, v_adr=v_adr)
+    torch.testing.assert_close(out["fc_loss"], (v0 - u0).square().mean())
+    torch.testing.assert_close(out["adr_loss"], (v1 - v_adr).square().mean())
+
+
+def test_adr_target_is_u_t1_without_nan_for_unrolled_samples_at_t_one():
+    x1, eps = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4).double()
+    t1 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    x_t1 = ref.interpolate(LinearPath(), x1, eps, t1)
+    v_adr = ref.adr_target(LinearPath(), x1, eps, x_t1, t1)
+    assert torch.isfinite(v_adr).all()
+    torch.testing.assert_close(v_adr, ref.velocity_target(LinearPath(), x1, eps, t1))
+
+
+def test_signed_fc_weight_keeps_the_sign_and_has_unit_mean_absolute_map():
+    delta = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    w = ref.fc_weight(delta, lambda_fc=1.0, signed=True, kind="none")
+    assert w.shape == delta.shape
+    m = w - 1
+    torch.testing.assert_close(m.abs().flatten(1).mean(1), torch.ones(3, dtype=torch.float64))
+    assert torch.equal(torch.sign(m), torch.sign(delta))
+
+
+def test_squared_fc_form_weights_the_residual_before_squaring():
+    x1, eps, v0, *_ = _objective_inputs()
+    out, base = _objective(v1=None, fc_form="squared", fc_signed=True, fc_filter="none")
+    w = out["w"]
+    torch.testing.assert_close(out["fc_loss"], (w * (v0 - (x1 - eps))).square().mean())

@@ -3,8 +3,14 @@
 A model keyword argument is *batch-shaped* when it is a tensor whose first axis has the
 batch size B (class labels (B,), text embeddings (B, L, D), masks (B, L), ...). Such
 entries are indexed, permuted and concatenated together with the samples; everything
-else (scalars, tensors of another leading size, strings, None) is passed through as is.
-Dicts, lists and tuples are searched recursively (e.g. diffusers' ``added_cond_kwargs``).
+else (scalars, 0-dim tensors, strings, None) is passed through as is. Dicts, lists and
+tuples are searched recursively (e.g. diffusers' ``added_cond_kwargs``).
+
+The loss checks the user's model_kwargs once (:func:`prepare_kwargs`): a tensor with
+ndim >= 1 whose first axis is not B is refused with an error naming it, unless its
+top-level key is declared not batch-shaped (``unbatched_kwargs``, e.g. Flux's
+``img_ids``): such entries are wrapped in :class:`Unbatched`, which no batching function
+looks into, and unwrapped (:func:`unwrap_kwargs`) just before the model is called.
 """
 
 from __future__ import annotations
@@ -15,7 +21,76 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["map_tensors", "map_batched", "index_batch", "repeat_batch", "prefix_batch"]
+__all__ = [
+    "map_tensors",
+    "map_batched",
+    "index_batch",
+    "repeat_batch",
+    "prefix_batch",
+    "Unbatched",
+    "prepare_kwargs",
+    "unwrap_kwargs",
+]
+
+
+class Unbatched:
+    """A model argument passed to the model as it is: never indexed, permuted or
+    concatenated with the samples."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        v = self.value
+        if isinstance(v, Tensor):  # shape, dtype and storage: a CUDA graph reads it in place
+            return f"Unbatched(Tensor{tuple(v.shape)}, {v.dtype}, {v.device}, {v.data_ptr()})"
+        return f"Unbatched({v!r})"
+
+
+def _check_batched(obj: Any, batch: int, where: str) -> None:
+    if isinstance(obj, Tensor):
+        if obj.dim() >= 1 and obj.shape[0] != batch:
+            raise ValueError(
+                f"{where} has shape {tuple(obj.shape)}: a tensor in model_kwargs must have "
+                f"the batch size {batch} as its first axis (it follows its samples through "
+                "the rollout), or be declared not batch-shaped with "
+                "unbatched_kwargs=(<its top-level key>, ...)"
+            )
+    elif isinstance(obj, Mapping):
+        for key, val in obj.items():
+            _check_batched(val, batch, f"{where}[{key!r}]")
+    elif isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        for i, val in enumerate(obj):
+            _check_batched(val, batch, f"{where}[{i}]")
+
+
+def prepare_kwargs(
+    model_kwargs: Mapping[str, Any] | None, batch: int, unbatched: tuple[str, ...] = ()
+) -> dict[str, Any] | None:
+    """The user's model_kwargs as a dict: checked, with ``unbatched`` keys wrapped.
+
+    Every tensor with ndim >= 1 outside the ``unbatched`` keys must have first axis
+    ``batch`` (ValueError naming it otherwise).
+    """
+    if model_kwargs is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, val in model_kwargs.items():
+        if key in unbatched:
+            out[key] = Unbatched(val)
+        else:
+            _check_batched(val, batch, f"model_kwargs[{key!r}]")
+            out[key] = val
+    return out
+
+
+def unwrap_kwargs(kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments for the model call: Unbatched wrappers removed."""
+    if not kwargs:
+        return {}
+    return {k: (v.value if isinstance(v, Unbatched) else v) for k, v in kwargs.items()}
 
 
 def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:

@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .batching import unwrap_kwargs
+from .model_state import rollout_mode
+
 __all__ = [
     "CONVENTIONS",
     "check_convention",
@@ -53,6 +56,8 @@ class VelocityModel:
     the model sees x cast to ``input_dtype``, and times in its own convention times
     ``timestep_scale`` (e.g. 1000 for SD3-style timesteps); its output must have x's
     shape and is returned in the state's dtype, negated under noise_at_1.
+    ``mode="eval"`` runs each call with the model in eval mode (its submodules' own flags
+    restored after the call): how the loss's no-grad rollout calls the model.
     """
 
     def __init__(
@@ -62,15 +67,29 @@ class VelocityModel:
         *,
         input_dtype: torch.dtype | None = None,
         timestep_scale: float = 1.0,
+        mode: str = "train",
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         self.model = model
         self.convention = check_convention(convention)
         self.input_dtype = input_dtype
         self.timestep_scale = float(timestep_scale)
+        self.mode = mode
         self.calls = 0  # model invocations
         self.sample_forwards = 0  # samples passed through the model, summed over calls
+
+    def with_mode(self, mode: str) -> VelocityModel:
+        """This velocity, calling the model in ``mode`` ("eval" or "train", as it is)."""
+        return VelocityModel(
+            self.model,
+            self.convention,
+            input_dtype=self.input_dtype,
+            timestep_scale=self.timestep_scale,
+            mode=mode,
+        )
 
     def model_time(self, t: Tensor) -> Tensor:
         tm = from_canonical_time(t, self.convention)
@@ -85,7 +104,8 @@ class VelocityModel:
             inp = model_input
         else:
             inp = x if self.input_dtype is None else x.to(self.input_dtype)
-        out = self.model(inp, self.model_time(t), **(kwargs or {}))
+        with rollout_mode(self.model, self.mode):
+            out = self.model(inp, self.model_time(t), **unwrap_kwargs(kwargs))
         self.calls += 1
         self.sample_forwards += x.shape[0]
         if not isinstance(out, Tensor):

@@ -1,21 +1,26 @@
-"""ReflexFlowLoss: the drop-in training loss (DESIGN.md sections 2 to 6).
+"""ReflexFlowLoss: the drop-in training loss (docs/method.md).
 
 One training step, canonical convention (data at t = 1):
 
-1. draw eps, rollout lengths k (0 for the 1 - ss_prob samples not rolled out) and t0,
-   with t0 + k h <= 1 - t_eps (grid) or t1 = t0 + (1 - t_eps - t0) U (single step);
-2. roll x_t0 out k Euler steps of the model under torch.no_grad: x^_t1;
-3. delta = x^_t1 - x_t1; FC weight w from LP(|delta|); ADR target v_adr;
-4. v0 = v(x_t0, t0), v1 = v(x^_t1, t1) in one 2B call (or two calls);
-5. L = mean(w ||v0 - u_t0||^2) + lambda_adr * L_ADR(v1, v_adr).
+1. draw eps, rollout lengths k (0 for samples not rolled out) and t0 (:mod:`.draws`);
+2. v0 = v(x_t0, t0) with grad (the FM term's call, shared with the rollout's first step
+   by default); the rollout continues under torch.no_grad to x^_t1 (:mod:`.engine`);
+3. delta = x^_t1 - x_t1 (or the velocity-space bias); FC weight w; ADR target v_adr
+   (conditional, or posterior-weighted with target="stable");
+4. v1 = v(x^_t1, t1) with grad;
+5. L = mean_i fm_weight_i mean(w ||v0 - u_t0||^2) + lambda_adr * L_ADR(v1, v_adr)
+   (:func:`reflexflow.reference.objective`, or its Triton twin).
 
+What each preset sets is data (:mod:`.presets`); this module only combines the terms.
 Baselines with the same API: method="fm" (plain flow matching), "ip" (input
 perturbation), "ss" (scheduled sampling with the unrectified target u_t1).
+memory="lean" runs the FM term's backward before the ADR term's forward
+(:meth:`ReflexFlowOutput.backward`), so the step's peak activation memory is FM's.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,39 +28,137 @@ import torch
 from torch import Tensor, nn
 
 from . import reference as ref
-from .batching import repeat_batch
+from .batching import prepare_kwargs, repeat_batch
 from .config import ReflexFlowConfig
-from .conventions import VelocityModel, from_canonical_time, to_canonical_time
+from .conventions import VelocityModel, from_canonical_time
+from .draws import Draws, draw, state_dtype
 from .engine import rollout
-from .time_sampling import LogitNormalTime, UniformTime
+from .model_state import ddp_no_sync, fsdp2_sync, is_fsdp1
+from .weighting import loss_weights
 
 __all__ = ["ReflexFlowLoss", "ReflexFlowOutput", "reflexflow_loss"]
 
-_T_TOL = 1e-6  # slack for explicit times against 1 - t_eps - k h (float rounding)
 
-
-@dataclasses.dataclass
 class ReflexFlowOutput:
     """What one call of the loss returns.
 
-    loss: scalar, differentiable. fc_loss / adr_loss: the two terms (detached), None
-    when the method or a zero lambda skips them. bias_norm: (B,) per-sample
-    ||x^_t1 - x_t1|| (None without a rollout). t0, t1: (B,) in the loss's convention;
-    k: (B,) int64 rollout lengths (0 = not rolled out). fc_weight: the detached FC map w.
+    loss: scalar, differentiable. fc_loss / adr_loss: the two terms (detached), None when
+    the method or a zero lambda skips them. per_sample_loss: (B,) detached, its mean is
+    ``loss`` (up to float rounding). bias_norm: (B,) per-sample ||x^_t1 - x_t1|| (None
+    without a rollout). t0, t1: (B,) in the loss's convention; k: (B,) int64 rollout
+    lengths (0 = not rolled out). fc_weight: the detached FC map w.
+
+    ``out.backward()`` backpropagates the step (``scaler=`` a torch.amp.GradScaler,
+    ``loss_scale=`` e.g. 1 / accumulation steps); with memory="lean" it is the way to
+    backpropagate, and it fills ``loss``, ``adr_loss`` and ``per_sample_loss``.
     """
 
-    loss: Tensor
-    fc_loss: Tensor | None
-    adr_loss: Tensor | None
-    bias_norm: Tensor | None
-    t0: Tensor
-    t1: Tensor
-    k: Tensor
-    fc_weight: Tensor | None = None
+    def __init__(
+        self,
+        *,
+        loss: Tensor | None,
+        fc_loss: Tensor | None,
+        adr_loss: Tensor | None,
+        bias_norm: Tensor | None,
+        t0: Tensor,
+        t1: Tensor,
+        k: Tensor,
+        fc_weight: Tensor | None = None,
+        per_sample_loss: Tensor | None = None,
+        lean: _LeanStep | None = None,
+    ) -> None:
+        self._loss = loss
+        self.fc_loss, self.adr_loss, self.bias_norm = fc_loss, adr_loss, bias_norm
+        self.t0, self.t1, self.k = t0, t1, k
+        self.fc_weight, self.per_sample_loss = fc_weight, per_sample_loss
+        self._lean, self._lean_done = lean, False
+
+    @property
+    def loss(self) -> Tensor:
+        if self._loss is None:
+            raise RuntimeError(
+                "memory='lean': the ADR term's forward runs inside out.backward(); call "
+                "out.backward() (not out.loss.backward()); out.loss holds the value after it"
+            )
+        return self._loss
+
+    def backward(self, scaler: Any = None, *, loss_scale: float | Tensor = 1.0) -> None:
+        """Backpropagate ``loss_scale * loss`` (through ``scaler.scale`` when given).
+
+        Default mode: ``(scaler.scale(loss * loss_scale)).backward()``. memory="lean":
+        the FM term's backward (no gradient sync under DDP/FSDP2), then the ADR term's
+        forward and backward (the gradient sync), each part scaled alike.
+        """
+        if self._lean_done:
+            raise RuntimeError("out.backward() was already called for this lean step")
+        if self._lean is None:
+            _scaled(self.loss, scaler, loss_scale).backward()
+            return
+        lean, self._lean, self._lean_done = self._lean, None, True
+        adr_rows = lean.backward(lambda x: _scaled(x, scaler, loss_scale))
+        self.adr_loss = lean.adr_value.detach()
+        self.per_sample_loss = (lean.fc_rows + lean.lambda_adr * adr_rows).detach()
+        self._loss = (lean.fc_value + lean.lambda_adr * lean.adr_value).detach()
+
+    def __repr__(self) -> str:
+        value = "pending (memory='lean')" if self._loss is None else f"{float(self._loss):.6g}"
+        return f"ReflexFlowOutput(loss={value}, k={self.k.tolist()})"
 
 
-def _state_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _scaled(x: Tensor, scaler: Any, loss_scale: float | Tensor) -> Tensor:
+    if not (isinstance(loss_scale, (int, float)) and loss_scale == 1):
+        x = x * loss_scale
+    return scaler.scale(x) if scaler is not None else x
+
+
+class _LeanStep:
+    """The deferred half of a memory="lean" step: the FM term's graph (kept) and what the
+    ADR term's forward needs (state, times, kwargs, target, autocast state)."""
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        velocity: VelocityModel,
+        fm_loss: Tensor,
+        fc_rows: Tensor,
+        x_hat: Tensor,
+        t1: Tensor,
+        kwargs: Any,
+        v_adr: Tensor,
+        adr_weight: Tensor | None,
+        cfg: ReflexFlowConfig,
+    ) -> None:
+        self.model, self.velocity = model, velocity
+        self.fm_loss, self.fc_rows, self.fc_value = fm_loss, fc_rows.detach(), fm_loss.detach()
+        self.x_hat, self.t1, self.kwargs, self.v_adr = x_hat, t1, kwargs, v_adr
+        self.adr_weight, self.cfg = adr_weight, cfg
+        self.lambda_adr = cfg.lambda_adr
+        device = x_hat.device.type
+        self.autocast = (
+            device,
+            torch.is_autocast_enabled(device),
+            torch.get_autocast_dtype(device),
+        )
+        self.adr_value: Tensor = fm_loss.new_zeros(())
+
+    def backward(self, scale: Callable[[Tensor], Tensor]) -> Tensor:
+        """FM backward (sync off), then ADR forward + backward (sync on); ADR rows."""
+        with fsdp2_sync(self.model, False):
+            scale(self.fm_loss).backward()
+        self.fm_loss = None  # the FM graph is freed before the ADR forward
+        device, enabled, dtype = self.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            v1 = self.velocity(self.x_hat, self.t1, self.kwargs)
+        with torch.autocast(device, enabled=False):
+            cfg = self.cfg
+            rows = ref.per_sample_adr(v1, self.v_adr, cfg.adr_loss, cfg.norm_eps, cfg.norm_floor)
+            if self.adr_weight is not None:
+                rows = self.adr_weight.to(rows.dtype) * rows
+            adr = rows.mean()
+        scale(self.lambda_adr * adr).backward()
+        self.adr_value = adr.detach()
+        return rows.detach()
 
 
 def _check_data(x1: Any, noise: Any) -> None:
@@ -85,150 +188,6 @@ def _check_finite(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} has non-finite values (NaN or Inf)")
 
 
-def _draw_k(
-    cfg: ReflexFlowConfig, batch: int, device: torch.device, generator: torch.Generator | None
-) -> Tensor:
-    """k_i = 0 with probability 1 - ss_prob, else K (fixed) or U{1..K} (uniform)."""
-    kmax = 1 if cfg.step_schedule == "single" else cfg.rollout_steps
-    rolled = torch.rand(batch, device=device, generator=generator) < cfg.ss_prob
-    if cfg.k_draw == "fixed" or kmax == 1:
-        lengths = torch.full((batch,), kmax, device=device, dtype=torch.int64)
-    else:
-        lengths = torch.randint(1, kmax + 1, (batch,), device=device, generator=generator)
-    return torch.where(rolled, lengths, torch.zeros_like(lengths))
-
-
-def _check_k(k: Any, cfg: ReflexFlowConfig, batch: int, device: torch.device) -> Tensor:
-    if not isinstance(k, Tensor):
-        raise TypeError(f"k must be an int64 tensor of shape ({batch},), got {type(k).__name__}")
-    if k.dtype != torch.int64:
-        raise TypeError(f"k must have dtype torch.int64, got {k.dtype}")
-    if k.shape != (batch,):
-        raise ValueError(f"k must have shape ({batch},), got {tuple(k.shape)}")
-    if k.device != device:
-        raise ValueError(f"k is on {k.device}, x1 on {device}")
-    if not cfg.uses_rollout:
-        if bool((k != 0).any()):
-            raise ValueError(f"k must be all zeros for method={cfg.method!r} (no rollout)")
-        return k
-    if bool((k < 0).any()):
-        raise ValueError(f"k must be >= 0, got min {int(k.min())}")
-    if cfg.step_schedule == "single" and bool((k > 1).any()):
-        raise ValueError("k must be 0 or 1 with step_schedule='single' (one Euler step)")
-    if cfg.rollout_grad and bool((k > 1).any()):
-        raise ValueError("k must be 0 or 1 with rollout_grad=True")
-    if cfg.step_schedule == "grid":
-        too_long = k.to(torch.float64) * cfg.step > 1 - cfg.t_eps + _T_TOL
-        if bool(too_long.any()):
-            i = int(too_long.nonzero()[0, 0])
-            raise ValueError(
-                f"k[{i}] = {int(k[i])} Euler steps of h = {cfg.step:.6g} do not fit before "
-                f"t = 1 - t_eps = {1 - cfg.t_eps:.6g}"
-            )
-    return k
-
-
-def _check_sampler_output(u: Any, batch: int, device: torch.device) -> Tensor:
-    """A time sampler must return a floating (B,) tensor on x1's device, in [0, 1]."""
-    if not isinstance(u, Tensor) or not u.is_floating_point():
-        raise TypeError(f"time_sampler must return a floating-point tensor, got {u!r:.80}")
-    if u.shape != (batch,):
-        raise ValueError(f"time_sampler must return shape ({batch},), got {tuple(u.shape)}")
-    if u.device != device:
-        raise ValueError(f"time_sampler returned a tensor on {u.device}, x1 is on {device}")
-    return u
-
-
-def _check_t(t: Any, batch: int, device: torch.device) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(
-            f"t must be a floating-point tensor of shape ({batch},), got {type(t).__name__}"
-        )
-    if not t.is_floating_point():
-        raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
-    if t.shape != (batch,):
-        raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"t is on {t.device}, x1 on {device}")
-
-
-class _Draws:
-    """The per-sample random quantities of one step, canonical convention.
-
-    fixed_k: every k_i is known to equal it without reading k (k drawn with ss_prob = 1
-    and a single possible length), else None.
-    """
-
-    def __init__(
-        self, eps: Tensor, k: Tensor, t0: Tensor, t1: Tensor, step: Tensor, fixed_k: int | None
-    ) -> None:
-        self.eps, self.k, self.t0, self.t1, self.step = eps, k, t0, t1, step
-        self.fixed_k = fixed_k
-
-
-def _static_k(cfg: ReflexFlowConfig) -> int | None:
-    """The one rollout length every drawn k_i takes, when the config pins it."""
-    kmax = 1 if cfg.step_schedule == "single" else cfg.rollout_steps
-    if cfg.uses_rollout and cfg.ss_prob == 1.0 and (cfg.k_draw == "fixed" or kmax == 1):
-        return kmax
-    return None
-
-
-def _draw(
-    cfg: ReflexFlowConfig,
-    x1: Tensor,
-    noise: Tensor | None,
-    t: Tensor | None,
-    k: Tensor | None,
-    generator: torch.Generator | None,
-) -> _Draws:
-    batch, device, dtype = x1.shape[0], x1.device, _state_dtype(x1)
-    eps = (
-        torch.randn(x1.shape, device=device, generator=generator, dtype=dtype)
-        if noise is None
-        else noise.to(dtype)
-    )
-    fixed_k = _static_k(cfg) if k is None else None
-    if k is None:
-        k = (
-            _draw_k(cfg, batch, device, generator)
-            if cfg.uses_rollout
-            else torch.zeros(batch, device=device, dtype=torch.int64)
-        )
-    else:
-        k = _check_k(k, cfg, batch, device)
-    h = cfg.step
-    single = cfg.step_schedule == "single"
-    room = (1 - cfg.t_eps) - (0 if single else h) * k.to(torch.float64)  # t0 <= room
-    if t is None:
-        u = cfg.time_sampler(batch, device, generator)
-        if not isinstance(cfg.time_sampler, (UniformTime, LogitNormalTime)):
-            u = _check_sampler_output(u, batch, device).to(torch.float64)
-            if bool(((u < 0) | (u > 1) | u.isnan()).any()):  # one sync, user samplers only
-                raise ValueError("time_sampler must return values in [0, 1]")
-        t0 = to_canonical_time(u.to(torch.float64), cfg.convention) * room
-    else:
-        _check_t(t, batch, device)
-        t0 = to_canonical_time(t.to(torch.float64), cfg.convention)
-        bad = ~((t0 >= -_T_TOL) & (t0 <= room + _T_TOL))  # NaN is bad too
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"t[{i}] = {float(t[i]):.6g} ({cfg.convention}) with k[{i}] = {int(k[i])} "
-                f"does not fit: canonical t0 + k h must lie in [0, 1 - t_eps = "
-                f"{1 - cfg.t_eps:.6g}] with h = {h:.6g}"
-            )
-        t0 = t0.clamp(0, None).minimum(room)
-    if single:
-        frac = torch.rand(batch, device=device, generator=generator, dtype=torch.float64)
-        t1 = torch.where(k > 0, t0 + (1 - cfg.t_eps - t0) * frac, t0)
-        step = t1 - t0
-    else:
-        t1 = t0 + h * k.to(torch.float64)
-        step = torch.full_like(t0, h)
-    return _Draws(eps, k, t0.to(dtype), t1.to(dtype), step.to(dtype), fixed_k)
-
-
 def reflexflow_loss(
     model: Callable[..., Tensor],
     x1: Tensor,
@@ -239,15 +198,18 @@ def reflexflow_loss(
     model_kwargs: Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
     config: ReflexFlowConfig | None = None,
+    stable_bank: Any = None,
     **knobs: Any,
 ) -> ReflexFlowOutput:
     """Functional twin of :class:`ReflexFlowLoss`: L = L_FC + lambda_adr * L_ADR.
 
-    L_FC = mean(w * ||v(x_t0, t0) - u_t0||^2), w = 1 + lambda_fc * LP(|delta|)/mean;
-    L_ADR compares v(x^_t1, t1) with v_adr = u_t1 + (s'(t1)/s(t1)) delta, by direction
-    (default) or mse. ``knobs`` are the fields of :class:`ReflexFlowConfig` (or pass
-    ``config``). model is called as ``model(x, t, **model_kwargs)`` in the loss's
-    convention; t (rollout start times) and k (int64 rollout lengths) may be given.
+    L_FC = mean_i fm_weight_i mean(w (v(x_t0, t0) - u_t0)^2), w = 1 + lambda_fc *
+    LP(|delta|)/mean; L_ADR compares v(x^_t1, t1) with v_adr = u_t1 + (s'(t1)/s(t1))
+    delta (mse or direction). ``knobs`` are the fields of :class:`ReflexFlowConfig`
+    (``preset=`` and any override; or pass ``config``). model is called as
+    ``model(x, t, **model_kwargs)`` in the loss's convention; t (start times) and k (int64
+    rollout lengths) may be given. ``stable_bank``: a
+    :class:`reflexflow.stable.StableReferenceBank` for target="stable" (else the batch).
     """
     cfg = config if config is not None else ReflexFlowConfig(**knobs)
     if config is not None and knobs:
@@ -257,24 +219,29 @@ def reflexflow_loss(
         raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
     if generator is not None and generator.device.type != x1.device.type:
         raise ValueError(f"generator is on {generator.device}, x1 on {x1.device}")
+    if cfg.memory == "lean" and is_fsdp1(model):
+        raise ValueError(
+            "memory='lean' does not support FSDP1 (FullyShardedDataParallel): its no_sync "
+            "keeps unsharded gradients; use FSDP2 fully_shard, or memory='default'"
+        )
     if cfg.check_finite:
         _check_finite("x1", x1)
         if noise is not None:
             _check_finite("noise", noise)
+    kwargs = prepare_kwargs(model_kwargs, x1.shape[0], cfg.unbatched_kwargs)
 
-    dtype = _state_dtype(x1)
-    d = _draw(cfg, x1, noise, t, k, generator)
-    path = cfg.path
+    dtype = state_dtype(x1)
+    d = draw(cfg, x1, noise, t, k, generator)
     data = x1.to(dtype)
     velocity = VelocityModel(
         model, cfg.convention, input_dtype=x1.dtype, timestep_scale=cfg.timestep_scale
     )
-    x_t0 = ref.interpolate(path, data, d.eps, d.t0)
-    out = _method_loss(cfg, velocity, data, d, x_t0, model_kwargs, generator)
-    if cfg.check_finite:
+    step = _Step(cfg, model, velocity, data, d, kwargs, generator, stable_bank)
+    out = _fm_like(step) if not cfg.uses_rollout else _rolled_out(step)
+    if cfg.check_finite and out.get("loss") is not None:
         _check_finite("loss", out["loss"])
     return ReflexFlowOutput(
-        loss=out["loss"],
+        loss=out.get("loss"),
         fc_loss=_detach(out.get("fc_loss")),
         adr_loss=_detach(out.get("adr_loss")),
         bias_norm=_detach(out.get("bias_norm")),
@@ -282,6 +249,8 @@ def reflexflow_loss(
         t1=from_canonical_time(d.t1, cfg.convention),
         k=d.k,
         fc_weight=_detach(out.get("w")),
+        per_sample_loss=_detach(out.get("per_sample")),
+        lean=out.get("lean"),
     )
 
 
@@ -289,113 +258,262 @@ def _detach(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.detach()
 
 
-def _method_loss(
-    cfg: ReflexFlowConfig,
-    velocity: VelocityModel,
-    data: Tensor,
-    d: _Draws,
-    x_t0: Tensor,
-    kwargs: Any,
-    generator: torch.Generator | None,
-) -> dict:
-    path, batch = cfg.path, data.shape[0]
-    u0 = ref.velocity_target(path, data, d.eps, d.t0)
-    if cfg.method == "fm":
-        return {"loss": ref.fm_loss(velocity(x_t0, d.t0, kwargs), u0)}
+class _Step:
+    """One call of the loss: the draws, the model calls and the terms they feed."""
+
+    def __init__(
+        self,
+        cfg: ReflexFlowConfig,
+        model: Any,
+        velocity: VelocityModel,
+        data: Tensor,
+        d: Draws,
+        kwargs: Any,
+        generator: torch.Generator | None,
+        stable_bank: Any,
+    ) -> None:
+        self.cfg, self.model, self.velocity = cfg, model, velocity
+        self.data, self.d, self.kwargs, self.generator = data, d, kwargs, generator
+        self.path, self.batch = cfg.path, data.shape[0]
+        self.x_t0 = ref.interpolate(self.path, data, d.eps, d.t0)
+        self.lean = cfg.memory == "lean" and torch.is_grad_enabled()
+        self.reference_cache: Tensor | None = None
+        self._stable_bank = stable_bank
+
+
+# -- targets and weights ------------------------------------------------------------
+
+
+def _reference_set(st: _Step) -> Tensor:
+    """The stable target's reference set: the bank's (batch + recent) or the batch."""
+    if st.reference_cache is None:
+        bank = st._stable_bank
+        st.reference_cache = st.data if bank is None else bank.reference(st.data)
+    return st.reference_cache
+
+
+def _stable(st: _Step, x: Tensor, t: Tensor) -> Tensor:
+    """Posterior-weighted velocity target at (x, t) over the reference set."""
+    from .stable import stable_target
+
+    return stable_target(st.path, x.detach(), t, _reference_set(st))
+
+
+def _weights(st: _Step, t: Tensor) -> Tensor | None:
+    return loss_weights(st.cfg.loss_weighting, t, st.cfg.convention)
+
+
+# -- methods without a rollout ---------------------------------------------------
+
+
+def _fm_like(st: _Step) -> dict:
+    """fm: v(x_t0, t0) against u_t0 (or the stable target); ip: the input perturbed."""
+    cfg, d, x_in = st.cfg, st.d, st.x_t0
     if cfg.method == "ip":
-        xi = torch.randn(data.shape, device=data.device, generator=generator, dtype=data.dtype)
-        x_in = x_t0 + cfg.ip_gamma * ref.bcast(path.s(d.t0), data) * xi
-        return {"loss": ref.fm_loss(velocity(x_in, d.t0, kwargs), u0)}
-
-    need_adr = cfg.method == "ss" or cfg.lambda_adr != 0
-    need_fc = cfg.method == "reflexflow" and cfg.lambda_fc != 0
-    if not (need_adr or need_fc):  # lambda_adr = lambda_fc = 0: plain FM at t0
-        loss = ref.fm_loss(velocity(x_t0, d.t0, kwargs), u0)
-        return {"loss": loss, "fc_loss": loss}
-
-    v0 = None
-    if cfg.rollout_grad:  # one Euler step whose output keeps its graph
-        v0 = velocity(x_t0, d.t0, kwargs)
-        x_hat = x_t0 + ref.bcast(d.step * (d.k > 0).to(d.step.dtype), x_t0) * v0
-    else:
-        x_hat = rollout(
-            velocity,
-            x_t0,
-            d.t0,
-            d.k,
-            d.step,
-            kwargs,
-            backend=cfg.backend,
-            cuda_graph=cfg.cuda_graph,
-            fixed_k=d.fixed_k,
+        xi = torch.randn(
+            st.data.shape,
+            device=st.data.device,
+            generator=st.generator,
+            dtype=st.data.dtype,
         )
+        x_in = st.x_t0 + cfg.ip_gamma * ref.bcast(st.path.s(d.t0), st.data) * xi
+    u0 = (
+        _stable(st, st.x_t0, d.t0)
+        if cfg.target == "stable"
+        else ref.velocity_target(st.path, st.data, d.eps, d.t0)
+    )
+    v0 = st.velocity(x_in, d.t0, st.kwargs)
+    return _single_term(v0, u0, _weights(st, d.t0))
+
+
+def _single_term(v: Tensor, u: Tensor, weight: Tensor | None) -> dict:
+    with torch.autocast(v.device.type, enabled=False):
+        rows = ref.per_sample_mean((v - u).square())
+        if weight is not None:
+            rows = weight.to(rows.dtype) * rows
+        loss = ref.fm_loss(v, u, weight)
+    return {"loss": loss, "fc_loss": loss, "per_sample": rows}
+
+
+# -- methods with a rollout ------------------------------------------------------
+
+
+def _rollout_state(st: _Step) -> tuple[Tensor, Tensor | None]:
+    """x^_t1, and v0 = v(x_t0, t0) with its graph when the first call is shared (or
+    carries the ADR gradient with rollout_grad)."""
+    cfg, d, x_t0 = st.cfg, st.d, st.x_t0
+    rolled = ref.bcast(d.k > 0, x_t0).bool()
+    if cfg.rollout_grad:  # one Euler step whose output keeps its graph
+        v0 = st.velocity(x_t0, d.t0, st.kwargs)
+        return torch.where(rolled, x_t0 + ref.bcast(d.step, x_t0) * v0, x_t0), v0
+    if not cfg.shares_first_call:
+        return _rollout(st, x_t0, d.t0, d.k, d.fixed_k), None
+    with ddp_no_sync(st.model) if st.lean else contextlib.nullcontext():
+        v0 = st.velocity(x_t0, d.t0, st.kwargs)
+    x_first = torch.where(rolled, x_t0 + ref.bcast(d.step, x_t0) * v0.detach(), x_t0)
+    kmax = 1 if cfg.step_schedule == "single" else cfg.rollout_steps
+    if kmax == 1 or d.fixed_k == 1:
+        return x_first, v0
+    rest = (d.k - 1).clamp_min(0)
+    fixed = None if d.fixed_k is None else d.fixed_k - 1
+    return _rollout(st, x_first, d.t0 + d.step, rest, fixed), v0
+
+
+def _rollout(st: _Step, x: Tensor, t: Tensor, k: Tensor, fixed_k: int | None) -> Tensor:
+    cfg = st.cfg
+    return rollout(
+        st.velocity.with_mode(cfg.rollout_mode),
+        x,
+        t,
+        k,
+        st.d.step,
+        st.kwargs,
+        backend=cfg.backend,
+        cuda_graph=cfg.cuda_graph,
+        fixed_k=fixed_k,
+    )
+
+
+def _rolled_out(st: _Step) -> dict:
+    cfg, d, data, path = st.cfg, st.d, st.data, st.path
+    x_hat, v0 = _rollout_state(st)
     x_t1 = ref.interpolate(path, data, d.eps, d.t1)
     delta = (x_hat - x_t1).detach()
     bias_norm = delta.flatten(1).norm(dim=1)
+    stable = cfg.target == "stable"
 
     if cfg.method == "ss":
-        v1 = velocity(x_hat, d.t1, kwargs)
-        u1 = ref.velocity_target(path, data, d.eps, d.t1)
-        return {"loss": ref.fm_loss(v1, u1), "bias_norm": bias_norm}
+        v1 = st.velocity(x_hat, d.t1, st.kwargs)
+        u1 = _stable(st, x_hat, d.t1) if stable else ref.velocity_target(path, data, d.eps, d.t1)
+        return {**_single_term(v1, u1, _weights(st, d.t1)), "bias_norm": bias_norm}
 
-    v1 = None
-    if v0 is None and need_adr and cfg.joint_forward:
-        v = velocity(
-            torch.cat([x_t0, x_hat]), torch.cat([d.t0, d.t1]), repeat_batch(kwargs, batch, 2)
+    need_adr, need_fc = cfg.lambda_adr != 0, cfg.lambda_fc != 0
+    biased = cfg.fm_input == "biased"
+    v1 = v_joint = None
+    defer_adr = st.lean and need_adr
+    if biased:
+        v1 = st.velocity(x_hat, d.t1, st.kwargs)
+        v0 = v1
+    elif cfg.joint_call:
+        v_joint = st.velocity(
+            torch.cat([st.x_t0, x_hat]),
+            torch.cat([d.t0, d.t1]),
+            repeat_batch(st.kwargs, st.batch, 2),
         )
-        v0, v1 = v[:batch], v[batch:]
     else:
         if v0 is None:
-            v0 = velocity(x_t0, d.t0, kwargs)
-        if need_adr:
-            v1 = velocity(x_hat, d.t1, kwargs)
+            with ddp_no_sync(st.model) if st.lean else contextlib.nullcontext():
+                v0 = st.velocity(st.x_t0, d.t0, st.kwargs)
+        if need_adr and not defer_adr:
+            v1 = st.velocity(x_hat, d.t1, st.kwargs)
 
     fc_delta = None
-    if need_fc and cfg.fc_source == "velocity":
+    if need_fc and cfg.fc_source == "velocity":  # biased minus clean prediction at t1
         with torch.no_grad():
-            v_clean = velocity(x_t1, d.t1, kwargs)
-            v_biased = v1.detach() if v1 is not None else velocity(x_hat, d.t1, kwargs)
-            fc_delta = v_clean - v_biased
+            v_clean = st.velocity(x_t1, d.t1, st.kwargs)
+            if v1 is not None:
+                v_biased = v1.detach()
+            elif v_joint is not None:
+                v_biased = v_joint[st.batch :].detach()
+            else:
+                v_biased = st.velocity(x_hat, d.t1, st.kwargs)
+            fc_delta = v_biased - v_clean
     active = d.k > 0
     if cfg.fc_t_max is not None:
         active = active & (d.t0 < cfg.fc_t_max)
-
+    t_fm, x_fm = (d.t1, x_hat) if biased else (d.t0, st.x_t0)
+    u_fm = _stable(st, x_fm, t_fm) if stable else None
+    v_adr = _stable(st, x_hat, d.t1) if stable and need_adr else None
+    if defer_adr and v_adr is None:
+        v_adr = ref.adr_target(path, data, d.eps, x_hat.detach(), d.t1)
+    adr_weight = _weights(st, d.t1) if cfg.weight_adr and need_adr else None
+    knobs = dict(
+        x1=data,
+        eps=d.eps,
+        x_hat=x_hat.detach(),
+        t0=t_fm,
+        t1=d.t1,
+        k=d.k,
+        lambda_adr=cfg.lambda_adr,
+        lambda_fc=cfg.lambda_fc,
+        adr_loss=cfg.adr_loss,
+        fc_active=active,
+        fc_delta=fc_delta,
+        per_channel=cfg.fc_per_channel,
+        fc_signed=cfg.fc_signed,
+        fc_form=cfg.fc_form,
+        fc_filter=cfg.fc_filter,
+        fc_sigma=cfg.fc_sigma,
+        fc_size=cfg.fc_size,
+        fc_cutoff=cfg.fc_cutoff,
+        fm_weight=_weights(st, t_fm),
+        adr_weight=None if defer_adr else adr_weight,
+        u0=u_fm,
+        v_adr=None if defer_adr else v_adr,
+        norm_eps=cfg.norm_eps,
+        norm_floor=cfg.norm_floor,
+    )
+    if v_joint is not None:
+        knobs["v_joint"] = v_joint
+    else:
+        knobs["v0"], knobs["v1"] = v0, v1
     # The model may run under torch.autocast; the loss's own math must not (the FC
     # filter's conv would run in bf16/fp16): w, v_adr and the loss stay in the state dtype.
     with torch.autocast(data.device.type, enabled=False):
-        terms = _objective_fn(cfg, data)(
-            path,
-            v0=v0,
-            v1=v1,
-            x1=data,
-            eps=d.eps,
-            x_hat=x_hat.detach(),
-            t0=d.t0,
-            t1=d.t1,
-            k=d.k,
-            lambda_adr=cfg.lambda_adr,
-            lambda_fc=cfg.lambda_fc,
-            adr_loss=cfg.adr_loss,
-            fc_active=active,
-            fc_delta=fc_delta,
-            per_channel=cfg.fc_per_channel,
-            fc_filter=cfg.fc_filter,
-            fc_sigma=cfg.fc_sigma,
-            fc_size=cfg.fc_size,
-            fc_cutoff=cfg.fc_cutoff,
-            norm_eps=cfg.norm_eps,
-            norm_floor=cfg.norm_floor,
-        )
+        terms = _objective_fn(cfg, data, knobs)(path, **knobs)
     terms["bias_norm"] = bias_norm
+    if defer_adr:
+        terms["lean"] = _LeanStep(
+            model=st.model,
+            velocity=st.velocity,
+            fm_loss=terms["loss"],
+            fc_rows=terms["per_sample"],
+            x_hat=x_hat.detach(),
+            t1=d.t1,
+            kwargs=st.kwargs,
+            v_adr=v_adr,
+            adr_weight=adr_weight,
+            cfg=cfg,
+        )
+        terms["loss"] = terms["per_sample"] = terms["adr_loss"] = None
     return terms
 
 
-def _objective_fn(cfg: ReflexFlowConfig, data: Tensor) -> Callable[..., dict]:
-    """reference.objective, or its Triton twin kernels.fused_objective (DESIGN.md section 5).
+_KERNEL_UNSUPPORTED = ("v_joint", "fm_weight", "adr_weight", "u0", "v_adr")
+_KERNEL_ONLY_DEFAULTS = {"fc_signed": False, "fc_form": "weight"}
+
+
+def _kernel_supports(knobs: dict | None) -> bool:
+    """Whether the Triton objective covers these arguments (else the reference runs)."""
+    if knobs is None:
+        return True
+    if any(knobs.get(name) is not None for name in _KERNEL_UNSUPPORTED):
+        return False
+    if knobs.get("fc_filter") == "none":
+        return False
+    return all(knobs.get(k, v) == v for k, v in _KERNEL_ONLY_DEFAULTS.items())
+
+
+def _kernel_call(fn: Callable[..., dict]) -> Callable[..., dict]:
+    """fn without the arguments the kernels do not take (at their default values)."""
+
+    def call(path: Any, **knobs: Any) -> dict:
+        for name in (*_KERNEL_UNSUPPORTED, *_KERNEL_ONLY_DEFAULTS):
+            knobs.pop(name, None)
+        return fn(path, **knobs)
+
+    return call
+
+
+def _objective_fn(
+    cfg: ReflexFlowConfig, data: Tensor, knobs: dict | None = None
+) -> Callable[..., dict]:
+    """reference.objective, or its Triton twin kernels.fused_objective (docs/method.md).
 
     backend="triton" forces the kernels (CUDA, or CPU under TRITON_INTERPRET=1); "auto"
     takes them for CUDA float32/16 data that needs no gradient when triton imports, and
     falls back to the reference (one warning) if they fail to compile or launch.
+    Arguments the kernels do not cover run on the reference.
     """
     if cfg.backend == "torch":
         return ref.objective
@@ -408,27 +526,39 @@ def _objective_fn(cfg: ReflexFlowConfig, data: Tensor) -> Callable[..., dict]:
                 "the triton package and a CUDA device (or TRITON_INTERPRET=1 set before "
                 "triton is imported, for Triton's CPU interpreter)"
             )
-        return kernels.fused_objective
+        if not _kernel_supports(knobs):
+            return ref.objective
+        return _kernel_call(kernels.fused_objective)
     fast = (
         data.device.type == "cuda"
         and data.dtype != torch.float64
         and not data.requires_grad
         and kernels.triton_available()
+        and _kernel_supports(knobs)
     )
-    return kernels.fused_objective_auto if fast else ref.objective
+    return _kernel_call(kernels.fused_objective_auto) if fast else ref.objective
 
 
 class ReflexFlowLoss(nn.Module):
     """ReflexFlow training loss as an nn.Module (see :func:`reflexflow_loss`).
 
-    Construct with the knobs of :class:`ReflexFlowConfig`, e.g.
-    ``ReflexFlowLoss(path="linear", rollout_steps=2, num_sampling_steps=50)``; call as
-    ``loss_fn(model, x1, model_kwargs={"y": labels}).loss.backward()``.
+    Construct with a preset and any knob of :class:`ReflexFlowConfig`, e.g.
+    ``ReflexFlowLoss()`` (preset "defar"), ``ReflexFlowLoss(preset="arioso",
+    lambda_adr=0.5)``; call as ``loss_fn(model, x1, model_kwargs={"y": labels})`` and
+    backpropagate ``out.loss`` (or call ``out.backward()``, required with memory="lean").
+    With target="stable" and stable_ref > 0 (or stable_gather) the module keeps the
+    reference bank of recent batches.
     """
 
     def __init__(self, **knobs: Any) -> None:
         super().__init__()
         self.config = ReflexFlowConfig(**knobs)
+        cfg = self.config
+        self.stable_bank = None
+        if cfg.target == "stable" and (cfg.stable_ref > 0 or cfg.stable_gather):
+            from .stable import StableReferenceBank
+
+            self.stable_bank = StableReferenceBank(cfg.stable_ref, gather=cfg.stable_gather)
 
     def forward(
         self,
@@ -441,7 +571,7 @@ class ReflexFlowLoss(nn.Module):
         model_kwargs: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
     ) -> ReflexFlowOutput:
-        return reflexflow_loss(
+        out = reflexflow_loss(
             model,
             x1,
             noise=noise,
@@ -450,12 +580,16 @@ class ReflexFlowLoss(nn.Module):
             model_kwargs=model_kwargs,
             generator=generator,
             config=self.config,
+            stable_bank=self.stable_bank,
         )
+        if self.stable_bank is not None:
+            self.stable_bank.update(x1)
+        return out
 
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"method={c.method!r}, path={c.path!r}, convention={c.convention!r}, "
-            f"K={c.rollout_steps}, N={c.num_sampling_steps}, adr_loss={c.adr_loss!r}, "
-            f"lambda_adr={c.lambda_adr}, lambda_fc={c.lambda_fc}"
+            f"preset={c.preset!r}, method={c.method!r}, path={c.path!r}, "
+            f"convention={c.convention!r}, K={c.rollout_steps}, N={c.num_sampling_steps}, "
+            f"adr_loss={c.adr_loss!r}, lambda_adr={c.lambda_adr}, lambda_fc={c.lambda_fc}"
         )

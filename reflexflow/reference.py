@@ -40,6 +40,7 @@ __all__ = [
     "fc_loss",
     "per_sample_fc",
     "per_sample_adr_direction",
+    "per_sample_adr",
     "adr_mse_loss",
     "adr_direction_loss",
     "objective",
@@ -268,6 +269,22 @@ def per_sample_adr_direction(
     return d.square().sum(dim=1)
 
 
+def per_sample_adr(
+    v1: Tensor,
+    v_adr: Tensor,
+    adr_loss: str = "direction",
+    norm_eps: float = NORM_EPS,
+    norm_floor: float = NORM_FLOOR,
+) -> Tensor:
+    """(B,) per-sample ADR term: mean (v1 - v_adr)^2 (mse) or ||v1/n - v_adr/n_a||^2
+    (direction, norms as in :func:`adr_direction_loss`); v_adr detached."""
+    if adr_loss == "direction":
+        return per_sample_adr_direction(v1, v_adr, norm_eps, norm_floor)
+    if adr_loss == "mse":
+        return per_sample_mean((v1 - v_adr.detach()).square())
+    raise ValueError(f"adr_loss must be 'direction' or 'mse', got {adr_loss!r}")
+
+
 def adr_direction_loss(
     v1: Tensor, v_adr: Tensor, norm_eps: float = NORM_EPS, norm_floor: float = NORM_FLOOR
 ) -> Tensor:
@@ -283,8 +300,8 @@ def adr_direction_loss(
 def objective(
     path: PathLike,
     *,
-    v0: Tensor | None,
-    v1: Tensor | None,
+    v0: Tensor | None = None,
+    v1: Tensor | None = None,
     x1: Tensor,
     eps: Tensor,
     x_hat: Tensor,
@@ -365,12 +382,7 @@ def objective(
         if v_adr is None:
             v_adr = adr_target(path, x1, eps, x_hat, t1)
         out["v_adr"] = v_adr = v_adr.detach()
-        if adr_loss == "direction":
-            adr_rows = per_sample_adr_direction(v1, v_adr, norm_eps, norm_floor)
-        elif adr_loss == "mse":
-            adr_rows = per_sample_mean((v1 - v_adr).square())
-        else:
-            raise ValueError(f"adr_loss must be 'direction' or 'mse', got {adr_loss!r}")
+        adr_rows = per_sample_adr(v1, v_adr, adr_loss, norm_eps, norm_floor)
         if adr_weight is not None:
             adr_rows = adr_weight.detach().to(adr_rows.dtype) * adr_rows
             out["adr_loss"] = adr_rows.mean()

@@ -1,12 +1,15 @@
 """Worker of tests/test_ddp.py: one rank of a 2-process gloo group (CPU).
 
 Run as ``python tests/ddp_worker.py OUTFILE`` with RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT set (what torchrun sets). For each mode in MODES, on a fresh model: "ddp"
-(DistributedDataParallel, joint 2B forward), "ddp-split" (DDP, joint_forward=False: two
-gradient-carrying calls), "ddp-compiled" (``torch.compile(DDP(model))``, aot_eager
-backend) and "fsdp2" (``fully_shard``). Each rank takes its share of a
-fixed global batch (same noise, t, k as the single-process run in the test), computes
-ReflexFlowLoss, runs backward; rank 0 saves {mode: {name: full averaged gradient}}.
+MASTER_PORT set (what torchrun sets). For each mode in MODES, on a fresh model:
+DistributedDataParallel with the shared first call (the default, "ddp"), the joint 2B
+forward ("ddp-joint"), two calls ("ddp-two-call"), ``torch.compile(DDP(model))``
+("ddp-compiled", aot_eager backend), memory="lean" ("ddp-lean", its backward scaled by a
+constant as a GradScaler would, and "ddp-lean-accum": two micro-batches, the first under
+``no_sync``), and FSDP2 ``fully_shard`` ("fsdp2", "fsdp2-lean"). Each rank takes its share
+of a fixed global batch (same noise, t, k as the single-process run in the test),
+computes ReflexFlowLoss, runs backward; DDP counts its gradient all-reduces with a comm
+hook. Rank 0 saves {mode: {"grads": {name: full averaged gradient}, "allreduces": n}}.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import reflexflow as rf  # noqa: E402
 
 GLOBAL_BATCH = 8
 KNOBS = dict(rollout_steps=2, num_sampling_steps=10, lambda_adr=10.0, lambda_fc=1.0)
+SCALE = 1024.0  # a GradScaler-style constant loss scale (the lean modes divide it out)
 
 
 class TinyNet(torch.nn.Module):
@@ -55,24 +59,62 @@ def global_batch() -> dict:
     return dict(x1=x1, noise=noise, t=t, k=k)
 
 
-def loss_on(model, batch: dict, **knobs) -> torch.Tensor:
+def loss_on(model, batch: dict, **knobs):
+    """The ReflexFlowOutput of the loss on ``batch`` (its ``.backward()`` runs the step)."""
     loss_fn = rf.ReflexFlowLoss(**{**KNOBS, **knobs})
     x1 = batch["x1"]
-    return loss_fn(model, x1, noise=batch["noise"], t=batch["t"], k=batch["k"]).loss
+    return loss_fn(model, x1, noise=batch["noise"], t=batch["t"], k=batch["k"])
 
 
-MODES = ("ddp", "ddp-split", "ddp-compiled", "fsdp2")
+# mode -> (wrapper, loss knobs)
+MODES = {
+    "ddp": ("ddp", {}),
+    "ddp-joint": ("ddp", {"joint_forward": True}),
+    "ddp-two-call": ("ddp", {"share_first_call": False}),
+    "ddp-compiled": ("ddp-compiled", {}),
+    "ddp-lean": ("ddp", {"memory": "lean"}),
+    "ddp-lean-accum": ("ddp", {"memory": "lean"}),
+    "fsdp2": ("fsdp2", {}),
+    "fsdp2-lean": ("fsdp2", {"memory": "lean"}),
+}
 
 
-def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    if mode in ("ddp", "ddp-split"):
+def wrap(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    if kind == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
-    if mode == "ddp-compiled":  # torch.compile(DDP(model)): dynamo's DDPOptimizer path
+    if kind == "ddp-compiled":  # torch.compile(DDP(model)): dynamo's DDPOptimizer path
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         return torch.compile(ddp, backend="aot_eager")
     from torch.distributed.fsdp import fully_shard
 
     return fully_shard(model)
+
+
+def count_allreduces(ddp: torch.nn.Module, counter: list[int]) -> None:
+    """Register a comm hook that all-reduces as DDP does and counts its calls."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(state, bucket):
+        counter[0] += 1
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, hook)
+
+
+def step(wrapped, kind: str, mode: str, batch: dict, knobs: dict) -> None:
+    """One training step's backward on ``batch`` in ``mode``."""
+    if mode == "ddp-lean-accum":  # two micro-batches, gradient sync on the last only
+        half = batch["x1"].shape[0] // 2
+        parts = [
+            {key: val[i * half : (i + 1) * half] for key, val in batch.items()} for i in (0, 1)
+        ]
+        with wrapped.no_sync():
+            loss_on(wrapped, parts[0], **knobs).backward(loss_scale=0.5)
+        loss_on(wrapped, parts[1], **knobs).backward(loss_scale=0.5)
+    elif knobs.get("memory") == "lean":
+        loss_on(wrapped, batch, **knobs).backward(loss_scale=SCALE)
+    else:
+        loss_on(wrapped, batch, **knobs).loss.backward()
 
 
 def main(outfile: str) -> None:
@@ -82,18 +124,21 @@ def main(outfile: str) -> None:
     per = GLOBAL_BATCH // world
     mine = {key: val[rank * per : (rank + 1) * per] for key, val in full.items()}
     result = {}
-    for mode in MODES:
+    for mode, (kind, knobs) in MODES.items():
         model = make_model()
-        wrapped = wrap(model, mode)  # keep it alive until backward: DDP's reducer lives in it
-        loss = loss_on(wrapped, mine, joint_forward=(mode != "ddp-split"))
-        loss.backward()
+        wrapped = wrap(model, kind)  # keep it alive until backward: DDP's reducer lives in it
+        counter = [0]
+        if kind == "ddp":
+            count_allreduces(wrapped, counter)
+        step(wrapped, kind, mode, mine, knobs)
+        scale = SCALE if mode in ("ddp-lean", "fsdp2-lean") else 1.0
         grads = {}
         for name, p in model.named_parameters():
             g = p.grad
             if hasattr(g, "full_tensor"):  # FSDP2: a sharded DTensor
                 g = g.full_tensor()
-            grads[name] = g.detach().clone()
-        result[mode] = grads
+            grads[name] = g.detach().clone() / scale
+        result[mode] = {"grads": grads, "allreduces": counter[0] if kind == "ddp" else None}
     if rank == 0:
         torch.save(result, outfile)
     dist.barrier()

@@ -169,7 +169,13 @@ def test_sit_adapter_matches_reflexflow_loss_and_drops_labels_consistently():
     x1 = torch.randn(B, 4)
     y = torch.randint(0, 3, (B,))
     sit = adapters.SiTTransportAdapter(
-        "Linear", num_classes=3, class_dropout_prob=0.5, rollout_steps=1, num_sampling_steps=10
+        "Linear",
+        num_classes=3,
+        class_dropout_prob=0.5,
+        rollout_steps=1,
+        num_sampling_steps=10,
+        preset="grid-direction",
+        joint_forward=True,
     )
     terms = sit.training_losses(model, x1, {"y": y}, generator=torch.Generator().manual_seed(0))
     assert terms["loss"].dim() == 0 and terms["loss"].mean() is not None
@@ -250,7 +256,9 @@ def test_sd3_timesteps_are_sigma_times_1000_and_loss_equals_canonical():
     noise = torch.randn(x0.shape, generator=g)
     sigma = torch.rand(B, generator=g) * 0.5 + 0.4  # rollout start sigma (noise_at_1)
     k = torch.tensor([0, 1, 2, 1])
-    knobs = dict(rollout_steps=2, num_sampling_steps=10)
+    knobs = dict(
+        rollout_steps=2, num_sampling_steps=10, joint_forward=True, preset="grid-direction"
+    )
     out = rf.ReflexFlowLoss(**adapters.diffusers_knobs("sd3"), **knobs)(
         model, x0, noise=noise, t=sigma, k=k, model_kwargs={"encoder_hidden_states": ctx}
     )
@@ -317,7 +325,11 @@ def test_tiny_diffusers_sd3_transformer_trains_through_the_adapter():
         lambda mod, args, kw: seen.append(kw["timestep"]), with_kwargs=True
     )
     loss_fn = rf.ReflexFlowLoss(
-        **adapters.diffusers_knobs("sd3"), num_sampling_steps=10, rollout_steps=2
+        **adapters.diffusers_knobs("sd3"),
+        num_sampling_steps=10,
+        rollout_steps=2,
+        joint_forward=True,
+        preset="grid-direction",
     )
     kw = {"encoder_hidden_states": torch.randn(2, 5, 16), "pooled_projections": torch.randn(2, 8)}
     out = loss_fn(

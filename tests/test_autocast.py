@@ -40,11 +40,13 @@ def _draws(device):
     return {n: v.to(device) for n, v in dict(x1=x1, noise=noise, t=t, k=k).items()}
 
 
-def _check(device: str, dtype: torch.dtype, adr_loss: str) -> None:
+def _check(device: str, dtype: torch.dtype, adr_loss: str, preset: str = "grid-direction") -> None:
     torch.manual_seed(0)
     net = ConvNet().to(device)
     d = _draws(device)
-    loss_fn = rf.ReflexFlowLoss(rollout_steps=2, num_sampling_steps=10, adr_loss=adr_loss)
+    loss_fn = rf.ReflexFlowLoss(
+        preset=preset, rollout_steps=2, num_sampling_steps=10, adr_loss=adr_loss
+    )
     full = loss_fn(net, d["x1"], noise=d["noise"], t=d["t"], k=d["k"])
     net.dtypes.clear()
     with torch.autocast(device, dtype=dtype):
@@ -55,6 +57,8 @@ def _check(device: str, dtype: torch.dtype, adr_loss: str) -> None:
     torch.testing.assert_close(low.loss, full.loss, rtol=RTOL, atol=0)
     low.loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in net.parameters())
+    if preset != "grid-direction":
+        return
     # the FC weight is the float32 reference formula applied to the low-precision rollout's
     # bias (the filter does not run in low precision)
     w = ref.fc_weight(
@@ -80,6 +84,10 @@ def _bias(net, d, dtype, device):
 @pytest.mark.parametrize("adr_loss", ["direction", "mse"])
 def test_bf16_autocast_on_cpu_keeps_state_and_loss_float32(adr_loss):
     _check("cpu", torch.bfloat16, adr_loss)
+
+
+def test_bf16_autocast_on_cpu_with_the_default_preset_keeps_loss_float32():
+    _check("cpu", torch.bfloat16, "mse", preset="defar")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

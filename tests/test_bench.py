@@ -48,16 +48,35 @@ def test_fm_step_flops_equal_hand_count_on_two_linear_layers():
     assert counts == {"flops": 10 * B * D * H, "other_flops": 0, "calls": 1, "sample_forwards": B}
 
 
+# (FLOPs in units of B D H, model calls, sample-forwards in units of B) for K rollout
+# steps: the FM step is 10 (forward 4, backward 6); the shared and lean modes make
+# K - 1 no-grad forwards (4 each), joint and two-call K; two gradient steps are 20
+HAND_COUNTS = {
+    "shared": lambda k: (20 + 4 * (k - 1), k + 1, k + 1),
+    "lean": lambda k: (20 + 4 * (k - 1), k + 1, k + 1),
+    "joint": lambda k: (20 + 4 * k, k + 1, k + 2),
+    "two-call": lambda k: (20 + 4 * k, k + 2, k + 2),
+}
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
-@pytest.mark.parametrize("joint", [True, False])
-def test_reflexflow_step_flops_equal_hand_count_on_two_linear_layers(k, joint):
-    # K no-grad rollout forwards of B (4BDH each) + forward and backward of 2B (2 x 10BDH)
-    spec = StepSpec("reflexflow", k, joint, "torch")
+@pytest.mark.parametrize("mode", sorted(HAND_COUNTS))
+def test_reflexflow_step_flops_equal_hand_count_on_two_linear_layers(k, mode):
+    spec = StepSpec("reflexflow", k, mode, "torch")
     counts = count_step_flops(TwoLinear(), make_loss_fn(spec), torch.randn(B, 3, 4, 4), _gen())
-    assert counts["flops"] == (20 + 4 * k) * B * D * H
-    assert counts["calls"] == k + (1 if joint else 2)
-    assert counts["sample_forwards"] == (k + 2) * B
+    flops, calls, forwards = HAND_COUNTS[mode](k)
+    assert counts["flops"] == flops * B * D * H
+    assert counts["calls"] == calls
+    assert counts["sample_forwards"] == forwards * B
     assert counts["other_flops"] > 0  # the FC filter's convolution, kept out of model FLOPs
+
+
+@pytest.mark.parametrize("mode, extra", [("shared", 1), ("lean", 2)])
+def test_velocity_space_fc_pays_one_no_grad_forward_two_in_lean_mode(mode, extra):
+    spec = StepSpec("reflexflow", 1, mode, "torch", fc_source="velocity")
+    counts = count_step_flops(TwoLinear(), make_loss_fn(spec), torch.randn(B, 3, 4, 4), _gen())
+    assert counts["flops"] == (20 + 4 * extra) * B * D * H
+    assert counts["sample_forwards"] == (2 + extra) * B
 
 
 def test_dit_step_flops_are_two_fm_steps_plus_k_counted_forwards():
@@ -70,10 +89,10 @@ def test_dit_step_flops_are_two_fm_steps_plus_k_counted_forwards():
         model(x1, torch.rand(2))
     forward = fc.get_total_flops()
     for k in (1, 2):
-        spec = StepSpec("reflexflow", k, True, "torch")
-        assert (
-            count_step_flops(model, make_loss_fn(spec), x1, _gen())["flops"] == 2 * fm + k * forward
-        )
+        for mode, rollout_forwards in (("shared", k - 1), ("joint", k)):
+            spec = StepSpec("reflexflow", k, mode, "torch")
+            flops = count_step_flops(model, make_loss_fn(spec), x1, _gen())["flops"]
+            assert flops == 2 * fm + rollout_forwards * forward
 
 
 def test_plain_fm_loss_equals_reference_fm_loss():
@@ -92,15 +111,34 @@ def test_saved_activations_of_reflexflow_exceed_fm_and_leave_no_gradients():
     model = TwoLinear()
     x1 = torch.randn(B, 3, 4, 4)
     fm = saved_activation_bytes(model, plain_fm_loss, x1, _gen())
-    joint, two = (
-        saved_activation_bytes(
+    saved = {
+        mode: saved_activation_bytes(
             model, make_loss_fn(StepSpec("reflexflow", 1, mode, "torch")), x1, _gen()
         )
-        for mode in (True, False)
-    )
-    # the 2B gradient-carrying forward and the loss's own saved tensors add to FM's
-    assert 0 < fm < min(joint, two)
+        for mode in ("shared", "joint", "two-call", "lean")
+    }
+    # two gradient-carrying forwards (and the loss's own saved tensors) hold more than FM's
+    # one; the lean step holds one at a time
+    assert 0 < fm < min(saved["shared"], saved["joint"], saved["two-call"])
+    assert saved["lean"] < saved["shared"]
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_saved_activation_peak_counts_live_tensors_not_every_tensor_ever_saved():
+    """Two forwards whose graphs are backpropagated one after the other peak at one."""
+    model = TwoLinear()
+    x1 = torch.randn(B, 3, 4, 4)
+
+    class TwoBackwards:
+        def backward(self):
+            plain_fm_loss(model, x1, _gen()).backward()
+
+    def loss_fn(m, x, g):
+        plain_fm_loss(m, x, g).backward()
+        return TwoBackwards()
+
+    one = saved_activation_bytes(model, plain_fm_loss, x1, _gen())
+    assert saved_activation_bytes(model, loss_fn, x1, _gen()) == one
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
@@ -134,7 +172,7 @@ def test_bench_quick_prints_a_table_and_writes_json_with_every_field(tmp_path, c
     out = tmp_path / "step-cpu.json"
     assert main(["bench", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "reflexflow K=1 joint [torch]" in printed and f"wrote {out}" in printed
+    assert "reflexflow K=1 shared [torch]" in printed and f"wrote {out}" in printed
     data = json.loads(out.read_text())
     env = data["environment"]
     assert env["device"] == "cpu" and env["torch"] == torch.__version__
@@ -147,14 +185,16 @@ def test_bench_quick_prints_a_table_and_writes_json_with_every_field(tmp_path, c
         mine = [r for r in rows if r["model"] == model]
         fm = mine[0]
         assert fm["config"] == "fm" and fm["vs_ideal"] == 1.0 and fm["flop_ratio"] == 1.0
-        assert len(mine) == 1 + 2 * len(data["step"]["settings"]["backends"])
+        assert len(mine) == 1 + 5 * len(data["step"]["settings"]["backends"])
         for r in mine[1:]:
-            assert r["rollout_steps"] == 1 and r["sample_forwards"] == 3 * r["batch"]
+            forwards = {"joint": 3, "two-call": 3}.get(r["mode"], 2)
+            forwards += r["fc_source"] == "velocity"
+            assert r["rollout_steps"] == 1 and r["sample_forwards"] == forwards * r["batch"]
             ideal = r["optimizer_ms"] + (fm["time_ms"] - r["optimizer_ms"]) * r["flop_ratio"]
             assert math.isclose(r["ideal_ms"], ideal, rel_tol=1e-9)
             assert math.isclose(r["vs_ideal"], r["time_ms"] / ideal, rel_tol=1e-9)
             assert r["peak_mem_mib"] is None  # no honest CPU peak: not faked
-            assert (r["joint_vs_two_call"] is None) != r["joint_forward"]
+            assert r["vs_shared"] is not None
     worst = data["step"]["summary"]["max_vs_ideal"]
     assert worst["value"] == max(r["vs_ideal"] for r in rows if r["method"] == "reflexflow")
     assert set(data["suites"]) == {"loss", "rollout"}

@@ -22,7 +22,9 @@ def test_k_zero_everywhere_gives_unit_fc_weight_and_adr_target_u_t1():
     x1, noise = _data()
     t = torch.linspace(0.1, 0.8, B, dtype=torch.float64)
     k = torch.zeros(B, dtype=torch.int64)
-    out = rf.reflexflow_loss(model, x1, noise=noise, t=t, k=k, adr_loss="mse")
+    out = rf.reflexflow_loss(
+        model, x1, noise=noise, t=t, k=k, preset="grid-direction", adr_loss="mse"
+    )
     assert torch.equal(out.fc_weight, torch.ones_like(out.fc_weight))
     assert torch.equal(out.bias_norm, torch.zeros(B, dtype=torch.float64))
     assert torch.equal(out.t1, out.t0)
@@ -74,7 +76,7 @@ def test_loss_equals_reference_objective_on_an_explicit_rollout():
     x1, noise = _data()
     t = torch.linspace(0.0, 0.6, B, dtype=torch.float64)
     k = torch.tensor([2, 0, 1, 2, 1, 0])
-    knobs = {"rollout_steps": 2, "num_sampling_steps": 10, "adr_loss": "direction"}
+    knobs = {"rollout_steps": 2, "num_sampling_steps": 10, "preset": "grid-direction"}
     out = rf.reflexflow_loss(model, x1, noise=noise, t=t, k=k, **knobs)
     path = rf.LinearPath()
     x_t0 = ref.interpolate(path, x1, noise, t)
@@ -181,19 +183,36 @@ def test_drawn_times_and_lengths_leave_room_for_the_rollout():
             torch.testing.assert_close(out.t1 - out.t0, out.k.float() / 8)
 
 
-def test_joint_forward_and_two_calls_give_the_same_loss_and_gradients():
+@pytest.mark.parametrize("preset", ["defar", "grid-direction"])
+def test_shared_joint_and_two_call_modes_give_the_same_loss_and_gradients(preset):
     x1, noise = _data()
     t = torch.linspace(0.0, 0.6, B, dtype=torch.float64)
-    k = torch.tensor([1, 0, 1, 1, 1, 0])
-    grads = []
-    for joint in (True, False):
+    k = torch.tensor([1, 0, 2, 1, 2, 0])
+    modes = {
+        "shared": {},
+        "joint": {"joint_forward": True},
+        "two-call": {"share_first_call": False},
+    }
+    grads = {}
+    for name, mode in modes.items():
         model = ConvVelocity().double()
-        out = rf.reflexflow_loss(model, x1, noise=noise, t=t, k=k, joint_forward=joint)
+        out = rf.reflexflow_loss(
+            model,
+            x1,
+            noise=noise,
+            t=t,
+            k=k,
+            preset=preset,
+            rollout_steps=2,
+            num_sampling_steps=10,
+            **mode,
+        )
         out.loss.backward()
-        grads.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    torch.testing.assert_close(grads[0][0], grads[1][0])
-    for a, b in zip(grads[0][1], grads[1][1], strict=True):
-        torch.testing.assert_close(a, b)
+        grads[name] = (out.loss.detach(), [p.grad.clone() for p in model.parameters()])
+    for name in ("joint", "two-call"):
+        torch.testing.assert_close(grads[name][0], grads["shared"][0], rtol=1e-12, atol=0)
+        for a, b in zip(grads[name][1], grads["shared"][1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_model_kwargs_follow_their_samples_through_rollout_and_joint_batch():
@@ -232,28 +251,31 @@ def test_model_kwargs_follow_their_samples_through_rollout_and_joint_batch():
     torch.testing.assert_close(full.loss, torch.stack(parts).mean())
 
 
-def test_fc_weight_and_rollout_carry_no_gradient():
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        # shared first call (default): v(x_t0, t0) with grad, 1 more rollout step, v1
+        ({}, [True, False, True]),
+        # full no-grad rollout (2 steps), then the 2B call
+        ({"joint_forward": True}, [False, False, True]),
+        ({"share_first_call": False}, [False, False, True, True]),
+    ],
+)
+def test_fc_weight_and_rollout_carry_no_gradient(mode, expected):
     model = ConvVelocity()
     x1 = torch.randn(*SHAPE)
-    out = rf.reflexflow_loss(model, x1, rollout_steps=2, num_sampling_steps=10, generator=gen(0))
+    knobs = {"preset": "grid-direction", "rollout_steps": 2, "num_sampling_steps": 10, **mode}
+    out = rf.reflexflow_loss(model, x1, generator=gen(0), **knobs)
     assert not out.fc_weight.requires_grad
     assert not out.bias_norm.requires_grad
-    # the model is called (B rollout samples) under no_grad: only the 2B call builds a graph
     calls = []
 
     def counting(x, t):
         calls.append(torch.is_grad_enabled())
         return model(x, t)
 
-    rf.reflexflow_loss(
-        counting,
-        x1,
-        k=torch.full((B,), 2),
-        t=torch.full((B,), 0.2),
-        rollout_steps=2,
-        num_sampling_steps=10,
-    )
-    assert calls == [False, False, True]
+    rf.reflexflow_loss(counting, x1, k=torch.full((B,), 2), t=torch.full((B,), 0.2), **knobs)
+    assert calls == expected
 
 
 def test_rollout_grad_lets_the_adr_gradient_reach_the_first_call():
@@ -322,16 +344,23 @@ def test_velocity_fc_source_uses_an_extra_no_grad_forward():
         calls.append((x.shape[0], torch.is_grad_enabled()))
         return model(x, t)
 
-    out = rf.reflexflow_loss(
-        counting,
-        x1,
-        t=torch.full((B,), 0.2),
-        k=torch.ones(B, dtype=torch.int64),
-        fc_source="velocity",
-        num_sampling_steps=10,
-    )
-    assert calls == [(B, False), (2 * B, True), (B, False)]
-    assert float(out.fc_weight.mean()) == pytest.approx(2.0, rel=1e-5)
+    for mode, expected in (
+        ({"joint_forward": True}, [(B, False), (2 * B, True), (B, False)]),
+        ({}, [(B, True), (B, True), (B, False)]),  # shared first call: no rollout call
+    ):
+        calls.clear()
+        out = rf.reflexflow_loss(
+            counting,
+            x1,
+            t=torch.full((B,), 0.2),
+            k=torch.ones(B, dtype=torch.int64),
+            preset="grid-direction",
+            fc_source="velocity",
+            num_sampling_steps=10,
+            **mode,
+        )
+        assert calls == expected
+        assert float(out.fc_weight.mean()) == pytest.approx(2.0, rel=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(4, 7), (4, 2, 9), (2, 3, 8, 8), (2, 2, 3, 6, 5)])

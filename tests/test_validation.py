@@ -49,8 +49,8 @@ def test_model_returning_the_wrong_shape_is_rejected(x1):
         (torch.rand(B, 1), ValueError, r"t must have shape \(4,\)"),
         (torch.zeros(B, dtype=torch.int64), TypeError, "t must be a floating-point tensor"),
         ([0.1] * B, TypeError, "t must be a floating-point tensor"),
-        (torch.full((B,), 1.2), ValueError, "does not fit"),
-        (torch.full((B,), -0.1), ValueError, "does not fit"),
+        (torch.full((B,), 1.2), ValueError, r"must lie in \[0, 1\]"),
+        (torch.full((B,), -0.1), ValueError, r"must lie in \[0, 1\]"),
     ],
 )
 def test_bad_times_are_rejected(x1, t, error, match):
@@ -118,6 +118,24 @@ def test_single_step_schedule_rejects_k_above_one(x1):
         ({"rollout_grad": True, "joint_forward": True}, ValueError, "joint_forward=True is"),
         ({"timestep_scale": 0.0}, ValueError, "timestep_scale must be > 0"),
         ({"norm_floor": 2.0}, ValueError, "norm_floor must be <= 1"),
+        ({"preset": "ddpm"}, ValueError, "preset must be one of"),
+        ({"fm_input": "noisy"}, ValueError, "fm_input must be one of"),
+        ({"fc_form": "cube"}, ValueError, "fc_form must be one of"),
+        ({"target": "ot"}, ValueError, "target must be one of"),
+        ({"stable_ref": -1}, ValueError, "stable_ref must be >= 0"),
+        ({"target": "stable", "method": "ip"}, ValueError, "target='stable' is defined"),
+        ({"loss_weighting": "snr"}, ValueError, "loss_weighting must be None"),
+        ({"loss_weighting": 3}, TypeError, "loss_weighting must be None"),
+        ({"rollout_mode": "inference"}, ValueError, "rollout_mode must be one of"),
+        ({"memory": "low"}, ValueError, "memory must be one of"),
+        ({"memory": "lean", "joint_forward": True}, ValueError, "runs the two terms apart"),
+        ({"memory": "lean", "preset": "arioso"}, ValueError, "needs independent terms"),
+        ({"memory": "lean", "preset": "simpletuner"}, ValueError, "nothing to split"),
+        ({"share_first_call": True, "joint_forward": True}, ValueError, "exclude each other"),
+        ({"share_first_call": True, "method": "ss"}, ValueError, "share_first_call=True needs"),
+        ({"joint_forward": True, "lambda_adr": 0.0}, ValueError, "needs two gradient"),
+        ({"unbatched_kwargs": "img_ids"}, TypeError, "unbatched_kwargs must be a tuple"),
+        ({"unbatched_kwargs": (1,)}, TypeError, "unbatched_kwargs must hold strings"),
         ({"not_a_knob": 1}, TypeError, "not_a_knob"),
     ],
 )
@@ -149,9 +167,9 @@ def test_generator_on_another_device_type_is_rejected(x1):
         rf.reflexflow_loss(model, x1, generator=torch.Generator(device="cuda"))
 
 
-def test_explicit_k_that_does_not_fit_is_rejected_even_with_drawn_times(x1):
-    with pytest.raises(ValueError, match=r"k\[0\] = 60 Euler steps of h = 0.02 do not fit"):
-        rf.reflexflow_loss(model, x1, k=torch.tensor([60, 60, 1, 0]), rollout_steps=2)
+def test_explicit_k_above_rollout_steps_is_rejected(x1):
+    with pytest.raises(ValueError, match=r"k must be <= rollout_steps = 2, got max 3"):
+        rf.reflexflow_loss(model, x1, k=torch.tensor([3, 1, 1, 0]), rollout_steps=2)
 
 
 @pytest.mark.parametrize(
@@ -182,7 +200,17 @@ def test_nan_time_is_rejected(x1):
 
 
 @pytest.mark.parametrize(
-    "name", ["fc_per_channel", "rollout_grad", "check_finite", "joint_forward"]
+    "name",
+    [
+        "fc_per_channel",
+        "fc_signed",
+        "rollout_grad",
+        "check_finite",
+        "joint_forward",
+        "share_first_call",
+        "stable_gather",
+        "weight_adr",
+    ],
 )
 def test_bool_knobs_reject_strings(name):
     with pytest.raises(TypeError, match=f"{name} must be a bool"):

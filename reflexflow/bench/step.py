@@ -2,9 +2,13 @@
 
 One *step* is ``zero_grad; loss = loss_fn(model, x1); loss.backward(); opt.step()``
 (AdamW). Configurations: plain flow matching (a hand-written step, what a user has
-before adopting the library) and ReflexFlowLoss with K in {1, 2, 4} Euler rollout steps
+before adopting the library) and ReflexFlowLoss (preset "defar" with state-space FC,
+plus one row with its velocity-space FC) with K in {1, 2, 4} Euler rollout steps
 (``k_draw="fixed"``, ``ss_prob=1``: every sample rolls exactly K steps, so the work is
-deterministic), joint 2B forward or two calls, for every backend the installed
+deterministic), in each forward mode: "shared" (the default: the FM term's call is the
+rollout's first step), "joint" (one 2B call after a full rollout), "two-call" (two
+calls after a full rollout) and "lean" (memory="lean": the FM backward runs before the
+ADR forward), for every backend the installed
 :class:`~reflexflow.config.ReflexFlowConfig` accepts and the device can run.
 
 The ideal of a configuration is what its model work alone costs at plain-FM speed:
@@ -20,16 +24,20 @@ elementwise ops, Python) is scaled with the FLOPs, so the ideal charges ReflexFl
 nothing for them beyond FM's own share.
 
 For ReflexFlow with K rollout steps and batch B, with f = forward FLOPs of a batch of
-B and b = backward FLOPs: F(fm) = f + b and F(c) = K f + 2 (f + b), so
-F(c) / F(fm) = 2 + K f / (f + b) (about 2 + K / 3).
+B and b = backward FLOPs: F(fm) = f + b and F(c) = 2 (f + b) + (K - 1) f for the shared
+and lean modes, 2 (f + b) + K f for joint and two-call, so F(c) / F(fm) = 2 + (K - 1) f /
+(f + b) (2.00 at K = 1) or 2 + K f / (f + b) (about 2 + K / 3). Velocity-space FC adds
+one no-grad forward at x_t1 (f; two in lean mode, which cannot reuse v(x^_t1, t1)).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -56,24 +64,32 @@ __all__ = [
 ]
 
 CANDIDATE_BACKENDS = ("torch", "triton", "auto")
-LossFn = Callable[[nn.Module, Tensor, torch.Generator], Tensor]
+MODES = ("shared", "joint", "two-call", "lean")
+MODE_KNOBS: dict[str, dict[str, Any]] = {
+    "shared": {},
+    "joint": {"joint_forward": True},
+    "two-call": {"share_first_call": False},
+    "lean": {"memory": "lean"},
+}
+LossFn = Callable[[nn.Module, Tensor, torch.Generator], Any]  # returns x with x.backward()
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """One benchmarked configuration: plain FM, or ReflexFlow with K, joint, backend."""
+    """One benchmarked configuration: plain FM, or ReflexFlow with K, mode, backend, FC."""
 
     method: str  # "fm" or "reflexflow"
     rollout_steps: int = 0
-    joint_forward: bool | None = None
+    mode: str | None = None  # one of MODES
     backend: str | None = None
+    fc_source: str = "state"
 
     @property
     def name(self) -> str:
-        if self.method == "fm":
-            return "fm"
-        mode = "joint" if self.joint_forward else "two-call"
-        return f"reflexflow K={self.rollout_steps} {mode} [{self.backend}]"
+        if self.method != "reflexflow":
+            return self.method
+        fc = " vel-FC" if self.fc_source == "velocity" else ""
+        return f"reflexflow K={self.rollout_steps} {self.mode}{fc} [{self.backend}]"
 
 
 def available_backends(device: torch.device | str) -> tuple[list[str], dict[str, str]]:
@@ -100,14 +116,22 @@ def available_backends(device: torch.device | str) -> tuple[list[str], dict[str,
 def step_specs(
     backends: Iterable[str],
     rollout_steps: Sequence[int] = (1, 2, 4),
-    joint_modes: Sequence[bool] = (True, False),
+    modes: Sequence[str] = MODES,
+    velocity_fc: bool = True,
 ) -> list[StepSpec]:
-    """Plain FM first, then every (backend, K, joint) ReflexFlow configuration."""
+    """Plain FM first, then every (backend, K, mode) ReflexFlow configuration with
+    state-space FC, and (velocity_fc) the default preset's velocity-space FC at the
+    smallest K in the shared mode."""
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"modes must be among {MODES}, got {mode!r}")
     specs = [StepSpec("fm")]
     for backend in backends:
         for k in rollout_steps:
-            for joint in joint_modes:
-                specs.append(StepSpec("reflexflow", k, joint, backend))
+            for mode in modes:
+                specs.append(StepSpec("reflexflow", k, mode, backend))
+        if velocity_fc and rollout_steps:
+            specs.append(StepSpec("reflexflow", min(rollout_steps), "shared", backend, "velocity"))
     return specs
 
 
@@ -126,27 +150,32 @@ def plain_fm_loss(model: nn.Module, x1: Tensor, generator: torch.Generator) -> T
 
 
 def make_loss_fn(spec: StepSpec, num_sampling_steps: int = 50) -> LossFn:
-    """``loss_fn(model, x1, generator) -> scalar`` for ``spec``.
+    """``loss_fn(model, x1, generator) -> out`` for ``spec``; ``out.backward()`` runs the
+    step's backward (a tensor for FM, a ReflexFlowOutput for ReflexFlow).
 
-    ReflexFlow runs with k_draw="fixed" and ss_prob=1 (every sample rolls K steps of
-    h = 1 / num_sampling_steps), all other knobs at their defaults.
+    ReflexFlow runs the "defar" preset with ``spec.fc_source``, k_draw="fixed" and
+    ss_prob=1 (every sample rolls K steps of h = 1 / num_sampling_steps) in
+    ``spec.mode``, all other knobs at their defaults.
     """
     if spec.method == "fm":
         return plain_fm_loss
     if spec.method != "reflexflow":
         raise ValueError(f"spec.method must be 'fm' or 'reflexflow', got {spec.method!r}")
+    if spec.mode not in MODES:
+        raise ValueError(f"spec.mode must be one of {MODES}, got {spec.mode!r}")
     loss = ReflexFlowLoss(
-        method="reflexflow",
+        preset="defar",
+        fc_source=spec.fc_source,
         rollout_steps=spec.rollout_steps,
         num_sampling_steps=num_sampling_steps,
         k_draw="fixed",
         ss_prob=1.0,
-        joint_forward=spec.joint_forward,
         backend=spec.backend,
+        **MODE_KNOBS[spec.mode],
     )
 
-    def loss_fn(model: nn.Module, x1: Tensor, generator: torch.Generator) -> Tensor:
-        return loss(model, x1, generator=generator).loss
+    def loss_fn(model: nn.Module, x1: Tensor, generator: torch.Generator) -> Any:
+        return loss(model, x1, generator=generator)
 
     return loss_fn
 
@@ -196,29 +225,62 @@ def count_step_flops(
     }
 
 
+class _Saved:
+    """What autograd keeps of one saved tensor: the tensor, counted while it is alive."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+
 def saved_activation_bytes(
     model: nn.Module, loss_fn: LossFn, x1: Tensor, generator: torch.Generator
 ) -> int:
-    """Bytes of the distinct tensors autograd saves for backward in one step (not weights).
+    """Peak bytes of the distinct tensors autograd holds for backward during one step (not
+    weights): the memory the gradient-carrying forwards keep until their backward.
 
-    The memory that the gradient-carrying forwards hold until backward: measurable on
-    every device (saved-tensor hooks), unlike a process peak on CPU.
+    Every saved tensor is tracked from the forward that saves it until autograd frees it
+    (its graph is backpropagated), through the step's backward too (memory="lean" runs a
+    forward inside it); the peak of the live total is returned. Measurable on every
+    device (saved-tensor hooks), unlike a process peak on CPU.
     """
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    live: dict[int, list[int]] = {}  # storage pointer -> [bytes, references]
+    state = {"now": 0, "peak": 0}
 
-    def pack(x: Tensor) -> Tensor:
+    def release(ptr: int) -> None:
+        entry = live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            state["now"] -= entry[0]
+            del live[ptr]
+
+    def pack(x: Tensor) -> Any:
         storage = x.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr not in params and ptr != 0:
-            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
-        return x
+        if ptr in params or ptr == 0:
+            return x
+        entry = live.setdefault(ptr, [0, 0])
+        if entry[1] == 0:
+            entry[0] = storage.nbytes()
+            state["now"] += entry[0]
+            state["peak"] = max(state["peak"], state["now"])
+        entry[1] += 1
+        handle = _Saved(x)
+        weakref.finalize(handle, release, ptr)
+        return handle
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        loss = loss_fn(model, x1, generator)
-    loss.backward()
+    def unpack(obj: Any) -> Tensor:
+        return obj.tensor if isinstance(obj, _Saved) else obj
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        out = loss_fn(model, x1, generator)
+        out.backward()
+        del out
+    gc.collect()
     model.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return state["peak"]
 
 
 def _sync(device: torch.device) -> None:
@@ -235,7 +297,7 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
 def _with_amp(loss_fn: LossFn, device: torch.device, amp: str) -> LossFn:
     """loss_fn with its forward under the step's autocast (backward stays outside)."""
 
-    def wrapped(model: nn.Module, x1: Tensor, generator: torch.Generator) -> Tensor:
+    def wrapped(model: nn.Module, x1: Tensor, generator: torch.Generator) -> Any:
         with _autocast(device, amp):
             return loss_fn(model, x1, generator)
 
@@ -252,8 +314,8 @@ def make_train_step(
     amp: str = "none",
     sync: bool = False,
 ) -> Callable[[], None]:
-    """One training step: zero_grad; loss = loss_fn(model, x1) (under bf16 autocast when
-    amp="bf16"); loss.backward(); opt.step(); then a CUDA synchronize when ``sync``."""
+    """One training step: zero_grad; out = loss_fn(model, x1) (under bf16 autocast when
+    amp="bf16"); out.backward(); opt.step(); then a CUDA synchronize when ``sync``."""
     device = x1.device
 
     forward = _with_amp(loss_fn, device, amp)
@@ -361,7 +423,8 @@ def _bench_model(
                 "config": spec.name,
                 "method": spec.method,
                 "rollout_steps": spec.rollout_steps,
-                "joint_forward": spec.joint_forward,
+                "mode": spec.mode,
+                "fc_source": spec.fc_source if spec.method == "reflexflow" else None,
                 "backend": spec.backend,
                 "model_calls": info[spec]["calls"],
                 "sample_forwards": info[spec]["sample_forwards"],
@@ -379,12 +442,13 @@ def _bench_model(
                 "saved_act_mib": info[spec]["saved"] / 2**20,
             }
         )
-    by_key = {(r["backend"], r["rollout_steps"], r["joint_forward"]): r for r in rows}
+    shared = {
+        (r["backend"], r["rollout_steps"], r["fc_source"]): r for r in rows if r["mode"] == "shared"
+    }
     for r in rows:
-        two = by_key.get((r["backend"], r["rollout_steps"], False))
-        r["joint_vs_two_call"] = (
-            r["time_ms"] / two["time_ms"] if r["joint_forward"] and two is not None else None
-        )
+        base = shared.get((r["backend"], r["rollout_steps"], r["fc_source"]))
+        r["vs_shared"] = None if base is None else r["time_ms"] / base["time_ms"]
+        r["saved_vs_fm"] = r["saved_act_mib"] / rows[0]["saved_act_mib"]
     return rows
 
 
@@ -395,7 +459,7 @@ def run_step_benchmark(
     size: str | None = None,
     batch: int | None = None,
     rollout_steps: Sequence[int] = (1, 2, 4),
-    joint_modes: Sequence[bool] = (True, False),
+    modes: Sequence[str] = MODES,
     backends: Sequence[str] | None = None,
     reps: int = 5,
     warmup: int = 1,
@@ -430,7 +494,7 @@ def run_step_benchmark(
         if bad:
             raise ValueError(f"backends {bad} are not usable here: {skipped or usable}")
         usable = list(backends)
-    specs = step_specs(usable, rollout_steps, joint_modes)
+    specs = step_specs(usable, rollout_steps, modes)
     rows: list[dict[str, Any]] = []
     for name in models:
         rows += _bench_model(
@@ -452,7 +516,8 @@ def run_step_benchmark(
         "batch": batch,
         "amp": amp,
         "rollout_steps": list(rollout_steps),
-        "joint_modes": list(joint_modes),
+        "modes": list(modes),
+        "preset": "defar (fc_source state; one velocity-FC row)",
         "backends": usable,
         "reps": reps,
         "warmup": warmup,
@@ -474,17 +539,35 @@ def run_step_benchmark(
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The two targets: worst vs_ideal over ReflexFlow rows (goal <= 1.05 on H100/H200)
-    and worst joint / two-call time ratio (goal <= 1.0), each with its row."""
+    """The targets, each with its row: the worst vs_ideal over ReflexFlow rows (goal <= 1.05
+    on H100/H200); the K = 1 shared (state FC) step's time over FM's (goal <= 2.1 on CPU,
+    2.05 on H100/H200) and over the joint mode's (goal <= 0.9); the worst lean saved
+    activations over FM's (goal <= 1.1)."""
     rf = [r for r in rows if r["method"] == "reflexflow"]
-    joint = [r for r in rf if r["joint_vs_two_call"] is not None]
-    out: dict[str, Any] = {"max_vs_ideal": None, "max_joint_vs_two_call": None}
+    out: dict[str, Any] = {
+        "max_vs_ideal": None,
+        "k1_shared_vs_fm": None,
+        "k1_shared_vs_joint": None,
+        "max_lean_saved_vs_fm": None,
+    }
+
+    def entry(value: float, row: dict[str, Any]) -> dict[str, Any]:
+        return {"value": value, "model": row["model"], "config": row["config"]}
+
     if rf:
         worst = max(rf, key=lambda r: r["vs_ideal"])
-        out["max_vs_ideal"] = {"value": worst["vs_ideal"], "model": worst["model"]}
-        out["max_vs_ideal"]["config"] = worst["config"]
-    if joint:
-        worst = max(joint, key=lambda r: r["joint_vs_two_call"])
-        out["max_joint_vs_two_call"] = {"value": worst["joint_vs_two_call"]}
-        out["max_joint_vs_two_call"].update(model=worst["model"], config=worst["config"])
+        out["max_vs_ideal"] = entry(worst["vs_ideal"], worst)
+    k1 = [r for r in rf if r["rollout_steps"] == 1 and r["fc_source"] == "state" and r["mode"]]
+    shared = [r for r in k1 if r["mode"] == "shared"]
+    if shared:
+        worst = max(shared, key=lambda r: r["vs_fm"])
+        out["k1_shared_vs_fm"] = entry(worst["vs_fm"], worst)
+    joint = [r for r in k1 if r["mode"] == "joint" and r["vs_shared"]]
+    if joint:  # shared / joint = 1 / (joint / shared)
+        worst = min(joint, key=lambda r: r["vs_shared"])
+        out["k1_shared_vs_joint"] = entry(1 / worst["vs_shared"], worst)
+    lean = [r for r in rf if r["mode"] == "lean"]
+    if lean:
+        worst = max(lean, key=lambda r: r["saved_vs_fm"])
+        out["max_lean_saved_vs_fm"] = entry(worst["saved_vs_fm"], worst)
     return out

@@ -1,0 +1,200 @@
+"""The per-sample random quantities of one training step: noise, rollout lengths, times.
+
+Canonical convention (data at t = 1). For each sample i:
+
+    eps_i ~ N(0, I);  k_i = 0 with probability 1 - ss_prob, else K (k_draw "fixed") or
+    U{1..K} ("uniform");  t0_i = u_i * room_i,  room_i = 1 - t_eps - k_i h  (grid)
+    or 1 - t_eps (single step, where t1_i = t0_i + (1 - t_eps - t0_i) U(0, 1)).
+
+A user's own times t (their convention) are taken as they are: every t in [0, 1] is
+valid for a sample that does not roll out (FM is defined there), and a sample whose t
+leaves no room for its drawn rollout (t0 + k h > 1 - t_eps) does not roll out (k_i = 0),
+so t from SiT's sampler (uniform on [0, 1)) is always accepted. Explicit k must fit its
+explicit t, and k <= rollout_steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import ReflexFlowConfig
+from .conventions import to_canonical_time
+from .time_sampling import LogitNormalTime, UniformTime
+
+__all__ = ["Draws", "draw", "static_k", "T_TOL"]
+
+T_TOL = 1e-6  # slack for explicit times against 1 - t_eps - k h (float rounding)
+
+
+class Draws:
+    """The per-sample random quantities of one step, canonical convention.
+
+    eps (B, *S), k (B,) int64, t0, t1, step (B,) in the state dtype. fixed_k: an upper
+    bound K known without reading k (every k_i is 0 or K, or k is K for all), so the
+    rollout can run a static plan with no host sync; None when k must be read.
+    """
+
+    def __init__(
+        self, eps: Tensor, k: Tensor, t0: Tensor, t1: Tensor, step: Tensor, fixed_k: int | None
+    ) -> None:
+        self.eps, self.k, self.t0, self.t1, self.step = eps, k, t0, t1, step
+        self.fixed_k = fixed_k
+
+
+def state_dtype(x: Tensor) -> torch.dtype:
+    """The rollout state's dtype: float64 stays float64, everything else is float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _max_k(cfg: ReflexFlowConfig) -> int:
+    return 1 if cfg.step_schedule == "single" else cfg.rollout_steps
+
+
+def _draw_k(
+    cfg: ReflexFlowConfig, batch: int, device: torch.device, generator: torch.Generator | None
+) -> Tensor:
+    """k_i = 0 with probability 1 - ss_prob, else K (fixed) or U{1..K} (uniform)."""
+    kmax = _max_k(cfg)
+    rolled = torch.rand(batch, device=device, generator=generator) < cfg.ss_prob
+    if cfg.k_draw == "fixed" or kmax == 1:
+        lengths = torch.full((batch,), kmax, device=device, dtype=torch.int64)
+    else:
+        lengths = torch.randint(1, kmax + 1, (batch,), device=device, generator=generator)
+    return torch.where(rolled, lengths, torch.zeros_like(lengths))
+
+
+def static_k(cfg: ReflexFlowConfig) -> int | None:
+    """The one rollout length every drawn k_i takes, when the config pins it."""
+    kmax = _max_k(cfg)
+    if cfg.uses_rollout and cfg.ss_prob == 1.0 and (cfg.k_draw == "fixed" or kmax == 1):
+        return kmax
+    return None
+
+
+def _check_k(k: Any, cfg: ReflexFlowConfig, batch: int, device: torch.device) -> Tensor:
+    if not isinstance(k, Tensor):
+        raise TypeError(f"k must be an int64 tensor of shape ({batch},), got {type(k).__name__}")
+    if k.dtype != torch.int64:
+        raise TypeError(f"k must have dtype torch.int64, got {k.dtype}")
+    if k.shape != (batch,):
+        raise ValueError(f"k must have shape ({batch},), got {tuple(k.shape)}")
+    if k.device != device:
+        raise ValueError(f"k is on {k.device}, x1 on {device}")
+    if not cfg.uses_rollout:
+        if bool((k != 0).any()):
+            raise ValueError(f"k must be all zeros for method={cfg.method!r} (no rollout)")
+        return k
+    if bool((k < 0).any()):
+        raise ValueError(f"k must be >= 0, got min {int(k.min())}")
+    if cfg.step_schedule == "single" and bool((k > 1).any()):
+        raise ValueError("k must be 0 or 1 with step_schedule='single' (one Euler step)")
+    if cfg.rollout_grad and bool((k > 1).any()):
+        raise ValueError("k must be 0 or 1 with rollout_grad=True")
+    if bool((k > cfg.rollout_steps).any()):
+        raise ValueError(
+            f"k must be <= rollout_steps = {cfg.rollout_steps}, got max {int(k.max())}"
+        )
+    return k  # k <= rollout_steps fits before 1 - t_eps (the config checks K h)
+
+
+def _check_sampler_output(u: Any, batch: int, device: torch.device) -> Tensor:
+    """A time sampler must return a floating (B,) tensor on x1's device, in [0, 1]."""
+    if not isinstance(u, Tensor) or not u.is_floating_point():
+        raise TypeError(f"time_sampler must return a floating-point tensor, got {u!r:.80}")
+    if u.shape != (batch,):
+        raise ValueError(f"time_sampler must return shape ({batch},), got {tuple(u.shape)}")
+    if u.device != device:
+        raise ValueError(f"time_sampler returned a tensor on {u.device}, x1 is on {device}")
+    return u
+
+
+def _check_t(t: Any, batch: int, device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(
+            f"t must be a floating-point tensor of shape ({batch},), got {type(t).__name__}"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
+    if t.shape != (batch,):
+        raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"t is on {t.device}, x1 on {device}")
+
+
+def _user_times(
+    cfg: ReflexFlowConfig, t: Tensor, k: Tensor, room: Tensor, k_given: bool
+) -> tuple[Tensor, Tensor]:
+    """Canonical t0 from the user's t (one host sync), and k with unfitting rollouts dropped.
+
+    Every t must lie in [0, 1] (NaN is refused). A sample whose t0 leaves no room for its
+    rollout (t0 > room + tolerance) gets k = 0 when k was drawn; an explicit k must fit.
+    """
+    t0 = to_canonical_time(t.to(torch.float64), cfg.convention)
+    bad = ~((t0 >= -T_TOL) & (t0 <= 1 + T_TOL))  # NaN is bad too
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"t[{i}] = {float(t[i]):.6g} ({cfg.convention}) must lie in [0, 1]")
+    no_room = (k > 0) & (t0 > room + T_TOL)
+    if k_given:
+        if bool(no_room.any()):
+            i = int(no_room.nonzero()[0, 0])
+            raise ValueError(
+                f"t[{i}] = {float(t[i]):.6g} ({cfg.convention}) with k[{i}] = {int(k[i])} "
+                f"does not fit: canonical t0 + k h must lie in [0, 1 - t_eps = "
+                f"{1 - cfg.t_eps:.6g}] with h = {cfg.step:.6g}"
+            )
+    else:
+        k = torch.where(no_room, torch.zeros_like(k), k)
+    room = torch.where(k > 0, room, torch.ones_like(room))
+    return t0.clamp(0, None).minimum(room), k
+
+
+def draw(
+    cfg: ReflexFlowConfig,
+    x1: Tensor,
+    noise: Tensor | None,
+    t: Tensor | None,
+    k: Tensor | None,
+    generator: torch.Generator | None,
+) -> Draws:
+    """eps, k, t0, t1 and the Euler step of every sample (see the module docstring)."""
+    batch, device, dtype = x1.shape[0], x1.device, state_dtype(x1)
+    eps = (
+        torch.randn(x1.shape, device=device, generator=generator, dtype=dtype)
+        if noise is None
+        else noise.to(dtype)
+    )
+    k_given = k is not None
+    fixed_k = static_k(cfg) if not k_given and t is None else None
+    if k is None:
+        k = (
+            _draw_k(cfg, batch, device, generator)
+            if cfg.uses_rollout
+            else torch.zeros(batch, device=device, dtype=torch.int64)
+        )
+    else:
+        k = _check_k(k, cfg, batch, device)
+    h = cfg.step
+    single = cfg.step_schedule == "single"
+    room = (1 - cfg.t_eps) - (0 if single else h) * k.to(torch.float64)  # t0 <= room
+    if t is None:
+        u = cfg.time_sampler(batch, device, generator)
+        if not isinstance(cfg.time_sampler, (UniformTime, LogitNormalTime)):
+            u = _check_sampler_output(u, batch, device).to(torch.float64)
+            if bool(((u < 0) | (u > 1) | u.isnan()).any()):  # one sync, user samplers only
+                raise ValueError("time_sampler must return values in [0, 1]")
+        t0 = to_canonical_time(u.to(torch.float64), cfg.convention) * room
+    else:
+        _check_t(t, batch, device)
+        t0, k = _user_times(cfg, t, k, room, k_given)
+    if single:
+        frac = torch.rand(batch, device=device, generator=generator, dtype=torch.float64)
+        t1 = torch.where(k > 0, t0 + (1 - cfg.t_eps - t0) * frac, t0)
+        step = t1 - t0
+    else:
+        t1 = t0 + h * k.to(torch.float64)
+        step = torch.full_like(t0, h)
+    return Draws(eps, k, t0.to(dtype), t1.to(dtype), step.to(dtype), fixed_k)

@@ -1,0 +1,91 @@
+"""Presets are data: named knob values, overridable, resolved once into the config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reflexflow as rf
+from reflexflow import presets
+from tests.helpers import ConvVelocity
+
+
+def test_the_default_is_the_authors_own_reading():
+    cfg = rf.ReflexFlowConfig()
+    assert cfg.preset == "defar"
+    assert (cfg.adr_loss, cfg.lambda_adr, cfg.fc_source) == ("mse", 1.0, "velocity")
+    assert cfg.explicit == frozenset()
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_every_preset_sets_every_preset_field_and_says_where_it_comes_from(name):
+    assert set(presets.PRESETS[name]) == set(presets.PRESET_FIELDS)
+    assert len(presets.describe(name)) > 80
+    cfg = rf.ReflexFlowConfig(preset=name)
+    for field, value in presets.PRESETS[name].items():
+        assert getattr(cfg, field) == value, field
+
+
+def test_explicit_knobs_override_the_preset_and_survive_a_preset_change():
+    cfg = rf.ReflexFlowConfig(preset="arioso", lambda_adr=0.5)
+    assert cfg.lambda_adr == 0.5 and cfg.adr_loss == "direction" and cfg.rollout_grad
+    assert cfg.explicit == {"lambda_adr"}
+    other = cfg.replace(preset="grid-direction")
+    assert other.lambda_adr == 0.5  # given explicitly: kept
+    assert other.rollout_grad is False and other.step_schedule == "grid"  # from the new preset
+    again = rf.ReflexFlowConfig.from_preset("arioso", lambda_adr=0.5)
+    assert all(getattr(again, f) == getattr(cfg, f) for f in presets.PRESET_FIELDS)
+
+
+def test_replace_without_preset_keeps_the_preset_and_records_the_change():
+    cfg = rf.ReflexFlowConfig().replace(adr_loss="direction")
+    assert cfg.preset == "defar" and cfg.adr_loss == "direction"
+    assert cfg.explicit == {"adr_loss"}
+    assert cfg.replace(preset="arioso").adr_loss == "direction"
+
+
+def test_preset_knobs_are_a_fresh_copy():
+    knobs = presets.preset_knobs("defar")
+    knobs["lambda_adr"] = 123.0
+    assert presets.PRESETS["defar"]["lambda_adr"] == 1.0
+    with pytest.raises(ValueError, match="preset must be one of"):
+        presets.preset_knobs("v2")
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_every_preset_trains_a_step(name):
+    net = ConvVelocity()
+    out = rf.ReflexFlowLoss(preset=name)(net, torch.randn(4, 3, 8, 8), generator=torch.Generator())
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_simpletuner_trains_the_fm_and_adr_terms_on_the_same_biased_call():
+    net = ConvVelocity()
+    calls = []
+
+    def counting(x, t):
+        calls.append((x.shape[0], torch.is_grad_enabled()))
+        return net(x, t)
+
+    k = torch.tensor([1, 4, 0, 2])
+    rf.reflexflow_loss(counting, torch.randn(4, 3, 8, 8), k=k, preset="simpletuner")
+    with_grad = [n for n, grad in calls if grad]
+    assert with_grad == [4]  # one gradient-carrying call: v(x^_t1, t1)
+    # the full no-grad rollout (sum k = 7 sample-forwards) and the clean prediction at t1
+    assert sum(n for n, grad in calls if not grad) == 7 + 4
+
+
+def test_arioso_lets_the_adr_gradient_flow_through_the_first_call():
+    cfg = rf.ReflexFlowConfig(preset="arioso")
+    assert cfg.rollout_grad and not cfg.shares_first_call and not cfg.joint_call
+    inputs = []
+    net = ConvVelocity()
+
+    def recording(x, t):
+        inputs.append(x)
+        return net(x, t)
+
+    rf.reflexflow_loss(recording, torch.randn(4, 3, 8, 8), preset="arioso")
+    assert inputs[-1].requires_grad  # the second call's input carries the first's graph

@@ -10,6 +10,7 @@ so that at middle times the weights are spread over several references, not one-
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -377,3 +378,27 @@ def test_bank_reference_feeds_the_stable_target_with_the_batch_first():
     mask[:, :4] = torch.eye(4, dtype=torch.bool)
     v = stable.stable_target(path, ref.interpolate(path, x1, eps, t), t, ref_x1, mask=mask)
     assert _rel_err(v, ref.velocity_target(path, x1, eps, t)) <= 1e-5
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed gloo",
+)
+def test_bank_gather_uses_the_global_batch_local_rows_first_and_local_bank_stays_local(
+    tmp_path,
+):
+    """2 gloo ranks: with gather=True the batch part is the local batch then the other
+    rank's, update reuses that gather (one all-gather per step) and both ranks buffer the
+    global batch; with gather=False each rank sees its own samples only."""
+    from tests.test_ddp import HERE, _launch
+
+    _launch([os.path.join(HERE, "stable_ddp_worker.py"), str(tmp_path)])
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        me, other = 10 * rank, 10 * (1 - rank)
+        assert got["gather"][0] == [me, me + 1, other, other + 1]
+        assert got["gather"][1][:4] == [100 + me, 101 + me, 100 + other, 101 + other]
+        assert sorted(got["gather"][1][4:]) == [0, 1, 10, 11]
+        assert got["gathers"] == 2
+        assert got["local"] == [[me, me + 1], [100 + me, 101 + me, me, me + 1]]

@@ -11,10 +11,11 @@ set X = {x1_j}, j = 1..R (the batch, optionally followed by recent batches):
 It is attention: queries x_i, keys a(t_i) x1_j, values x1_j, a per-query temperature
 1 / (2 s_i^2). Dropping the per-query constant |x_i|^2, the logits are
 
-    l_ij = (a_i / s_i^2) <x_i, x1_j>  -  (a_i^2 / (2 s_i^2)) |x1_j|^2
+    l_ij = (a_i / s_i^2) ( <x_i, x1_j>  -  (a_i / 2) |x1_j|^2 )
 
-one (B x D) by (D x R) matmul with the per-query scale folded into the queries, plus a
-rank-1 bias; then a row softmax and a (B x R) by (R x D) matmul. Reference twin:
+one (B x D) by (D x R) matmul (addmm onto the rank-1 term), a per-row scale of the
+(B, R) logits (cheaper than scaling the (B, D) queries when R < D), a row softmax and a
+(B x R) by (R x D) matmul. Reference twin:
 :func:`reflexflow.reference.stable_target`. docs/stable-targets.md has the costs, the
 numerics choices and the DDP rule.
 """
@@ -44,7 +45,7 @@ def stable_target(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Posterior-weighted velocity target v~(x, t) over the references ref_x1 (fast path).
 
-        l_ij = (a_i / s_i^2) <x_i, x1_j> - (a_i^2 / (2 s_i^2)) |x1_j|^2   (-inf where not mask)
+        l_ij = (a_i / s_i^2) (<x_i, x1_j> - (a_i / 2) |x1_j|^2)   (-inf where not mask)
         w = softmax_j(l),  x1~ = w @ X,  v~ = a' x1~ + s' (x - a x1~) / s,  s = max(s(t), s_floor)
 
     x (B, *S) states, t (B,) canonical times, ref_x1 (R, *S) references shared by all
@@ -74,13 +75,15 @@ def stable_target(
         def col(c: Tensor) -> Tensor:
             return c.to(dtype)[:, None]
 
-        bias = col(-0.5 * a * scale) * torch.linalg.vector_norm(rf, dim=1).square()[None]
-        logits = torch.addmm(bias, xf * col(scale), rf.t())
+        # the per-query factors act on the (B, R) logits, not on the (B, D) queries
+        half_sq = col(-0.5 * a) * torch.linalg.vector_norm(rf, dim=1).square()[None]
+        logits = torch.addmm(half_sq, xf, rf.t()).mul_(col(scale))
         if mask is not None:
             logits.masked_fill_(~mask, float("-inf"))
         w = torch.softmax(logits, dim=1)
         x1_tilde = w @ rf
-        v = torch.addcmul(x1_tilde * col(da), xf - col(a) * x1_tilde, col(ds / s))
+        residual = torch.addcmul(xf, col(a), x1_tilde, value=-1)  # x - a x1~
+        v = torch.addcmul(x1_tilde.mul_(col(da)), residual, col(ds / s))
     v = v.reshape(x.shape).to(x.dtype)
     return (v, w) if return_weights else v
 

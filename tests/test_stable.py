@@ -234,6 +234,19 @@ def test_fast_path_ignores_autocast():
     assert torch.equal(plain, under)
 
 
+@pytest.mark.compile
+def test_fast_path_compiles_without_graph_break():
+    """torch.compile(fullgraph=True) captures stable_target whole (aot_eager backend: the
+    graph capture is what a compiled loss needs; no C++ code generation here)."""
+    path = get_path("gvp")
+    _, _, t, x, ref_x1 = _data(path, "middle", "more", seed=13)
+    x, t, ref_x1 = x.float(), t.float(), ref_x1.float()
+    compiled = torch.compile(
+        lambda x, t, r: stable.stable_target(path, x, t, r), backend="aot_eager", fullgraph=True
+    )
+    torch.testing.assert_close(compiled(x, t, ref_x1), stable.stable_target(path, x, t, ref_x1))
+
+
 @pytest.mark.parametrize("impl", [ref.stable_target, stable.stable_target], ids=["ref", "fast"])
 def test_compute_dtype_follows_the_widest_input_and_result_has_x_dtype(impl):
     path = get_path("linear")

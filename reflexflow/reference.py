@@ -447,3 +447,105 @@ def low_frequency_share(delta: Tensor, cutoff: float = 0.25) -> Tensor:
     low = (radius <= 0.5 * cutoff).to(power.dtype)
     total = power.flatten(1).sum(1)
     return (power * low).flatten(1).sum(1) / total.clamp_min(torch.finfo(power.dtype).tiny)
+
+
+# --- stable (posterior-weighted) targets, DESIGN.md section 3 ------------------------------
+
+__all__ += ["stable_target", "check_stable_inputs", "STABLE_S_FLOOR"]
+
+# s(t) is floored here inside the stable target: it never divides by zero, and on every
+# shipped path s(t) >= 1e-3 for t <= 1 - 1e-3, so the floor changes nothing there.
+STABLE_S_FLOOR = 1e-4
+
+
+def check_stable_inputs(x: Tensor, t: Tensor, ref_x1: Tensor, mask: Tensor | None) -> None:
+    """Raise TypeError / ValueError unless x (B, *S), t (B,), ref_x1 (R, *S), R >= 1 and
+    mask None or bool (B, R) with at least one True per row fit together."""
+    for name, z in (("x", x), ("t", t), ("ref_x1", ref_x1)):
+        if not isinstance(z, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if not z.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {z.dtype}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"x must have shape (B, *S) with at least one data axis, got {tuple(x.shape)}"
+        )
+    batch = x.shape[0]
+    if ref_x1.dim() != x.dim() or ref_x1.shape[1:] != x.shape[1:] or ref_x1.shape[0] < 1:
+        raise ValueError(
+            f"ref_x1 must have shape (R, *S) with R >= 1 and S = {tuple(x.shape[1:])} "
+            f"(x's data shape), got {tuple(ref_x1.shape)}"
+        )
+    if t.shape != (batch,):
+        raise ValueError(
+            f"t must have shape ({batch},) (one time per row of x), got {tuple(t.shape)}"
+        )
+    if ref_x1.device != x.device or t.device != x.device:
+        raise ValueError(
+            f"x, t and ref_x1 must be on one device, got {x.device}, {t.device}, {ref_x1.device}"
+        )
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError("mask must be a bool tensor of shape (B, R) or None")
+        if mask.shape != (batch, ref_x1.shape[0]) or mask.device != x.device:
+            raise ValueError(
+                f"mask must have shape ({batch}, {ref_x1.shape[0]}) on {x.device}, "
+                f"got {tuple(mask.shape)} on {mask.device}"
+            )
+        if not bool(mask.any(dim=1).all()):  # one host sync, only when a mask is given
+            raise ValueError("mask must allow at least one reference in every row")
+
+
+def _stable_compute_dtype(x: Tensor, ref_x1: Tensor) -> torch.dtype:
+    """float64 when x or ref_x1 is float64, else float32 (bf16 / fp16 compute in fp32)."""
+    return torch.float64 if torch.float64 in (x.dtype, ref_x1.dtype) else torch.float32
+
+
+@torch.no_grad()
+def stable_target(
+    path: PathLike,
+    x: Tensor,
+    t: Tensor,
+    ref_x1: Tensor,
+    *,
+    mask: Tensor | None = None,
+    s_floor: float = STABLE_S_FLOOR,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Posterior-weighted ("stable") velocity target over a reference set (Xu et al. 2023).
+
+    For query states x_i at times t_i and references x1_j (j allowed by mask[i, j]):
+
+        w_ij  = softmax_j( -|| x_i - a(t_i) x1_j ||^2 / (2 s_i^2) )
+        x1~_i = sum_j w_ij x1_j
+        v~_i  = a'(t_i) x1~_i + s'(t_i) (x_i - a(t_i) x1~_i) / s_i ,  s_i = max(s(t_i), s_floor)
+
+    The oracle: squared distances taken literally, one query at a time (no expansion into
+    inner products, so no cancellation), softmax by log-sum-exp. Computed in float64 when
+    x or ref_x1 is float64, else in float32; the result has x's dtype, the weights (B, R)
+    the compute dtype. No gradient flows into the result: it is a target.
+
+    a(t) = 0 gives uniform weights; small s(t) makes them collapse onto the nearest
+    reference. s_floor keeps 1 / s finite: with R = 1 (the sample's own x1 only)
+    v~ = u_t on the path and v~ = v_adr at a biased state, exactly wherever s(t) >= s_floor;
+    below it the residual term shrinks by s(t) / s_floor and at s(t) = 0, x = a x1 it is
+    a'(t) x1~, the marginal velocity there (eps cannot be recovered from x at s = 0).
+    """
+    check_stable_inputs(x, t, ref_x1, mask)
+    if not s_floor > 0:
+        raise ValueError(f"s_floor must be > 0, got {s_floor}")
+    dtype = _stable_compute_dtype(x, ref_x1)
+    xf = x.detach().flatten(1).to(dtype)
+    rf = ref_x1.detach().flatten(1).to(dtype)
+    tt = t.detach().to(dtype)
+    a, da, ds = (path.a(tt).to(dtype), path.da(tt).to(dtype), path.ds(tt).to(dtype))
+    s = path.s(tt).to(dtype).clamp_min(s_floor)
+    dist = torch.stack([(xf[i] - a[i] * rf).square().sum(dim=1) for i in range(xf.shape[0])])
+    logits = -dist / (2 * s * s)[:, None]
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(logits, dim=1)
+    x1_tilde = w @ rf
+    v = da[:, None] * x1_tilde + ds[:, None] * (xf - a[:, None] * x1_tilde) / s[:, None]
+    v = v.reshape(x.shape).to(x.dtype)
+    return (v, w) if return_weights else v

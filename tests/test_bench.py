@@ -197,7 +197,7 @@ def test_bench_quick_prints_a_table_and_writes_json_with_every_field(tmp_path, c
             assert r["vs_shared"] is not None
     worst = data["step"]["summary"]["max_vs_ideal"]
     assert worst["value"] == max(r["vs_ideal"] for r in rows if r["method"] == "reflexflow")
-    assert set(data["suites"]) == {"loss", "rollout"}
+    assert set(data["suites"]) == {"loss", "rollout", "stable"}
     for suite in data["suites"].values():
         assert suite["status"] in ("ok", "not present"), suite
 

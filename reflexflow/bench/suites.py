@@ -1,4 +1,5 @@
-"""The loss-kernel and rollout-engine benchmarks, found where installed, never faked.
+"""The loss-kernel, rollout-engine and stable-target benchmarks: found where installed,
+never faked.
 
 A suite is a function ``fn(device: str, quick: bool) -> list[dict]`` (one dict per
 measured row, JSON-serialisable values) living at one of the places listed in
@@ -24,6 +25,7 @@ SUITES: dict[str, tuple[tuple[str, str], ...]] = {
         ("reflexflow.bench.rollout", "run_rollout_benchmark"),
         ("reflexflow.engine.bench", "run_rollout_benchmark"),
     ),
+    "stable": (("reflexflow.bench.stable", "run_stable_benchmark"),),
 }
 
 

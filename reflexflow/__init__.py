@@ -4,7 +4,7 @@ Anti-Drift Rectification (ADR) on scheduled-sampling rollouts plus Frequency
 Compensation (FC); see DESIGN.md for the mathematics and README.md for usage.
 """
 
-from . import diagnostics, paths, reference
+from . import diagnostics, paths, presets, reference, stable
 from .config import ReflexFlowConfig
 from .conventions import VelocityModel
 from .diagnostics import exposure_bias
@@ -28,5 +28,7 @@ __all__ = [
     "VelocityModel",
     "diagnostics",
     "paths",
+    "presets",
     "reference",
+    "stable",
 ]

@@ -238,6 +238,8 @@ def reflexflow_loss(
     )
     step = _Step(cfg, model, velocity, data, d, kwargs, generator, stable_bank)
     out = _fm_like(step) if not cfg.uses_rollout else _rolled_out(step)
+    if stable_bank is not None and cfg.target == "stable":
+        stable_bank.update(data)  # after its reference() of this step (the batch comes first)
     if cfg.check_finite and out.get("loss") is not None:
         _check_finite("loss", out["loss"])
     return ReflexFlowOutput(
@@ -571,7 +573,7 @@ class ReflexFlowLoss(nn.Module):
         model_kwargs: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
     ) -> ReflexFlowOutput:
-        out = reflexflow_loss(
+        return reflexflow_loss(
             model,
             x1,
             noise=noise,
@@ -582,9 +584,6 @@ class ReflexFlowLoss(nn.Module):
             config=self.config,
             stable_bank=self.stable_bank,
         )
-        if self.stable_bank is not None:
-            self.stable_bank.update(x1)
-        return out
 
     def extra_repr(self) -> str:
         c = self.config

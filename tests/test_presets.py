@@ -89,3 +89,35 @@ def test_arioso_lets_the_adr_gradient_flow_through_the_first_call():
 
     rf.reflexflow_loss(recording, torch.randn(4, 3, 8, 8), preset="arioso")
     assert inputs[-1].requires_grad  # the second call's input carries the first's graph
+
+
+def test_stable_target_with_a_batch_of_one_is_the_conditional_target():
+    """R = 1 (the sample's own x1 is the whole reference set): v~ = u_t and v_adr."""
+    net = ConvVelocity().double()
+    x1 = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    draws = dict(noise=torch.randn_like(x1), t=torch.tensor([0.3], dtype=torch.float64))
+    for knobs in ({"method": "fm"}, {"preset": "defar", "k": torch.ones(1, dtype=torch.long)}):
+        plain = rf.reflexflow_loss(net, x1, **draws, **knobs)
+        stable = rf.reflexflow_loss(net, x1, target="stable", **draws, **knobs)
+        torch.testing.assert_close(stable.loss, plain.loss, rtol=1e-10, atol=1e-12)
+
+
+def test_stable_target_runs_with_a_bank_of_recent_batches_and_backpropagates():
+    net = ConvVelocity()
+    loss_fn = rf.ReflexFlowLoss(target="stable", stable_ref=16)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        out = loss_fn(net, torch.randn(4, 3, 6, 6, generator=gen), generator=gen)
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+    assert len(loss_fn.stable_bank) == 12  # three batches of 4 kept
+
+
+def test_stable_fm_without_rollout_differs_from_fm_on_a_batch_of_neighbours():
+    net = ConvVelocity().double()
+    x1 = torch.randn(1, 3, 6, 6, dtype=torch.float64).repeat(4, 1, 1, 1)
+    x1 = x1 + 0.01 * torch.randn_like(x1)  # close neighbours: the posterior spreads
+    draws = dict(noise=torch.randn_like(x1), t=torch.full((4,), 0.5, dtype=torch.float64))
+    plain = rf.reflexflow_loss(net, x1, method="fm", **draws)
+    stable = rf.reflexflow_loss(net, x1, method="fm", target="stable", **draws)
+    assert not torch.allclose(stable.loss, plain.loss)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every ReflexFlow formula (DESIGN.md sections 1 to 7).
+"""Pure-PyTorch reference of every ReflexFlow formula (docs/method.md sections 1 to 7).
 
 Plain, readable, float64-capable code: the oracle every fast path (Triton, C++/CUDA)
 is tested against, and the implementation behind ``backend="torch"``.
@@ -244,7 +244,7 @@ def objective(
     norm_eps: float = NORM_EPS,
     norm_floor: float = NORM_FLOOR,
 ) -> dict[str, Tensor | None]:
-    """The ReflexFlow objective L = L_FC + lambda_adr * L_ADR (DESIGN.md section 5).
+    """The ReflexFlow objective L = L_FC + lambda_adr * L_ADR (docs/method.md section 5).
 
     v0 = v(x_t0, t0) and v1 = v(x^_t1, t1) are the two gradient-carrying model outputs;
     delta = x^_t1 - x_t1 (or fc_delta, e.g. the velocity-space bias) drives the FC map;

@@ -684,11 +684,12 @@ def diffusers_knobs(
     weighting_scheme's density, sigma = the scheduler's training sigmas at floor(1000 u).
     The table is ``scheduler``'s when given (a fresh FlowMatchEulerDiscreteScheduler, as
     the scripts copy it), else the published config's: SD3 shift 3
-    (:data:`SD3_SCHEDULER`); FLUX.1 has use_dynamic_shifting=True, whose constructor
-    applies no shift, so the Flux script trains on unshifted sigmas. ``image_seq_len``
-    (Flux only; L = (H / 2) (W / 2) for (C, H, W) latents) adds the resolution-dependent
-    shift of :func:`flux_shift_mu`, which FluxPipeline uses at inference, for training
-    on the sigmas you will sample at.
+    (:data:`SD3_SCHEDULER`); FLUX.1 has use_dynamic_shifting=True
+    (:data:`FLUX_SCHEDULER`), whose constructor applies no shift, so the Flux script
+    trains on unshifted sigmas. ``image_seq_len`` (Flux only; L = (H / 2) (W / 2) for
+    (C, H, W) latents) adds the resolution-dependent shift e^mu / (e^mu + 1/s - 1),
+    mu = :func:`flux_shift_mu` (with the scheduler's config values), which FluxPipeline
+    applies at inference: for training on the sigmas you will sample at.
 
     Weighting (``loss_weighting``, :class:`DiffusersLossWeighting`): "sigma_sqrt" and
     "cosmap" weight the FM term per sample; "logit_normal", "mode" and "none" weight 1.
@@ -714,23 +715,30 @@ def diffusers_knobs(
     if image_seq_len is not None and family != "flux":
         raise ValueError("image_seq_len (the resolution-dependent shift) is Flux's; family='sd3'")
     if scheduler is not None:
-        if image_seq_len is not None:
-            raise ValueError("give scheduler or image_seq_len, not both")
         table = _table_of(scheduler)
+        config = dict(scheduler.config)
     elif family == "sd3":
-        table = scheduler_sigma_table(SD3_SCHEDULER["num_train_timesteps"], SD3_SCHEDULER["shift"])
+        config = SD3_SCHEDULER
+        table = scheduler_sigma_table(config["num_train_timesteps"], config["shift"])
     else:
-        mu = None
-        if image_seq_len is not None:
-            cfg = FLUX_SCHEDULER
-            mu = flux_shift_mu(
-                image_seq_len,
-                cfg["base_image_seq_len"],
-                cfg["max_image_seq_len"],
-                cfg["base_shift"],
-                cfg["max_shift"],
+        config = FLUX_SCHEDULER
+        table = scheduler_sigma_table(config["num_train_timesteps"])  # no shift at init
+    if image_seq_len is not None:
+        if not config.get("use_dynamic_shifting", False):
+            raise ValueError(
+                "image_seq_len needs a scheduler with use_dynamic_shifting=True (its "
+                "constructor leaves the table unshifted); this one shifts statically"
             )
-        table = scheduler_sigma_table(FLUX_SCHEDULER["num_train_timesteps"], mu=mu)
+        if config.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError("image_seq_len supports time_shift_type='exponential' only")
+        mu = flux_shift_mu(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        table = math.exp(mu) / (math.exp(mu) + (1 / table - 1))
     knobs: dict[str, Any] = {
         "convention": "noise_at_1",
         "timestep_scale": scale,

@@ -267,8 +267,13 @@ def test_flux_image_seq_len_applies_the_schedulers_dynamic_shift():
     scheduler = _flux_scheduler()
     want = scheduler.time_shift(mu, 1.0, scheduler.sigmas)  # what set_timesteps(mu=) applies
     torch.testing.assert_close(adapters.scheduler_sigma_table(1000, mu=mu), want)
-    sampler = adapters.diffusers_knobs("flux", image_seq_len=seq_len)["time_sampler"]
-    torch.testing.assert_close(sampler.sigmas, want)
+    for knobs in (
+        adapters.diffusers_knobs("flux", image_seq_len=seq_len),
+        adapters.diffusers_knobs("flux", image_seq_len=seq_len, scheduler=_flux_scheduler()),
+    ):
+        torch.testing.assert_close(knobs["time_sampler"].sigmas, want)
+    with pytest.raises(ValueError, match="use_dynamic_shifting"):
+        adapters.diffusers_knobs("flux", image_seq_len=seq_len, scheduler=_sd3_scheduler())
     scheduler.set_timesteps(28, mu=mu)  # the pipeline's inference schedule
     inference = scheduler.sigmas[:-1]
     unshifted = torch.linspace(1.0, 1 / 1000, 28)

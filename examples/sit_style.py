@@ -1,17 +1,21 @@
-"""SiT-style training: a class-conditional model(x, t, y) with CFG label dropout.
+"""SiT-style training with a SiT stand-in (SiT is not on PyPI): model(x, t, y), CFG label dropout.
 
     python examples/sit_style.py --steps 100
 
-In SiT's train.py the one-line change is the transport:
+TinySiT below follows SiT's contract (willisma/SiT models.py): its ``y_embedder`` has a
+null-class row only when its ``class_dropout_prob`` > 0, and drops labels itself in train
+mode. In SiT's train.py the one-line change is the transport:
 
-    transport = create_transport(args.path_type, ...)                       # before
-    transport = SiTTransportAdapter(args.path_type, num_classes=args.num_classes,
-                                    class_dropout_prob=0.1)                 # after
+    transport = create_transport(args.path_type, ...)                # before
+    transport = SiTTransportAdapter(args.path_type)                  # after
 
-and the SiT model is built with class_dropout_prob=0 (the adapter drops labels once per
-step, so the rollout and both gradient calls see the same label). The rest of the loop,
-``loss_dict = transport.training_losses(model, x, model_kwargs)`` and
-``loss = loss_dict["loss"].mean()``, stays as it is.
+Build the model as train.py does (class_dropout_prob=0.1). The adapter reads the label
+dropout and the null class from the model's y_embedder, drops labels once per step (so
+the rollout and both gradient calls see the same label) and turns the model's own
+dropout off during its calls. ``loss_dict = transport.training_losses(model, x,
+model_kwargs)`` and ``loss = loss_dict["loss"].mean()`` stay: "loss" is per sample, as
+SiT's. With SiT's sampler, ``sample_ode(sampling_method="euler", num_steps=M)`` takes
+M - 1 Euler steps: train with ``num_sampling_steps=M - 1``.
 """
 
 from __future__ import annotations
@@ -29,35 +33,45 @@ import reflexflow as rf  # noqa: E402
 from reflexflow.adapters import SiTTransportAdapter, drop_labels  # noqa: E402
 
 
+class LabelEmbedder(nn.Module):
+    """As SiT's: num_classes + 1 rows (the null class) only when dropout_prob > 0."""
+
+    def __init__(self, num_classes, dim, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, y, train):
+        if train and self.dropout_prob > 0:
+            y = drop_labels(y, self.dropout_prob, self.num_classes)
+        return self.embedding_table(y)
+
+
 class TinySiT(nn.Module):
     """A SiT-shaped toy: patch tokens + time and label embeddings + an MLP block.
 
     forward(x, t, y): x (B, C, H, W), t (B,) in [0, 1], y (B,) int labels, where label
-    num_classes is the null class used for classifier-free guidance. Like SiT's
-    LabelEmbedder it can drop labels itself (class_dropout_prob); keep that 0 with the
-    adapter doing the dropout.
+    num_classes is the null class used for classifier-free guidance.
     """
 
-    def __init__(self, channels=4, size=8, patch=2, dim=32, num_classes=10, class_dropout_prob=0.0):
+    def __init__(self, channels=4, size=8, patch=2, dim=32, num_classes=10, class_dropout_prob=0.1):
         super().__init__()
         self.patch, self.size, self.channels = patch, size, channels
-        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
         pdim = channels * patch * patch
         self.embed = nn.Linear(pdim, dim)
         self.t_embed = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.y_embed = nn.Embedding(num_classes + 1, dim)
+        self.y_embedder = LabelEmbedder(num_classes, dim, class_dropout_prob)
         self.block = nn.Sequential(
             nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
         )
         self.out = nn.Linear(dim, pdim)
 
     def forward(self, x, t, y):
-        if self.training and self.class_dropout_prob > 0:
-            y = drop_labels(y, self.class_dropout_prob, self.num_classes)
         B, C, H, W = x.shape
         p = self.patch
         tok = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
-        h = self.embed(tok) + (self.t_embed(t.view(-1, 1).to(x.dtype)) + self.y_embed(y))[:, None]
+        c = self.t_embed(t.view(-1, 1).to(x.dtype)) + self.y_embedder(y, self.training)
+        h = self.embed(tok) + c[:, None]
         h = h + self.block(h)
         out = self.out(h).view(B, H // p, W // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(B, C, H, W)
@@ -72,15 +86,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     num_classes = 10
-    model = TinySiT(num_classes=num_classes)
+    model = TinySiT(num_classes=num_classes, class_dropout_prob=0.1)  # as SiT's train.py
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    transport = SiTTransportAdapter(
-        args.path_type,
-        num_classes=num_classes,
-        class_dropout_prob=0.1,
-        num_sampling_steps=50,
-        rollout_steps=1,
-    )
+    # label dropout 0.1 and null class 10 are read from model.y_embedder
+    transport = SiTTransportAdapter(args.path_type, num_sampling_steps=20, rollout_steps=1)
     gen = torch.Generator().manual_seed(0)
     means = torch.randn(num_classes, 4, 1, 1, generator=gen)  # each class: a colour
     for step in range(args.steps):
@@ -91,7 +100,8 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        print(f"step {step} loss {loss.item():.4f} adr {loss_dict['adr_loss'].item():.4f}")
+        adr = loss_dict["adr_loss"]
+        print(f"step {step} loss {loss.item():.4f} adr {adr.item() if adr is not None else 0:.4f}")
 
     # classifier-free guided sampling: v = v_uncond + scale * (v_cond - v_uncond)
     model.eval()

@@ -1,7 +1,7 @@
 """reflexflow: the ReflexFlow / DEFAR training objective for flow-matching models.
 
 Anti-Drift Rectification (ADR) on scheduled-sampling rollouts plus Frequency
-Compensation (FC); see DESIGN.md for the mathematics and README.md for usage.
+Compensation (FC); see docs/method.md for the mathematics and README.md for usage.
 """
 
 from . import diagnostics, paths, presets, reference, stable

@@ -1,4 +1,4 @@
-"""Measuring exposure bias (DESIGN.md section 7).
+"""Measuring exposure bias (docs/method.md section 7).
 
 From clean x_t0 on held-out data, roll the model k Euler steps of the inference step
 h = 1/N and compare with the path: delta = x^_t1 - x_t1 (same x1 and eps).

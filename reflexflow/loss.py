@@ -43,8 +43,9 @@ class ReflexFlowOutput:
     """What one call of the loss returns.
 
     loss: scalar, differentiable. fc_loss / adr_loss: the two terms (detached), None when
-    the method or a zero lambda skips them. per_sample_loss: (B,) detached, its mean is
-    ``loss`` (up to float rounding). bias_norm: (B,) per-sample ||x^_t1 - x_t1|| (None
+    the method or a zero lambda skips them. per_sample_loss: (B,), differentiable, its
+    mean is ``loss`` (up to float rounding; with memory="lean" it is filled, detached, by
+    ``backward()``). bias_norm: (B,) per-sample ||x^_t1 - x_t1|| (None
     without a rollout). t0, t1: (B,) in the loss's convention; k: (B,) int64 rollout
     lengths (0 = not rolled out). fc_weight: the detached FC map w.
 
@@ -251,7 +252,7 @@ def reflexflow_loss(
         t1=from_canonical_time(d.t1, cfg.convention),
         k=d.k,
         fc_weight=_detach(out.get("w")),
-        per_sample_loss=_detach(out.get("per_sample")),
+        per_sample_loss=out.get("per_sample"),
         lean=out.get("lean"),
     )
 

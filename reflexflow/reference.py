@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every ReflexFlow formula (DESIGN.md sections 1 to 7).
+"""Pure-PyTorch reference of every ReflexFlow formula (docs/method.md sections 1 to 7).
 
 Plain, readable, float64-capable code: the oracle every fast path (Triton, C++/CUDA)
 is tested against, and the implementation behind ``backend="torch"``.
@@ -328,7 +328,7 @@ def objective(
     norm_eps: float = NORM_EPS,
     norm_floor: float = NORM_FLOOR,
 ) -> dict[str, Tensor | None]:
-    """The ReflexFlow objective L = L_FC + lambda_adr * L_ADR (DESIGN.md section 5).
+    """The ReflexFlow objective L = L_FC + lambda_adr * L_ADR (docs/method.md section 5).
 
     v0 = v(x_t0, t0) and v1 = v(x^_t1, t1) are the two gradient-carrying model outputs
     (or ``v_joint``, their (2B, ...) concatenation, with v0 = v1 = None).
@@ -449,7 +449,7 @@ def low_frequency_share(delta: Tensor, cutoff: float = 0.25) -> Tensor:
     return (power * low).flatten(1).sum(1) / total.clamp_min(torch.finfo(power.dtype).tiny)
 
 
-# --- stable (posterior-weighted) targets, DESIGN.md section 3 ------------------------------
+# --- stable (posterior-weighted) targets, docs/method.md section 3 ------------------------------
 
 __all__ += ["stable_target", "check_stable_inputs", "STABLE_S_FLOOR"]
 

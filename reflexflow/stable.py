@@ -1,6 +1,6 @@
 """Stable (posterior-weighted) targets: the fast path and the reference-set ring buffer.
 
-The stable target (Xu et al. 2023, "Stable Target Field"; DESIGN.md section 3) replaces
+The stable target (Xu et al. 2023, "Stable Target Field"; docs/method.md section 3) replaces
 the single-sample targets u_t and v_adr by the velocity of the posterior over a reference
 set X = {x1_j}, j = 1..R (the batch, optionally followed by recent batches):
 

@@ -1,12 +1,12 @@
 """Adapters: flow_matching schedulers, torchcfm matchers, SiT's Transport, diffusers models.
 
-Third-party packages are replaced by stand-ins that follow their documented formulas; the
-optional test at the end uses diffusers' FlowMatchEulerDiscreteScheduler when installed.
+Here third-party packages are replaced by stand-ins that follow their documented formulas
+(SiT, which is not on the package registry, by tests/sit_standin.py); tests/test_peers.py
+runs the same adapters against the real diffusers, flow_matching and torchcfm.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import runpy
@@ -19,6 +19,7 @@ import torch
 import reflexflow as rf
 from reflexflow import adapters
 from reflexflow import reference as ref
+from tests.sit_standin import SiTStandIn, sit_linear_training_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = torch.linspace(0.0, 0.99, 23, dtype=torch.float64)
@@ -162,6 +163,20 @@ class LabelRecordingModel(torch.nn.Module):
         return self.lin(x) + self.emb(y) * t[:, None]
 
 
+def _same_labels_in_every_call(calls, expected):
+    """Each call saw the step's labels: as a multiset, ``expected`` repeated len / B times
+    (a rollout call on a prefix of the sorted batch sees a sub-multiset)."""
+    B = expected.shape[0]
+    assert calls
+    for labels in calls:
+        seen = torch.bincount(labels, minlength=int(expected.max()) + 1)
+        want = torch.bincount(expected, minlength=seen.numel())
+        if labels.shape[0] % B == 0:
+            assert torch.equal(seen, want * (labels.shape[0] // B))
+        else:
+            assert bool((seen <= want).all())
+
+
 def test_sit_adapter_matches_reflexflow_loss_and_drops_labels_consistently():
     torch.manual_seed(0)
     model = LabelRecordingModel()
@@ -178,16 +193,14 @@ def test_sit_adapter_matches_reflexflow_loss_and_drops_labels_consistently():
         joint_forward=True,
     )
     terms = sit.training_losses(model, x1, {"y": y}, generator=torch.Generator().manual_seed(0))
-    assert terms["loss"].dim() == 0 and terms["loss"].mean() is not None
-    # one rollout call (B) then the joint 2B call: the same (dropped or kept) label each time
-    (_, y_roll), (_, y_joint) = model.seen
-    assert torch.equal(y_joint[:B], y_joint[B:])
-    out = terms["output"]
-    order = torch.sort(out.k, descending=True, stable=True).indices
-    assert torch.equal(y_roll, y_joint[:B][order])
-    dropped = y_joint[:B] == 3
-    assert torch.equal(y_joint[:B][~dropped], y[~dropped])
+    assert terms["loss"].shape == (B,)  # per sample, as SiT's training_losses
+    # the labels are dropped once, first, with the step's generator; every model call
+    # (rollout, gradient calls, in any order or batching) sees those labels
+    expected = adapters.drop_labels(y, 0.5, 3, torch.Generator().manual_seed(0))
+    _same_labels_in_every_call([labels for _, labels in model.seen], expected)
+    dropped = expected == 3
     assert 10 < int(dropped.sum()) < 54
+    out = terms["output"]
 
     # without dropout it is ReflexFlowLoss with path "linear" on the same draws
     plain = adapters.SiTTransportAdapter("Linear", rollout_steps=1, num_sampling_steps=10)
@@ -196,7 +209,7 @@ def test_sit_adapter_matches_reflexflow_loss_and_drops_labels_consistently():
     b = rf.ReflexFlowLoss(rollout_steps=1, num_sampling_steps=10)(
         model, x1, model_kwargs={"y": y}, **draws
     )
-    torch.testing.assert_close(a, b.loss)
+    torch.testing.assert_close(a.mean(), b.loss)
 
 
 def test_sit_adapter_reads_a_transport_and_refuses_non_velocity():
@@ -207,8 +220,16 @@ def test_sit_adapter_reads_a_transport_and_refuses_non_velocity():
         adapters.SiTTransportAdapter(SimpleNamespace(path_type="Linear", model_type="NOISE"))
     with pytest.raises(ValueError, match="path_type"):
         adapters.SiTTransportAdapter("Cosine")
+    with pytest.raises(ValueError, match="class_dropout_prob"):
+        adapters.SiTTransportAdapter("Linear", class_dropout_prob=1.5)
     with pytest.raises(ValueError, match="num_classes"):
-        adapters.SiTTransportAdapter("Linear", class_dropout_prob=0.1)
+        adapters.SiTTransportAdapter("Linear", num_classes=0)
+    # a probability > 0 needs the null label's id: from num_classes or the model's embedder
+    no_embedder = adapters.SiTTransportAdapter("Linear", class_dropout_prob=0.1)
+    with pytest.raises(ValueError, match="num_classes"):
+        no_embedder.training_losses(
+            LabelRecordingModel(), torch.randn(2, 4), {"y": torch.ones(2).long()}
+        )
 
 
 # ----------------------------------------------------------------------- diffusers
@@ -259,7 +280,8 @@ def test_sd3_timesteps_are_sigma_times_1000_and_loss_equals_canonical():
     knobs = dict(
         rollout_steps=2, num_sampling_steps=10, joint_forward=True, preset="grid-direction"
     )
-    out = rf.ReflexFlowLoss(**adapters.diffusers_knobs("sd3"), **knobs)(
+    sd3 = adapters.diffusers_knobs("sd3", precondition_outputs=False)  # weight 1
+    out = rf.ReflexFlowLoss(**sd3, **knobs)(
         model, x0, noise=noise, t=sigma, k=k, model_kwargs={"encoder_hidden_states": ctx}
     )
     joint = tr.timesteps[-1]
@@ -287,69 +309,23 @@ def test_flux_knobs_pass_sigma_and_shifted_sampler_is_in_range():
         adapters.diffusers_knobs("sdxl")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers not installed")
-def test_diffusers_scheduler_sigmas_and_scale_noise_match_noise_at_1():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    sched.set_timesteps(10)
-    torch.testing.assert_close(sched.timesteps, sched.sigmas[:-1] * 1000)
-    x0 = torch.randn(1, 2, 4, 4)
-    noise = torch.randn_like(x0)
-    ts = sched.timesteps[3:4]
-    sigma = sched.sigmas[3:4]
-    noisy = sched.scale_noise(x0, ts, noise)
-    ours = ref.interpolate(rf.LinearPath(), x0, noise, 1 - sigma)  # canonical t = 1 - sigma
-    torch.testing.assert_close(noisy, ours)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers not installed")
-def test_tiny_diffusers_sd3_transformer_trains_through_the_adapter():
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    tr = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=8,
-        out_channels=4,
-    )
-    seen = []
-    tr.register_forward_pre_hook(
-        lambda mod, args, kw: seen.append(kw["timestep"]), with_kwargs=True
-    )
-    loss_fn = rf.ReflexFlowLoss(
-        **adapters.diffusers_knobs("sd3"),
-        num_sampling_steps=10,
-        rollout_steps=2,
-        joint_forward=True,
-        preset="grid-direction",
-    )
-    kw = {"encoder_hidden_states": torch.randn(2, 5, 16), "pooled_projections": torch.randn(2, 8)}
-    out = loss_fn(
-        adapters.DiffusersModelAdapter(tr),
-        torch.randn(2, 4, 8, 8),
-        model_kwargs=kw,
-        generator=torch.Generator().manual_seed(0),
-    )
-    out.loss.backward()
-    assert torch.isfinite(out.loss)
-    assert sum(float(p.grad.abs().sum()) for p in tr.parameters() if p.grad is not None) > 0
-    torch.testing.assert_close(seen[-1], 1000 * torch.cat([out.t0, out.t1]))
-
-
 # ------------------------------------------------------------------------ examples
-@pytest.mark.parametrize("name", ["sit_style.py", "diffusers_style.py", "flow_matching_paths.py"])
-def test_example_runs_at_toy_size(name, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", [name, "--steps", "2"])
+@pytest.mark.parametrize(
+    "name, needs, argv",
+    [
+        ("sit_style.py", (), []),
+        ("diffusers_style.py", ("diffusers",), ["--family", "sd3", "--sample-steps", "4"]),
+        ("diffusers_style.py", ("diffusers",), ["--family", "flux", "--sample-steps", "4"]),
+        ("flow_matching_paths.py", ("flow_matching", "torchcfm"), []),
+    ],
+)
+def test_example_runs_at_toy_size(name, needs, argv, capsys, monkeypatch):
+    for module in needs:  # the peer examples use the real packages
+        pytest.importorskip(module)
+    monkeypatch.setattr(sys, "argv", [name, "--steps", "2", *argv])
     runpy.run_path(os.path.join(ROOT, "examples", name), run_name="__main__")
-    assert "loss" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "loss" in printed and "nan" not in printed
 
 
 def test_sampler_timestep_scale_and_noise_at_1_equal_canonical_sampling():
@@ -407,3 +383,129 @@ def test_sit_adapter_reads_the_path_from_a_real_transports_path_sampler(plan, ex
 def test_sit_adapter_rejects_an_unknown_plan():
     with pytest.raises(ValueError, match="path_sampler must be a SiT ICPlan"):
         adapters.SiTTransportAdapter(SiTLikeTransport(object()))
+
+
+# ------------------------------------------------- SiT's contract (tests/sit_standin.py)
+
+
+def _sit_batch(B=8, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(B, 2, 4, 4, generator=g)
+    y = torch.randint(0, classes, (B,), generator=g)
+    x0 = torch.randn(B, 2, 4, 4, generator=g)
+    t = torch.rand(B, generator=g)  # SiT's t ~ U[0, 1)
+    t[0], t[1] = 0.9995, 0.0  # any t in [0, 1) is valid SiT input, past 1 - t_eps too
+    return x1, y, x0, t
+
+
+def test_sit_adapter_fm_returns_sits_per_sample_loss_on_the_same_draws():
+    model = SiTStandIn(class_dropout_prob=0.0)
+    x1, y, x0, t = _sit_batch()
+    want = sit_linear_training_losses(model, x1, {"y": y}, t=t, x0=x0)["loss"]
+    adapter = adapters.SiTTransportAdapter("Linear", method="fm")
+    got = adapter.training_losses(model, x1, {"y": y}, noise=x0, t=t)
+    assert got["loss"].shape == (8,)
+    torch.testing.assert_close(got["loss"], want, rtol=1e-5, atol=1e-6)
+    # train.py's loss = loss_dict["loss"].mean(): same value and gradient as SiT's
+    got["loss"].mean().backward()
+    mine = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    want.mean().backward()
+    theirs = [p.grad for p in model.parameters() if p.grad is not None]
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_sit_adapter_per_sample_loss_averages_to_the_library_loss_with_its_gradient():
+    model = SiTStandIn(class_dropout_prob=0.0)
+    x1, y, x0, _ = _sit_batch()
+    draws = dict(noise=x0, t=torch.linspace(0.0, 0.9, 8), k=torch.tensor([1, 0] * 4))
+    knobs = dict(rollout_steps=1, num_sampling_steps=10)
+    got = adapters.SiTTransportAdapter("Linear", **knobs).training_losses(
+        model, x1, {"y": y}, **draws
+    )
+    assert got["loss"].shape == (8,)
+    got["loss"].mean().backward()
+    mine = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    want = rf.ReflexFlowLoss(**knobs)(model, x1, model_kwargs={"y": y}, **draws)
+    want.loss.backward()
+    torch.testing.assert_close(got["loss"].mean(), want.loss)
+    for a, b in zip(mine, [p.grad for p in model.parameters() if p.grad is not None], strict=True):
+        torch.testing.assert_close(a, b)
+    assert set(got) >= {"loss", "fc_loss", "adr_loss", "bias_norm", "t", "output"}
+
+
+def test_sit_adapter_takes_over_the_models_own_label_dropout():
+    # SiT's train.py builds the model with class_dropout_prob=0.1: its table has the null
+    # row; the adapter drops labels once per step and turns the model's own dropout off
+    model = SiTStandIn(num_classes=5, class_dropout_prob=0.5).train()
+    adapter = adapters.SiTTransportAdapter("Linear", rollout_steps=1, num_sampling_steps=10)
+    assert adapter.label_dropout(model)[:2] == (0.5, 5)
+    x1, y, _, _ = _sit_batch(B=64)
+    adapter.training_losses(model, x1, {"y": y}, generator=torch.Generator().manual_seed(1))
+    assert model.y_embedder.dropout_prob == 0.5  # restored
+    # one drop per step (the first draw of the step's generator), none inside the model
+    expected = adapters.drop_labels(y, 0.5, 5, torch.Generator().manual_seed(1))
+    _same_labels_in_every_call(model.labels_seen, expected)
+    dropped = expected == 5
+    assert 10 < int(dropped.sum()) < 54 and torch.equal(expected[~dropped], y[~dropped])
+    # through a DDP-style wrapper (.module) as SiT's train.py passes it
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    assert adapters.sit_label_embedder(wrapper) is model.y_embedder
+
+
+def test_sit_adapter_refuses_to_drop_labels_when_the_table_has_no_null_row():
+    model = SiTStandIn(num_classes=5, class_dropout_prob=0.0)  # 5 rows: no null class
+    assert model.y_embedder.embedding_table.num_embeddings == 5
+    adapter = adapters.SiTTransportAdapter("Linear", class_dropout_prob=0.1)
+    x1, y, _, _ = _sit_batch()
+    with pytest.raises(
+        ValueError, match="no null row.*class_dropout_prob > 0.*class_dropout_prob=0"
+    ):
+        adapter.training_losses(model, x1, {"y": y})
+    # without dropout both set-ups train, and the default follows the model (0 here)
+    for p in (0.0, None):
+        out = adapters.SiTTransportAdapter("Linear", class_dropout_prob=p).training_losses(
+            model, x1, {"y": y}
+        )
+        assert torch.isfinite(out["loss"]).all()
+    with pytest.raises(ValueError, match="num_classes=7"):
+        adapters.SiTTransportAdapter(num_classes=7, class_dropout_prob=0.1).label_dropout(model)
+
+
+class _HiddenTableSiT(torch.nn.Module):
+    """A model that keeps its label table out of sight (no y_embedder): no null row."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.table = torch.nn.Embedding(num_classes, 4)
+
+    def forward(self, x, t, y):
+        return x * self.table(y).sum(1)[:, None] + t[:, None]
+
+
+def test_sit_adapter_explains_an_index_error_from_a_table_it_cannot_see():
+    adapter = adapters.SiTTransportAdapter("Linear", num_classes=3, class_dropout_prob=1.0)
+    x1 = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="null class 3.*class_dropout_prob > 0"):
+        adapter.training_losses(_HiddenTableSiT(), x1, {"y": torch.zeros(4, dtype=torch.long)})
+
+
+def test_sit_sample_ode_num_steps_is_num_sampling_steps_plus_one():
+    # SiT's sample_ode(sampling_method="euler", num_steps=M) runs torchdiffeq's odeint
+    # on linspace(0, 1, M): M - 1 Euler steps, reflexflow.sample(steps=M - 1)
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    model = SiTStandIn(class_dropout_prob=0.0).eval()
+    y = torch.arange(3)
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def drift(t, x):
+        return model(x, torch.ones(x.shape[0]) * t, y)
+
+    M = 11
+    with torch.no_grad():
+        sit = torchdiffeq.odeint(drift, z, torch.linspace(0, 1, M), method="euler")[-1]
+        ours = rf.sample(model, z, steps=M - 1, model_kwargs={"y": y})
+    torch.testing.assert_close(ours, sit, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from reflexflow.bench import suites
 from reflexflow.bench.models import MODEL_PRESETS, build_model
+from reflexflow.bench.run import run_bench
 from reflexflow.bench.step import (
     StepSpec,
     available_backends,
@@ -171,8 +172,15 @@ def test_available_backends_follow_the_installed_config():
 def test_bench_quick_prints_a_table_and_writes_json_with_every_field(tmp_path, capsys):
     out = tmp_path / "step-cpu.json"
     assert main(["bench", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "reflexflow K=1 shared [torch]" in printed and f"wrote {out}" in printed
+    # progress on stderr: every stage, numbered, the step stages with their sizes
+    lines = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] + "]" for line in lines] == [f"[{i}/5]" for i in range(1, 6)]
+    assert "step benchmark on dit" in lines[0] and "step benchmark on unet" in lines[1]
+    assert "loss suite" in lines[2] and "rollout suite" in lines[3]
+    assert "stable suite" in lines[4]
     data = json.loads(out.read_text())
     env = data["environment"]
     assert env["device"] == "cpu" and env["torch"] == torch.__version__
@@ -227,3 +235,29 @@ def test_step_benchmark_on_cuda_measures_peak_memory_under_bf16():
     model, shape = build_model("dit", "quick")  # FLOP counts do not depend on the device
     cpu = count_step_flops(model, plain_fm_loss, torch.randn(2, *shape), _gen())["flops"]
     assert math.isclose(result["rows"][0]["gflop"], cpu / 1e9, rel_tol=1e-12)
+
+
+def test_bench_writes_nothing_by_default_and_never_overwrites_without_force(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)  # as if run from a checkout: nothing may land here
+    quick = ["bench", "--quick", "--device", "cpu", "--threads", "1", "--models", "dit"]
+    assert main(quick) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "JSON not written (pass --out PATH" in capsys.readouterr().out
+
+    kept = tmp_path / "step-cpu.json"
+    kept.write_text("committed result\n")
+    assert main([*quick, "--out", str(kept)]) == 2  # refused before anything runs
+    err = capsys.readouterr().err
+    assert "exists" in err and "--force" in err and "[1/" not in err
+    assert kept.read_text() == "committed result\n"
+    with pytest.raises(ValueError, match="exists"):
+        run_bench("cpu", quick=True, out=kept, models=("dit",))
+    with pytest.raises(ValueError, match="directory"):
+        run_bench("cpu", quick=True, out=tmp_path, models=("dit",))
+
+    assert main([*quick, "--out", str(kept), "--force"]) == 0
+    data = json.loads(kept.read_text())
+    assert {r["model"] for r in data["step"]["rows"]} == {"dit"}
+    assert data["step"]["settings"]["models"] == ["dit"]

@@ -1,4 +1,4 @@
-"""The reference formulas against DESIGN.md, independently of the loss module."""
+"""The reference formulas against docs/method.md, independently of the loss module."""
 
 import pytest
 import torch
@@ -90,7 +90,7 @@ def _objective_inputs(seed=0, shape=(4, 3, 6, 5)):
 
 @pytest.mark.parametrize("adr_loss", ["mse", "direction"])
 def test_objective_gradients_equal_design_closed_forms(adr_loss):
-    """DESIGN.md section 5: dL/dv0 = 2/N w (v0 - u_t0); dL/dv1 per adr_loss."""
+    """docs/method.md section 5: dL/dv0 = 2/N w (v0 - u_t0); dL/dv1 per adr_loss."""
     path = LinearPath()
     x1, eps, v0, v1, x_hat, t0, t1, k = _objective_inputs()
     v0.requires_grad_(True)

@@ -284,7 +284,7 @@ def test_bad_arguments_are_rejected_by_name(impl):
 
 
 def test_high_dimensional_weights_collapse_except_at_high_noise():
-    """DESIGN.md's caveat, measured: D = 4096, 16 independent samples; the own sample
+    """docs/method.md's caveat, measured: D = 4096, 16 independent samples; the own sample
     takes nearly all the weight at t = 0.5, while near t = 0 the weights are spread."""
     path = get_path("linear")
     g = torch.Generator().manual_seed(11)

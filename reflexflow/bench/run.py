@@ -1,4 +1,9 @@
-"""``reflexflow bench``: the step, loss and rollout benchmarks; one table, one JSON file."""
+"""``reflexflow bench``: the step, loss and rollout benchmarks; one table, a JSON on request.
+
+Nothing is written unless ``--out PATH`` is given, and an existing file is kept unless
+``--force``: run from a checkout, the bench cannot overwrite a committed result. While it
+runs it prints, on stderr, which stage it is in and how many are left.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,11 @@ from typing import Any, TextIO
 
 import torch
 
-from .report import device_slug, environment, format_step_table, load_average, write_json
-from .step import run_step_benchmark
+from .report import environment, format_step_table, load_average, write_json
+from .step import available_backends, run_step_benchmark, step_specs, summarize
 from .suites import SUITES, format_rows, run_suite
 
-__all__ = ["run_bench", "add_bench_parser", "QUICK", "DEFAULT_CPU", "DEFAULT_GPU"]
+__all__ = ["run_bench", "add_bench_parser", "check_out", "QUICK", "DEFAULT_CPU", "DEFAULT_GPU"]
 
 # step-benchmark settings: --quick (a test), the CPU default (a few minutes on 2 cores)
 # and the CUDA default (SiT-S/2-sized DiT and a 128-channel UNet, batch 64, bf16)
@@ -24,24 +29,46 @@ DEFAULT_CPU = {"size": "small", "batch": 8, "rollout_steps": (1, 2, 4), "reps": 
 DEFAULT_GPU = {"size": "gpu", "batch": 64, "rollout_steps": (1, 2, 4), "reps": 10, "warmup": 3}
 
 
+def check_out(out: str | Path | None, force: bool = False) -> Path | None:
+    """The JSON path to write, checked before any benchmark runs.
+
+    None writes nothing. An existing file is refused (ValueError) unless ``force``;
+    a directory is refused always.
+    """
+    if out is None:
+        return None
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"out must be a file path, {str(path)!r} is a directory")
+    if path.exists() and not force:
+        raise ValueError(
+            f"out {str(path)!r} exists: pass force=True (--force) to overwrite it, or another path"
+        )
+    return path
+
+
 def run_bench(
     device: str | None = None,
     *,
     quick: bool = False,
     out: str | Path | None = None,
+    force: bool = False,
     models: tuple[str, ...] = ("dit", "unet"),
     overrides: dict[str, Any] | None = None,
     threads: int | None = None,
     stream: TextIO | None = None,
+    progress: TextIO | None = None,
 ) -> dict[str, Any]:
-    """Run every benchmark present on ``device``, print one report, write the JSON.
+    """Run every benchmark present on ``device``, print one report; write the JSON to ``out``.
 
-    device defaults to CUDA when available, else CPU; out defaults to
-    benchmarks/results/step-<device>.json. ``overrides`` replace step-benchmark
-    settings (size, batch, rollout_steps, reps, warmup, amp, backends). threads sets
-    torch's intra-op CPU threads for the run (1 gives steadier figures on a loaded CPU).
-    Returns the JSON payload.
+    device defaults to CUDA when available, else CPU. ``out`` None (the default) writes
+    no file; an existing ``out`` is refused before anything runs unless ``force``.
+    ``overrides`` replace step-benchmark settings (size, batch, rollout_steps, reps,
+    warmup, amp, backends). threads sets torch's intra-op CPU threads for the run (1
+    gives steadier figures on a loaded CPU). The report goes to ``stream`` (stdout),
+    one progress line per stage to ``progress`` (stderr). Returns the JSON payload.
     """
+    path = check_out(out, force)
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
@@ -49,26 +76,49 @@ def run_bench(
         torch.set_num_threads(threads)
         try:
             return run_bench(
-                device, quick=quick, out=out, models=models, overrides=overrides, stream=stream
+                device,
+                quick=quick,
+                out=path,
+                force=True,  # checked above
+                models=models,
+                overrides=overrides,
+                stream=stream,
+                progress=progress,
             )
         finally:
             torch.set_num_threads(before)
     stream = stream if stream is not None else sys.stdout
+    progress = progress if progress is not None else sys.stderr
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for but CUDA is not available")
+    if not models:
+        raise ValueError("models must name at least one model ('dit', 'unet')")
     settings = dict(QUICK if quick else DEFAULT_GPU if dev.type == "cuda" else DEFAULT_CPU)
     settings.update(overrides or {})
-    out = (
-        Path(out)
-        if out is not None
-        else Path("benchmarks/results") / (f"step-{device_slug(dev)}.json")
-    )
     env = environment(dev)
     start = time.perf_counter()
-    step = run_step_benchmark(dev, models=models, **settings)
-    suites = {name: run_suite(name, str(dev), quick) for name in SUITES}
+    stages = len(models) + len(SUITES)
+    configs = _config_count(dev, settings)
+    reps, warmup = settings.get("reps", 5), settings.get("warmup", 1)
+    parts = []
+    for i, name in enumerate(models, 1):
+        _say(
+            progress,
+            f"[{i}/{stages}] step benchmark on {name}: {configs} configurations (fm first), "
+            f"{warmup} warm-up + {reps} timed steps each",
+        )
+        t0 = time.perf_counter()
+        parts.append(run_step_benchmark(dev, models=(name,), **settings))
+        _say(progress, f"      done in {time.perf_counter() - t0:.1f} s")
+    step = _merge_step_results(parts, models)
+    suites = {}
+    for i, name in enumerate(SUITES, len(models) + 1):
+        _say(progress, f"[{i}/{stages}] {name} suite")
+        t0 = time.perf_counter()
+        suites[name] = run_suite(name, str(dev), quick)
+        _say(progress, f"      {suites[name]['status']} in {time.perf_counter() - t0:.1f} s")
     env["load_avg_end"] = load_average()
     payload = {
         "environment": env,
@@ -77,9 +127,36 @@ def run_bench(
         "suites": suites,
     }
     print(_report(payload), file=stream)
-    write_json(out, payload)
-    print(f"wrote {out}", file=stream)
+    if path is not None:
+        write_json(path, payload)
+        print(f"wrote {path}", file=stream)
+    else:
+        print("JSON not written (pass --out PATH to keep it)", file=stream)
     return payload
+
+
+def _say(progress: TextIO, line: str) -> None:
+    print(line, file=progress, flush=True)
+
+
+def _config_count(device: torch.device, settings: dict[str, Any]) -> int:
+    """How many step configurations one model runs (FM plus every ReflexFlow one)."""
+    backends = settings.get("backends")
+    if backends is None:
+        backends = available_backends(device)[0]
+    return len(step_specs(backends, settings.get("rollout_steps", (1, 2, 4))))
+
+
+def _merge_step_results(parts: list[dict[str, Any]], models: tuple[str, ...]) -> dict[str, Any]:
+    """One step-benchmark result from per-model runs (settings, rows, summary)."""
+    rows = [row for part in parts for row in part["rows"]]
+    settings = dict(parts[0]["settings"], models=list(models))
+    return {
+        "settings": settings,
+        "rows": rows,
+        "skipped_backends": parts[0]["skipped_backends"],
+        "summary": summarize(rows),
+    }
 
 
 def _report(payload: dict[str, Any]) -> str:
@@ -124,10 +201,16 @@ def _bench_command(args: argparse.Namespace) -> int:
         for key, val in {"size": args.size, "batch": args.batch, "reps": args.reps}.items()
         if val is not None
     }
+    try:
+        check_out(args.out, args.force)
+    except ValueError as err:
+        print(f"reflexflow bench: {err}", file=sys.stderr)
+        return 2
     run_bench(
         args.device,
         quick=args.quick,
         out=args.out,
+        force=args.force,
         models=tuple(args.models),
         overrides=overrides,
         threads=args.threads,
@@ -142,13 +225,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         help="benchmark a training step (FM vs ReflexFlow) and the loss/rollout kernels",
         description="Times a full optimizer step of plain FM and of ReflexFlowLoss (K = 1, 2, "
         "4; shared first call, joint 2B, two-call and lean modes; every usable backend) on a "
-        "small DiT and UNet, compares "
-        "each with its FLOP ideal, runs the loss and rollout benchmarks that are installed, "
-        "prints one table and writes benchmarks/results/step-<device>.json.",
+        "small DiT and UNet, compares each with its FLOP ideal, runs the loss and rollout "
+        "benchmarks that are installed and prints one table (progress on stderr). The JSON "
+        "is written only with --out, and an existing file only with --force.",
     )
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     bench.add_argument("--quick", action="store_true", help="tiny sizes, one step: a smoke test")
-    bench.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    bench.add_argument("--out", default=None, help="write the JSON here (default: write nothing)")
+    bench.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     bench.add_argument(
         "--models", nargs="+", default=["dit", "unet"], choices=["dit", "unet"], help="models"
     )

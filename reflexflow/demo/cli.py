@@ -21,7 +21,7 @@ data order: fm, ip, ss, reflexflow (direction ADR), reflexflow-mse, the ablation
 adr-only (lambda_fc = 0) and fc-only (lambda_adr = 0). Scores Euler samples
 at 10, 20 and 50 steps on the held-out split: Frechet distance in the features of a small
 digit classifier (trained once, cached), its confidence, k-NN precision/recall, and the
-exposure-bias curve (DESIGN.md section 7). Writes results.json, results.md,
+exposure-bias curve (docs/method.md section 7). Writes results.json, results.md,
 samples-<method>.png, exposure-bias.png and loss-curves.png to --out.
 Needs the demo extra: pip install "reflexflow[demo]". Defaults take about 10 CPU-minutes
 (about 5 minutes on 2 quiet cores with the default 2 workers); --quick under a minute."""

@@ -1,4 +1,4 @@
-"""The methods of the study and their ReflexFlowLoss knobs (DESIGN.md sections 5 and 6)."""
+"""The methods of the study and their ReflexFlowLoss knobs (docs/method.md sections 5 and 6)."""
 
 from __future__ import annotations
 

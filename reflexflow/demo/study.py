@@ -7,7 +7,7 @@ every method); the loss's own draws come from a second generator seeded with
 ``seed + 1``. Evaluation on the held-out split (or the validation split, for tuning):
 Euler samples from the same noise for every method at each step count N, scored by
 Frechet distance, precision/recall and classifier confidence (digits) or MMD^2 and
-precision/recall (toys), and the exposure-bias curve of DESIGN.md section 7 with k
+precision/recall (toys), and the exposure-bias curve of docs/method.md section 7 with k
 Euler steps of h = 1/N spanning ``bias_span`` of the time axis (k = round(span N)).
 """
 
@@ -223,7 +223,7 @@ def bias_k(cfg: DemoConfig, n_steps: int) -> int:
 
 
 def bias_curves(cfg: DemoConfig, data: _Data, model: nn.Module, seed: int) -> dict[str, Any]:
-    """Exposure-bias curve (DESIGN.md section 7) at every N of eval_steps, held-out data."""
+    """Exposure-bias curve (docs/method.md section 7) at every N of eval_steps, held-out data."""
     device = torch.device(cfg.device)
     curves = {}
     for n in cfg.eval_steps:

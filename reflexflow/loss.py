@@ -377,12 +377,73 @@ def _rollout(st: _Step, x: Tensor, t: Tensor, k: Tensor, fixed_k: int | None) ->
     )
 
 
+class _Calls:
+    """The gradient-carrying model outputs of one step (see :func:`_gradient_calls`).
+
+    v0: v(x_t0, t0) for the FM term (v1 itself with fm_input "biased"); v1: v(x^_t1, t1)
+    for the ADR term (None when lambda_adr = 0 or deferred by memory="lean"); v_joint:
+    both as one (2B, ...) output (joint_forward); deferred: the ADR call waits for
+    ``out.backward()``.
+    """
+
+    def __init__(self, v0=None, v1=None, v_joint=None, deferred=False) -> None:
+        self.v0, self.v1, self.v_joint, self.deferred = v0, v1, v_joint, deferred
+
+    def biased_output(self, batch: int) -> Tensor | None:
+        """v(x^_t1, t1) when a gradient call already computed it (detached), else None."""
+        if self.v1 is not None:
+            return self.v1.detach()
+        return None if self.v_joint is None else self.v_joint[batch:].detach()
+
+
+def _gradient_calls(st: _Step, x_hat: Tensor, v0: Tensor | None) -> _Calls:
+    """The FM and ADR terms' model calls: shared/separate, joint 2B, or one biased call."""
+    cfg, d = st.cfg, st.d
+    if cfg.fm_input == "biased":  # FM and ADR on the same prediction at the biased input
+        v1 = st.velocity(x_hat, d.t1, st.kwargs)
+        return _Calls(v0=v1, v1=v1)
+    if cfg.joint_call:
+        return _Calls(
+            v_joint=st.velocity(
+                torch.cat([st.x_t0, x_hat]),
+                torch.cat([d.t0, d.t1]),
+                repeat_batch(st.kwargs, st.batch, 2),
+            )
+        )
+    if v0 is None:
+        with ddp_no_sync(st.model) if st.lean else contextlib.nullcontext():
+            v0 = st.velocity(st.x_t0, d.t0, st.kwargs)
+    if cfg.lambda_adr == 0:
+        return _Calls(v0=v0)
+    if st.lean:
+        return _Calls(v0=v0, deferred=True)
+    return _Calls(v0=v0, v1=st.velocity(x_hat, d.t1, st.kwargs))
+
+
+def _velocity_bias(st: _Step, x_hat: Tensor, x_t1: Tensor, calls: _Calls) -> Tensor:
+    """v(x^_t1, t1) - v(x_t1, t1) without gradient: the velocity-space bias of FC."""
+    with torch.no_grad():
+        clean = st.velocity(x_t1, st.d.t1, st.kwargs)
+        biased = calls.biased_output(st.batch)
+        if biased is None:
+            biased = st.velocity(x_hat, st.d.t1, st.kwargs)
+        return biased - clean
+
+
+def _fc_active(st: _Step) -> Tensor:
+    """Rows whose FC weight is not 1: rolled out, and below fc_t_max when it is set."""
+    active = st.d.k > 0
+    if st.cfg.fc_t_max is not None:
+        active = active & (st.d.t0 < st.cfg.fc_t_max)
+    return active
+
+
 def _rolled_out(st: _Step) -> dict:
+    """ss and reflexflow: the rollout, the gradient calls, the targets and the objective."""
     cfg, d, data, path = st.cfg, st.d, st.data, st.path
     x_hat, v0 = _rollout_state(st)
     x_t1 = ref.interpolate(path, data, d.eps, d.t1)
-    delta = (x_hat - x_t1).detach()
-    bias_norm = delta.flatten(1).norm(dim=1)
+    bias_norm = (x_hat - x_t1).detach().flatten(1).norm(dim=1)
     stable = cfg.target == "stable"
 
     if cfg.method == "ss":
@@ -390,44 +451,15 @@ def _rolled_out(st: _Step) -> dict:
         u1 = _stable(st, x_hat, d.t1) if stable else ref.velocity_target(path, data, d.eps, d.t1)
         return {**_single_term(v1, u1, _weights(st, d.t1)), "bias_norm": bias_norm}
 
-    need_adr, need_fc = cfg.lambda_adr != 0, cfg.lambda_fc != 0
-    biased = cfg.fm_input == "biased"
-    v1 = v_joint = None
-    defer_adr = st.lean and need_adr
-    if biased:
-        v1 = st.velocity(x_hat, d.t1, st.kwargs)
-        v0 = v1
-    elif cfg.joint_call:
-        v_joint = st.velocity(
-            torch.cat([st.x_t0, x_hat]),
-            torch.cat([d.t0, d.t1]),
-            repeat_batch(st.kwargs, st.batch, 2),
-        )
-    else:
-        if v0 is None:
-            with ddp_no_sync(st.model) if st.lean else contextlib.nullcontext():
-                v0 = st.velocity(st.x_t0, d.t0, st.kwargs)
-        if need_adr and not defer_adr:
-            v1 = st.velocity(x_hat, d.t1, st.kwargs)
-
+    calls = _gradient_calls(st, x_hat, v0)
+    need_adr = cfg.lambda_adr != 0
     fc_delta = None
-    if need_fc and cfg.fc_source == "velocity":  # biased minus clean prediction at t1
-        with torch.no_grad():
-            v_clean = st.velocity(x_t1, d.t1, st.kwargs)
-            if v1 is not None:
-                v_biased = v1.detach()
-            elif v_joint is not None:
-                v_biased = v_joint[st.batch :].detach()
-            else:
-                v_biased = st.velocity(x_hat, d.t1, st.kwargs)
-            fc_delta = v_biased - v_clean
-    active = d.k > 0
-    if cfg.fc_t_max is not None:
-        active = active & (d.t0 < cfg.fc_t_max)
+    if cfg.lambda_fc != 0 and cfg.fc_source == "velocity":
+        fc_delta = _velocity_bias(st, x_hat, x_t1, calls)
+    biased = cfg.fm_input == "biased"
     t_fm, x_fm = (d.t1, x_hat) if biased else (d.t0, st.x_t0)
-    u_fm = _stable(st, x_fm, t_fm) if stable else None
     v_adr = _stable(st, x_hat, d.t1) if stable and need_adr else None
-    if defer_adr and v_adr is None:
+    if calls.deferred and v_adr is None:
         v_adr = ref.adr_target(path, data, d.eps, x_hat.detach(), d.t1)
     adr_weight = _weights(st, d.t1) if cfg.weight_adr and need_adr else None
     knobs = dict(
@@ -440,7 +472,7 @@ def _rolled_out(st: _Step) -> dict:
         lambda_adr=cfg.lambda_adr,
         lambda_fc=cfg.lambda_fc,
         adr_loss=cfg.adr_loss,
-        fc_active=active,
+        fc_active=_fc_active(st),
         fc_delta=fc_delta,
         per_channel=cfg.fc_per_channel,
         fc_signed=cfg.fc_signed,
@@ -450,22 +482,22 @@ def _rolled_out(st: _Step) -> dict:
         fc_size=cfg.fc_size,
         fc_cutoff=cfg.fc_cutoff,
         fm_weight=_weights(st, t_fm),
-        adr_weight=None if defer_adr else adr_weight,
-        u0=u_fm,
-        v_adr=None if defer_adr else v_adr,
+        adr_weight=None if calls.deferred else adr_weight,
+        u0=_stable(st, x_fm, t_fm) if stable else None,
+        v_adr=None if calls.deferred else v_adr,
         norm_eps=cfg.norm_eps,
         norm_floor=cfg.norm_floor,
     )
-    if v_joint is not None:
-        knobs["v_joint"] = v_joint
+    if calls.v_joint is not None:
+        knobs["v_joint"] = calls.v_joint
     else:
-        knobs["v0"], knobs["v1"] = v0, v1
+        knobs["v0"], knobs["v1"] = calls.v0, calls.v1
     # The model may run under torch.autocast; the loss's own math must not (the FC
     # filter's conv would run in bf16/fp16): w, v_adr and the loss stay in the state dtype.
     with torch.autocast(data.device.type, enabled=False):
         terms = _objective_fn(cfg, data, knobs)(path, **knobs)
     terms["bias_norm"] = bias_norm
-    if defer_adr:
+    if calls.deferred:
         terms["lean"] = _LeanStep(
             model=st.model,
             velocity=st.velocity,

@@ -97,7 +97,8 @@ def test_ddp_and_fsdp2_gradients_equal_single_process_in_every_forward_and_memor
             assert got["allreduces"] == 1, mode  # one bucket, reduced once per step
 
 
-def test_train_ddp_example_runs_two_gloo_ranks():
+@pytest.mark.parametrize("extra", [[], ["--lean"]], ids=["default", "lean"])
+def test_train_ddp_example_runs_two_gloo_ranks(extra):
     results = _launch(
         [
             os.path.join(ROOT, "examples", "train_ddp.py"),
@@ -108,6 +109,7 @@ def test_train_ddp_example_runs_two_gloo_ranks():
             "--batch",
             "4",
             "--cpu",
+            *extra,
         ]
     )
     assert "step 1" in results[0].stdout

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _rollout_models import Counting, TinyNet
 
 import reflexflow as rf
 from reflexflow import native
 from reflexflow.engine import RolloutEngine, rollout
 from reflexflow.reference import euler_rollout_per_sample
+from tests._rollout_models import Counting, TinyNet
 
 BACKENDS = ["torch", "native"]
 

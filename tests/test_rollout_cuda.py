@@ -49,9 +49,9 @@ def _inputs(batch=16, kmax=4, dtype=torch.float32, fixed=False):
     return [a.cuda() for a in (x, t0, k, h)]
 
 
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("v_dtype", FLOATS)
-@pytest.mark.parametrize("out_dtype", [None, *FLOATS])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("v_dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("out_dtype", [None, *FLOATS], ids=str)
 def test_cuda_fused_euler_matches_torch(ops, state_dtype, v_dtype, out_dtype):
     gen = torch.Generator().manual_seed(1)
     state = torch.randn(7, 3, 5, 5, generator=gen, dtype=state_dtype).cuda()
@@ -84,9 +84,9 @@ def test_cuda_plan_matches_torch_twin(ops):
         )
 
 
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("v_dtype", FLOATS)
-@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("v_dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_cuda_masked_euler_matches_torch_twin(ops, state_dtype, v_dtype, out_dtype):
     gen = torch.Generator().manual_seed(2)
     state = torch.randn(7, 3, 5, 5, generator=gen, dtype=state_dtype).cuda()
@@ -165,7 +165,7 @@ def test_cuda_engine_matches_per_sample_loop(ops, backend):
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
-@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_graph_fixed_k_matches_reference(ops, backend, model_dtype):
     net = TinyNet().cuda().to(model_dtype)
     vm = rf.VelocityModel(net, input_dtype=model_dtype)
@@ -195,7 +195,7 @@ def test_cuda_loss_with_graph_matches_torch_backend(ops):
     torch.testing.assert_close(out["graph"].loss, out["torch"].loss, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_graph_rollout_of_a_channels_last_state_matches_reference(ops, model_dtype):
     """The captured graph's buffers are contiguous whatever the input layout: the fused
     update needs contiguous state and next-input buffers."""

@@ -268,9 +268,9 @@ class _Graph:
             # contiguous buffers whatever x's layout (channels_last, permuted): the fused
             # update requires them
             self.state = x.clone(memory_format=torch.contiguous_format)
-            self.tau = tau.clone()
-            self.h = h.clone()
-            self.k = k.clone()
+            self.tau = tau.clone(memory_format=torch.contiguous_format)
+            self.h = h.clone(memory_format=torch.contiguous_format)
+            self.k = k.clone(memory_format=torch.contiguous_format)
             self.kwargs = map_tensors(kwargs, lambda a: a.clone())
             self.xin = None if cast is None else self.state.to(cast)
             stream = torch.cuda.Stream(device=x.device)
@@ -393,7 +393,7 @@ class RolloutEngine:
     def _static_rollout(self, velocity, x, tau0, h, k, steps, kwargs, use_native) -> Tensor:
         """The masked static plan, eagerly (native op or torch twin); no host sync."""
         state = x.clone(memory_format=torch.contiguous_format) if use_native else x.clone()
-        tau = tau0.clone()
+        tau = tau0.clone(memory_format=torch.contiguous_format)  # updated in place
         cast = _cast_dtype(velocity, state) if use_native else None
         xin = None if cast is None else state.to(cast)
         update = _native_masked if use_native else euler_update_masked

@@ -454,3 +454,16 @@ def test_per_sample_k_all_equal_takes_the_graph_and_mixed_k_does_not(monkeypatch
         atol=1e-6,
     )
     assert len(_FakeGraph.made) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fixed_k", [None, 3])
+def test_expanded_time_and_step_tensors_are_accepted(backend, fixed_k):
+    """t0 and step given as stride-0 views (t0.expand(B)): the in-place buffers are copies."""
+    engine = _backend(backend)
+    vm = rf.VelocityModel(TinyNet())
+    x, _, k, _ = _inputs(batch=5, kmax=3, seed=18)
+    t0, h = torch.tensor(0.2).expand(5), torch.tensor(0.05).expand(5)
+    got = engine(vm, x, t0, k, h, fixed_k=fixed_k)
+    want = euler_rollout_per_sample(vm, x, t0.contiguous(), k, h.contiguous())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -372,9 +372,10 @@ class RolloutEngine:
         with torch.no_grad():
             dtype = x_t0.dtype
             tau0, h = t0.to(dtype), step.to(dtype)
+            # per-sample k: the one host sync, the prefix lengths (read before any move)
+            active = None if steps is not None else active_counts(k.tolist())
             k = k.to(device=x_t0.device, dtype=torch.int64)
-            if steps is None:
-                active = active_counts(k.tolist())  # the one host sync: prefix lengths
+            if active is not None:
                 if not active:
                     return x_t0.clone()
                 if not (graph and active[-1] == x_t0.shape[0]):

@@ -96,6 +96,7 @@ def _model_key(velocity: VelocityFn) -> tuple:
             velocity.convention,
             velocity.timestep_scale,
             velocity.input_dtype,
+            getattr(velocity, "mode", None),  # the mode the model is called in, if set
         )
     if hasattr(velocity, "__self__") and hasattr(velocity, "__func__"):  # a bound method
         return (id(velocity.__self__), velocity.__func__)

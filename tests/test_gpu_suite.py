@@ -44,6 +44,21 @@ def test_a_step_past_its_limit_is_killed_and_reported():
     assert gs.run_step("late", ["true"], 3).status == "not run: out of time budget"
 
 
+def test_a_pytest_step_cut_by_its_limit_still_writes_its_report(tmp_path):
+    """On timeout the step's process group gets SIGINT first: pytest ends the session and
+    writes the junit report of what ran, which the summary then shows."""
+    (tmp_path / "test_slow.py").write_text(
+        "import time\n\ndef test_fast():\n    pass\n\ndef test_slow():\n    time.sleep(120)\n"
+    )
+    junit = tmp_path / "r.xml"
+    cmd = [sys.executable, "-m", "pytest", "test_slow.py", "-p", "no:cacheprovider"]
+    cmd += [f"--junitxml={junit}", "--rootdir", str(tmp_path)]
+    res = gs.run_step("tests", cmd, 16, cwd=tmp_path)
+    assert res.status == "timed out" and res.seconds < 60
+    report = gs.parse_junit(junit)
+    assert report["counts"] == {"passed": 1, "interrupted": 1}
+
+
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest">
 <testcase classname="tests.test_rollout_cuda" name="test_cuda_op[a]" time="0.1"/>

@@ -308,7 +308,7 @@ def test_cuda_graph_replays_read_live_weights_under_bf16_autocast(ops, backend):
     cuda_graph=False."""
     net = TinyNet().cuda()
     vm = rf.VelocityModel(net)
-    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    opt = torch.optim.SGD(net.parameters(), lr=2.0)
     graph, eager = RolloutEngine(backend, cuda_graph=True), RolloutEngine(backend)
     x, t0, k, h = _inputs(kmax=3)
     previous = None
@@ -322,7 +322,7 @@ def test_cuda_graph_replays_read_live_weights_under_bf16_autocast(ops, backend):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
         assert bool(torch.isfinite(got).all())
         if previous is not None:  # the weights moved: so must the rollout
-            assert (got - previous).abs().max() > 1e-2
+            assert (got - previous).abs().max() > 2e-2
         previous = got
         loss = net(x, t0).square().mean()
         loss.backward()

@@ -256,6 +256,19 @@ def test_cuda_fixed_k_masked_plan_with_zeros_matches_per_sample_loop(ops, backen
     assert torch.equal(got[k == 0], x[k == 0])
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_cuda_fixed_k_with_every_k_equal_is_bit_identical_to_plain_steps(ops, backend):
+    vm = rf.VelocityModel(TinyNet().cuda())
+    x, t0, k, h = _inputs(kmax=3, fixed=True)
+    got = RolloutEngine(backend)(vm, x, t0, k, h, fixed_k=3)
+    with torch.no_grad():
+        want, tau = x.clone(), t0.clone()
+        for _ in range(3):
+            want += h.view(-1, 1, 1, 1) * vm(want, tau)
+            tau += h
+    assert torch.equal(got, want)
+
+
 def test_cuda_fixed_k_native_and_torch_engines_agree_bit_for_bit(ops):
     vm = rf.VelocityModel(TinyNet().cuda())
     x, t0, k, h = _inputs(kmax=3)

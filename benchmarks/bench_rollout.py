@@ -8,7 +8,10 @@ per-sample loop):
   lockstep       full batch for max k steps, finished samples masked (B * max k forwards)
   engine_torch   RolloutEngine("torch"): prefix-compacted, pure PyTorch (sum k forwards)
   engine_native  RolloutEngine("native"): the same with the C++/CUDA ops
-  graph          RolloutEngine("native", cuda_graph=True), fixed k only, CUDA only
+  fixed_native   RolloutEngine("native") with fixed_k=K: the masked static plan, no host
+                 sync (fixed k only)
+  graph          RolloutEngine("native", cuda_graph=True) with fixed_k=K, fixed k only,
+                 CUDA only
 
 plus a micro-benchmark of the fused Euler update (torch.ops.reflexflow.euler_update_)
 against plain PyTorch (state += h * v; xin.copy_(state)).

@@ -1,9 +1,11 @@
 // Shared declarations and argument checks of the reflexflow rollout ops.
 //
-//   reflexflow::rollout_plan(k, t0, step) -> (order, counts, times, steps)
+//   reflexflow::rollout_plan(k, t0, step, kmax?) -> (order, counts, times, steps)
 //   reflexflow::euler_update_(state, v, h, next_input?)   state += h * v, in place
+//   reflexflow::euler_update_masked_(state, tau, v, h, k, j, next_input?)
+//       the same on the rows with k > j only, and tau += h there
 //
-// Reference twin: reflexflow/rollout.py (rollout_plan, euler_rollout).
+// Reference twins: reflexflow/rollout.py (plan_tensors, euler_update, euler_update_masked).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -48,7 +50,30 @@ inline at::Tensor check_euler_args(const at::Tensor& state, const at::Tensor& v,
   return h.to(state.scalar_type()).contiguous();
 }
 
-inline void check_plan_args(const at::Tensor& k, const at::Tensor& t0, const at::Tensor& step) {
+// Checks of the masked update's extra arguments (tau, k, j); state/v/h as above.
+inline void check_masked_args(const at::Tensor& state, const at::Tensor& tau, const at::Tensor& k,
+                              int64_t j) {
+  const int64_t n = state.size(0);
+  TORCH_CHECK(tau.scalar_type() == state.scalar_type(), "euler_update_masked_: tau must have ",
+              "the state's dtype ", state.scalar_type(), ", got ", tau.scalar_type());
+  TORCH_CHECK(tau.dim() == 1 && tau.size(0) == n, "euler_update_masked_: tau must have shape (",
+              n, ",), got ", tau.sizes());
+  TORCH_CHECK(tau.is_contiguous(), "euler_update_masked_: tau must be contiguous");
+  TORCH_CHECK(tau.device() == state.device(), "euler_update_masked_: tau is on ", tau.device(),
+              ", state on ", state.device());
+  TORCH_CHECK(k.scalar_type() == at::kLong, "euler_update_masked_: k must be int64, got ",
+              k.scalar_type());
+  TORCH_CHECK(k.dim() == 1 && k.size(0) == n, "euler_update_masked_: k must have shape (", n,
+              ",), got ", k.sizes());
+  TORCH_CHECK(k.device() == state.device(), "euler_update_masked_: k is on ", k.device(),
+              ", state on ", state.device());
+  TORCH_CHECK(j >= 0, "euler_update_masked_: j must be >= 0, got ", j);
+}
+
+inline void check_plan_args(const at::Tensor& k, const at::Tensor& t0, const at::Tensor& step,
+                            const c10::optional<int64_t>& kmax) {
+  TORCH_CHECK(!kmax.has_value() || *kmax >= 0, "rollout_plan: kmax must be >= 0, got ",
+              kmax.value_or(0));
   TORCH_CHECK(k.scalar_type() == at::kLong, "rollout_plan: k must be int64, got ",
               k.scalar_type());
   TORCH_CHECK(k.dim() == 1, "rollout_plan: k must have shape (B,), got ", k.sizes());

@@ -8,10 +8,11 @@ checkout only); (3) nothing: a warning that says why, and the pure-PyTorch engin
 
 Environment: REFLEXFLOW_NO_EXT=1 skips the extension (no warning);
 REFLEXFLOW_NO_JIT=1 skips step (2).
-The ops, once loaded: ``torch.ops.reflexflow.rollout_plan`` and
-``torch.ops.reflexflow.euler_update_``; their fake kernels are registered here so
-torch.compile can trace them. Reference twins: :func:`reflexflow.rollout.plan_tensors`,
-:func:`reflexflow.rollout.euler_update`.
+The ops, once loaded: ``torch.ops.reflexflow.rollout_plan``,
+``torch.ops.reflexflow.euler_update_`` and ``torch.ops.reflexflow.euler_update_masked_``;
+their fake kernels are registered here so torch.compile can trace them. Reference twins:
+:func:`reflexflow.rollout.plan_tensors`, :func:`reflexflow.rollout.euler_update`,
+:func:`reflexflow.rollout.euler_update_masked`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_extension", "extension_status", "has_kernel", "CSRC", "SOURCES"]
+__all__ = ["load_extension", "extension_status", "has_kernel", "CSRC", "SOURCES", "OPS"]
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("ops.cpp", "rollout.cpp")
@@ -32,6 +33,7 @@ CUDA_SOURCES = ("rollout_cuda.cu",)
 CXX_FLAGS = ["-O3", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3", "--fmad=false"]
 JIT_NAME = "reflexflow_jit_C"
+OPS = ("rollout_plan", "euler_update_", "euler_update_masked_")
 
 _state: dict = {
     "tried": False,
@@ -103,8 +105,9 @@ def _register_fakes() -> None:
     """Meta/fake kernels: shapes only, so torch.compile can trace the ops."""
 
     @torch.library.register_fake("reflexflow::rollout_plan")
-    def _plan_fake(k, t0, step):
-        kmax = torch.library.get_ctx().new_dynamic_size()
+    def _plan_fake(k, t0, step, kmax=None):
+        if kmax is None:  # read from k on the device: data-dependent
+            kmax = torch.library.get_ctx().new_dynamic_size()
         batch = k.shape[0]
         return (
             k.new_empty(batch),
@@ -115,6 +118,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("reflexflow::euler_update_")
     def _euler_fake(state, v, h, next_input=None):
+        return None
+
+    @torch.library.register_fake("reflexflow::euler_update_masked_")
+    def _euler_masked_fake(state, tau, v, h, k, j, next_input=None):
         return None
 
 
@@ -141,6 +148,19 @@ def load_extension() -> bool:
             )
             return False
         _state["source"] = "jit"
+    missing = [op for op in OPS if not hasattr(torch.ops.reflexflow, op)]
+    if missing:  # a library built from older sources (the op set grew since)
+        _state["reason"] = (
+            f"the {_state['source']} extension is out of date (no {', '.join(missing)}); "
+            "rebuild it: pip install --no-build-isolation -e . (or python setup.py build_ext "
+            "--inplace)"
+        )
+        warnings.warn(
+            f"reflexflow: {_state['reason']}; using the pure-PyTorch rollout engine",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
     _register_fakes()
     _state["loaded"] = True
     return True

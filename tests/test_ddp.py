@@ -9,10 +9,12 @@ the gradients of one process on the same global batch (same noise, t, k), to 1e-
 
 from __future__ import annotations
 
+import datetime
 import os
-import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -35,16 +37,25 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(script: list[str], world: int = 2) -> list[subprocess.CompletedProcess]:
-    """Start ``world`` ranks of ``script`` as torchrun would (env://), wait with a timeout."""
-    port = _free_port()
-    procs = []
+    """Start ``world`` ranks of ``script`` as torchrun does, wait with a timeout.
+
+    Like torchrun's agent, this process hosts the rendezvous TCPStore (bound to a free
+    port by the kernel and held open) and the ranks join it as clients
+    (TORCHELASTIC_USE_AGENT_STORE=True). Probing a free port and letting rank 0 bind it
+    later is a race: another process on a busy machine can take the port in between, and
+    rank 0 then fails with EADDRINUSE. Output goes to files (a full pipe cannot stall a
+    rank); a rank that fails stops the others at once.
+    """
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
+    procs, logs = [], []
     for rank in range(world):
         env = dict(
             os.environ,
@@ -53,31 +64,41 @@ def _launch(script: list[str], world: int = 2) -> list[subprocess.CompletedProce
             WORLD_SIZE=str(world),
             LOCAL_WORLD_SIZE=str(world),
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
+            MASTER_PORT=str(store.port),
+            TORCHELASTIC_USE_AGENT_STORE="True",
             OMP_NUM_THREADS="1",
         )
+        logs.append(tempfile.TemporaryFile(mode="w+"))
         procs.append(
             subprocess.Popen(
                 [sys.executable, *script],
                 env=env,
                 cwd=ROOT,
-                stdout=subprocess.PIPE,
+                stdout=logs[-1],
                 stderr=subprocess.STDOUT,
                 text=True,
             )
         )
-    results = []
+    deadline = time.monotonic() + TIMEOUT_S
     try:
-        for p in procs:
-            out, _ = p.communicate(timeout=TIMEOUT_S)
-            results.append(subprocess.CompletedProcess(p.args, p.returncode, out))
+        while any(p.poll() is None for p in procs):
+            failed = any(p.poll() not in (None, 0) for p in procs)
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.communicate()
-    for r in results:
-        assert r.returncode == 0, r.stdout[-3000:]
+            p.wait()
+    results = []
+    for p, log in zip(procs, logs, strict=True):
+        log.seek(0)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, log.read()))
+        log.close()
+    del store
+    for rank, r in enumerate(results):
+        assert r.returncode == 0, f"rank {rank} exited with {r.returncode}:\n{r.stdout[-3000:]}"
     return results
 
 

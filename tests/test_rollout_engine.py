@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _rollout_models import Counting, TinyNet
 
 import reflexflow as rf
 from reflexflow import native
 from reflexflow.engine import RolloutEngine, rollout
 from reflexflow.reference import euler_rollout_per_sample
+from tests._rollout_models import Counting, TinyNet
 
 BACKENDS = ["torch", "native"]
 
@@ -202,3 +202,268 @@ def test_clear_graph_cache_empties_every_engine():
     rollout(rf.VelocityModel(TinyNet()), *_inputs(), backend="torch", cuda_graph=True)
     engine_mod.clear_graph_cache()
     assert all(not e._graphs for e in engine_mod._ENGINES.values())
+
+
+def _old_static_plan(velocity, x, t0, step, kwargs, steps):
+    """The fixed-k plan before masking (every k_i = K): K plain steps x += step * v."""
+    with torch.no_grad():
+        xs, ts = x.clone(), t0.clone()
+        for _ in range(steps):
+            xs += step.view(-1, 1, 1, 1) * velocity(xs, ts, kwargs)
+            ts += step
+    return xs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_k_masked_plan_with_zeros_matches_per_sample_loop(backend):
+    """fixed_k=K: k_i in {0..K}; rows move only while k_i > j, k_i = 0 rows stay put."""
+    engine = _backend(backend)
+    vm = rf.VelocityModel(TinyNet())
+    x, t0, k, h = _inputs(batch=9, kmax=3, seed=11)
+    kwargs = {"y": torch.arange(9) % 5}
+    got = engine(vm, x, t0, k, h, kwargs, fixed_k=3)
+    assert vm.calls == 3 and vm.sample_forwards == 3 * 9  # K full-batch calls
+    want = euler_rollout_per_sample(vm, x, t0, k, h, kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[k == 0], x[k == 0])  # bit for bit
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_k_with_every_k_equal_is_bit_identical_to_the_unmasked_static_plan(backend):
+    engine = _backend(backend)
+    vm = rf.VelocityModel(TinyNet())
+    x, t0, _, h = _inputs(batch=6, kmax=4, seed=12)
+    k = torch.full((6,), 4)
+    kwargs = {"y": torch.arange(6) % 5}
+    got = engine(vm, x, t0, k, h, kwargs, fixed_k=4)
+    assert torch.equal(got, _old_static_plan(vm, x, t0, h, kwargs, 4))
+
+
+def test_fixed_k_native_and_torch_engines_agree_bit_for_bit_with_a_bf16_model():
+    native_engine = _backend("native")
+    vm = rf.VelocityModel(TinyNet().to(torch.bfloat16), input_dtype=torch.bfloat16)
+    x, t0, k, h = _inputs(batch=11, kmax=5, seed=13)
+    got = native_engine(vm, x, t0, k, h, fixed_k=5)
+    want = RolloutEngine("torch")(vm, x, t0, k, h, fixed_k=5)
+    assert torch.equal(got, want)
+    assert torch.equal(got[k == 0], x[k == 0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_k_finished_rows_ignore_nan_velocities(backend):
+    """Rows past their k_i are selected out, not multiplied by 0: a NaN the model returns
+    for them cannot leak into the result."""
+    engine = _backend(backend)
+    x, t0, _, h = _inputs(batch=4, kmax=2, seed=14)
+    k = torch.tensor([0, 1, 2, 2])
+
+    def velocity(xs, ts, kwargs=None):
+        v = -xs
+        v[0] = float("nan")  # row 0 has k = 0
+        return v
+
+    got = engine(velocity, x, t0, k, h, fixed_k=2)
+    assert torch.equal(got[0], x[0]) and bool(torch.isfinite(got).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_k_zero_makes_no_model_call_and_bad_fixed_k_is_rejected(backend):
+    engine = _backend(backend)
+    x, t0, _, h = _inputs()
+    counting = Counting(rf.VelocityModel(TinyNet()))
+    k = torch.zeros(x.shape[0], dtype=torch.int64)
+    assert torch.equal(engine(counting, x, t0, k, h, fixed_k=0), x) and counting.sizes == []
+    with pytest.raises(TypeError, match="fixed_k must be an int"):
+        engine(counting, x, t0, k, h, fixed_k=True)
+    with pytest.raises(TypeError, match="fixed_k must be an int"):
+        engine(counting, x, t0, k, h, fixed_k=2.0)
+    with pytest.raises(ValueError, match="fixed_k must be >= 0"):
+        engine(counting, x, t0, k, h, fixed_k=-1)
+
+
+def test_per_sample_k_rejects_negative_k():
+    x, t0, _, h = _inputs(batch=3)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        RolloutEngine("torch")(rf.VelocityModel(TinyNet()), x, t0, torch.tensor([1, -1, 0]), h)
+
+
+class _Wrapper:
+    """A velocity object holding its network as an attribute (seen one level deep)."""
+
+    def __init__(self) -> None:
+        self.net = TinyNet()
+
+    def __call__(self, x, t, kwargs=None):
+        return self.net(x, t)
+
+
+def _key(velocity, x):
+    from reflexflow.engine import graph_key
+
+    return graph_key(velocity, x, 2, None, False, {})
+
+
+@pytest.mark.parametrize("form", ["velocity_model", "module", "bound_method", "wrapper"])
+def test_graph_key_follows_mode_storage_and_autocast(form):
+    """A captured graph bakes in the training flags, the weights' addresses and autocast:
+    the key must change with each, and stay put across in-place optimizer steps."""
+    wrapper = _Wrapper()
+    net = wrapper.net
+    velocity = {
+        "velocity_model": rf.VelocityModel(net),
+        "module": net,
+        "bound_method": net.forward,
+        "wrapper": wrapper,
+    }[form]
+    x = torch.zeros(2, 3, 6, 6)
+    base = _key(velocity, x)
+    assert _key(velocity, x) == base  # stable
+    with torch.no_grad():
+        net.conv.weight.add_(1.0)  # an in-place optimizer step: same storage
+    assert _key(velocity, x) == base
+    net.eval()
+    assert _key(velocity, x) != base
+    net.train()
+    net.conv.eval()  # a submodule's flag alone
+    assert _key(velocity, x) != base
+    net.train()
+    assert _key(velocity, x) == base
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = _key(velocity, x)
+    with torch.autocast("cpu", dtype=torch.float16):
+        fp16 = _key(velocity, x)
+    assert len({base, bf16, fp16}) == 3
+    state = {name: p.detach().clone() for name, p in net.state_dict().items()}
+    net.load_state_dict(state, assign=True)  # new storages
+    moved = _key(velocity, x)
+    assert moved != base
+    ema = [p.detach().clone() for p in net.parameters()]
+    live = [p.data for p in net.parameters()]
+    for p, e in zip(net.parameters(), ema, strict=True):
+        p.data = e  # an EMA swap
+    assert _key(velocity, x) not in (base, moved)
+    for p, data in zip(net.parameters(), live, strict=True):
+        p.data = data  # swapped back: the earlier key (and graph) applies again
+    assert _key(velocity, x) == moved
+    net.to(torch.float64)
+    assert _key(velocity, x) != moved
+
+
+def test_graph_key_separates_models_shapes_steps_and_kwargs():
+    from reflexflow.engine import graph_key
+
+    a, b = rf.VelocityModel(TinyNet()), rf.VelocityModel(TinyNet())
+    x = torch.zeros(2, 3, 6, 6)
+    y = {"y": torch.zeros(2, dtype=torch.int64)}
+    keys = {
+        graph_key(a, x, 2, None, False, y),
+        graph_key(b, x, 2, None, False, y),
+        graph_key(a, x[:1], 2, None, False, y),
+        graph_key(a, x, 3, None, False, y),
+        graph_key(a, x, 2, torch.bfloat16, True, y),
+        graph_key(a, x, 2, None, False, {"y": torch.zeros(2, 4)}),
+        graph_key(a, x.double(), 2, None, False, y),
+    }
+    assert len(keys) == 7
+
+
+class _FakeGraph:
+    """Stands in for a captured graph on CPU: records captures, replays eagerly."""
+
+    made: list = []
+    fail: bool = False
+
+    def __init__(self, velocity, x, tau, h, k, steps, kwargs, use_native, cast) -> None:
+        from reflexflow.engine import CaptureError
+
+        type(self).made.append(velocity)
+        if type(self).fail:
+            raise CaptureError("RuntimeError: operation not permitted when stream is capturing")
+        self.velocity, self.steps = velocity, steps
+
+    def run(self, x, tau, h, k, kwargs):
+        return RolloutEngine("torch")(self.velocity, x, tau, k, h, kwargs, fixed_k=self.steps)
+
+
+def _graph_engine(monkeypatch, fail: bool) -> RolloutEngine:
+    from reflexflow import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "_Graph", _FakeGraph)
+    monkeypatch.setattr(_FakeGraph, "made", [])
+    monkeypatch.setattr(_FakeGraph, "fail", fail)
+    engine = RolloutEngine("torch", cuda_graph=True)
+    monkeypatch.setattr(engine, "uses_graph", lambda x: True)
+    return engine
+
+
+def test_failed_capture_warns_once_remembers_the_key_and_runs_eagerly(monkeypatch):
+    import warnings
+
+    engine = _graph_engine(monkeypatch, fail=True)
+    vm = rf.VelocityModel(TinyNet())
+    x, t0, k, h = _inputs(batch=5, kmax=2, seed=15)
+    want = RolloutEngine("torch")(vm, x, t0, k, h, fixed_k=2)
+    with pytest.warns(RuntimeWarning, match="could not be captured.*not permitted"):
+        got = engine(vm, x, t0, k, h, fixed_k=2)
+    assert torch.equal(got, want) and len(_FakeGraph.made) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second capture attempt
+        assert torch.equal(engine(vm, x, t0, k, h, fixed_k=2), want)
+        assert len(_FakeGraph.made) == 1
+        engine(vm, x[:3], t0[:3], k[:3], h[:3], fixed_k=2)  # a new key: tried, not warned
+    assert len(_FakeGraph.made) == 2
+    other = rf.VelocityModel(TinyNet())
+    with pytest.warns(RuntimeWarning, match="could not be captured"):  # another model
+        engine(other, x, t0, k, h, fixed_k=2)
+
+
+def test_graph_cache_is_least_recently_used_and_keyed_by_model_state(monkeypatch):
+    from reflexflow import engine as engine_mod
+
+    engine = _graph_engine(monkeypatch, fail=False)
+    x, t0, k, h = _inputs(batch=4, kmax=2, seed=16)
+    models = [rf.VelocityModel(TinyNet()) for _ in range(engine_mod._MAX_GRAPHS + 1)]
+    for vm in models[:-1]:
+        engine(vm, x, t0, k, h, fixed_k=2)
+    engine(models[0], x, t0, k, h, fixed_k=2)  # a hit: now the most recent
+    assert len(_FakeGraph.made) == engine_mod._MAX_GRAPHS
+    engine(models[-1], x, t0, k, h, fixed_k=2)  # evicts models[1], the least recent
+    assert len(engine._graphs) == engine_mod._MAX_GRAPHS
+    engine(models[0], x, t0, k, h, fixed_k=2)
+    assert len(_FakeGraph.made) == engine_mod._MAX_GRAPHS + 1
+    engine(models[1], x, t0, k, h, fixed_k=2)
+    assert len(_FakeGraph.made) == engine_mod._MAX_GRAPHS + 2
+    models[0].model.eval()  # a new key: captured again
+    engine(models[0], x, t0, k, h, fixed_k=2)
+    assert len(_FakeGraph.made) == engine_mod._MAX_GRAPHS + 3
+
+
+def test_per_sample_k_all_equal_takes_the_graph_and_mixed_k_does_not(monkeypatch):
+    engine = _graph_engine(monkeypatch, fail=False)
+    vm = rf.VelocityModel(TinyNet())
+    x, t0, k, h = _inputs(batch=6, kmax=3, seed=17)
+    torch.testing.assert_close(
+        engine(vm, x, t0, k, h), euler_rollout_per_sample(vm, x, t0, k, h), rtol=1e-5, atol=1e-6
+    )
+    assert _FakeGraph.made == []  # mixed k: the sorted prefix plan
+    equal = torch.full((6,), 3)
+    torch.testing.assert_close(
+        engine(vm, x, t0, equal, h),
+        euler_rollout_per_sample(vm, x, t0, equal, h),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert len(_FakeGraph.made) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fixed_k", [None, 3])
+def test_expanded_time_and_step_tensors_are_accepted(backend, fixed_k):
+    """t0 and step given as stride-0 views (t0.expand(B)): the in-place buffers are copies."""
+    engine = _backend(backend)
+    vm = rf.VelocityModel(TinyNet())
+    x, _, k, _ = _inputs(batch=5, kmax=3, seed=18)
+    t0, h = torch.tensor(0.2).expand(5), torch.tensor(0.05).expand(5)
+    got = engine(vm, x, t0, k, h, fixed_k=fixed_k)
+    want = euler_rollout_per_sample(vm, x, t0.contiguous(), k, h.contiguous())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,10 @@ the per-sample loop):
   lockstep       full batch for max k steps, finished samples masked (B * max k forwards)
   engine_torch   RolloutEngine("torch"): prefix-compacted, pure PyTorch (sum k forwards)
   engine_native  RolloutEngine("native"): the same with the C++/CUDA ops
-  graph          RolloutEngine("native", cuda_graph=True), fixed k only, CUDA only
+  fixed_native   RolloutEngine("native") with fixed_k=K: the masked static plan, no host
+                 sync (fixed k only)
+  graph          RolloutEngine("native", cuda_graph=True) with fixed_k=K, fixed k only,
+                 CUDA only
 
 plus :func:`bench_fused_update`, the fused Euler update against plain PyTorch.
 ``reflexflow bench`` runs :func:`run_rollout_benchmark`; the script
@@ -124,8 +127,11 @@ def interleaved_medians(fns: dict, device: torch.device, repeats: int) -> dict:
     return {name: (statistics.median(vals), min(vals)) for name, vals in times.items()}
 
 
-def rollout_modes(x, t0, k, step, native_ok: bool, graph_ok: bool) -> dict:
-    """name -> fn(velocity) for every rollout implementation that applies."""
+def rollout_modes(
+    x, t0, k, step, native_ok: bool, graph_ok: bool, fixed_k: int | None = None
+) -> dict:
+    """name -> fn(velocity) for every rollout implementation that applies; fixed_k: every
+    k_i is known to be <= fixed_k (adds the static-plan modes)."""
     modes = {
         "per_sample": lambda vm: euler_rollout_per_sample(vm, x, t0, k, step),
         "lockstep": lambda vm: lockstep_rollout(vm, x, t0, k, step),
@@ -134,9 +140,11 @@ def rollout_modes(x, t0, k, step, native_ok: bool, graph_ok: bool) -> dict:
     if native_ok:
         native_engine = RolloutEngine("native")
         modes["engine_native"] = lambda vm: native_engine(vm, x, t0, k, step)
-    if graph_ok:
+        if fixed_k is not None:
+            modes["fixed_native"] = lambda vm: native_engine(vm, x, t0, k, step, fixed_k=fixed_k)
+    if graph_ok and fixed_k is not None:
         graph_engine = RolloutEngine("native", cuda_graph=True)
-        modes["graph"] = lambda vm: graph_engine(vm, x, t0, k, step)
+        modes["graph"] = lambda vm: graph_engine(vm, x, t0, k, step, fixed_k=fixed_k)
     return modes
 
 
@@ -171,7 +179,8 @@ def bench_rollouts(
             x, t0, k = x.to(device), t0.to(device), k.to(device)
             step = torch.full_like(t0, h)
             graph_ok = native_ok and device.type == "cuda" and kmode == "fixed"
-            modes = rollout_modes(x, t0, k, step, native_ok, graph_ok)
+            fixed = kmax if kmode == "fixed" else None
+            modes = rollout_modes(x, t0, k, step, native_ok, graph_ok, fixed)
             forwards, fns = {}, {}
             for mode, fn in modes.items():
                 if mode == "per_sample" and skip_per_sample:

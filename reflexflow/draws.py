@@ -32,9 +32,10 @@ T_TOL = 1e-6  # slack for explicit times against 1 - t_eps - k h (float rounding
 class Draws:
     """The per-sample random quantities of one step, canonical convention.
 
-    eps (B, *S), k (B,) int64, t0, t1, step (B,) in the state dtype. fixed_k: an upper
-    bound K known without reading k (every k_i is 0 or K, or k is K for all), so the
-    rollout can run a static plan with no host sync; None when k must be read.
+    eps (B, *S), k (B,) int64, t0, t1, step (B,) in the state dtype. fixed_k: K when
+    every k_i is known to be K (or 0, for a user's t that leaves no room) without reading
+    k, so the rollout can run the engine's masked static plan with no host sync; None
+    when k must be read.
     """
 
     def __init__(
@@ -168,7 +169,9 @@ def draw(
         else noise.to(dtype)
     )
     k_given = k is not None
-    fixed_k = static_k(cfg) if not k_given and t is None else None
+    # drawn k with a pinned length: every k_i is K, or 0 where a user's t leaves no room
+    # (the engine's masked static plan takes k_i in {0..K} without reading k)
+    fixed_k = static_k(cfg) if not k_given else None
     if k is None:
         k = (
             _draw_k(cfg, batch, device, generator)

@@ -118,3 +118,22 @@ def test_rollout_runs_in_eval_mode_by_default_and_restores_every_flag(mode):
     assert model.training and not model.frozen.training
     updates = model.bn.num_batches_tracked.item() - before
     assert updates == (2 if mode == "eval" else 4)  # BN statistics: gradient calls only
+
+
+def test_dropped_rollouts_under_the_static_fixed_k_plan_leave_their_samples_unbiased():
+    """k_draw="fixed" with a user's t near 1: the static (no host sync) plan runs K steps
+    for the batch and leaves the dropped rows where they were."""
+    t = torch.tensor([0.1, 0.5, 0.95, 0.99, 0.2, 0.999, 0.3, 1.0])
+    out = rf.reflexflow_loss(
+        ConvVelocity(),
+        torch.randn(B, 3, 4, 4),
+        t=t,
+        rollout_steps=3,
+        num_sampling_steps=20,
+        k_draw="fixed",
+        fc_source="state",
+    )
+    dropped = t > 1 - 1e-3 - 3 / 20 + 1e-6
+    assert torch.equal(out.k, torch.where(dropped, 0, 3))
+    assert torch.equal(out.bias_norm[dropped], torch.zeros(int(dropped.sum())))
+    assert bool((out.bias_norm[~dropped] > 0).all())

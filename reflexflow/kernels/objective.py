@@ -178,6 +178,7 @@ def _run(kw: dict[str, Any], fail_soft: bool) -> dict[str, Tensor | None]:
         need_g1,
         bool(kw["return_w"]),
         fail_soft,
+        True,  # the workspace outputs are dropped below: backward may scale them in place
     )
     has_v1 = mode != V_SEPARATE or v1 is not None
     return {

@@ -17,7 +17,7 @@ backward only scales them (scale_kernel).
 
 Kernels:
 * sample_kernel: the one-program-per-sample path (R samples per program when small):
-  reads each input once, builds, filters (gathers in registers) and normalises the map,
+  reads each input once, builds, filters (in a cache-resident scratch) and normalises the map,
   writes w, G0, G1 and the per-sample sums, all in one pass.
 * stats_kernel, plane_kernel, grad_kernel: the path for samples too large for one
   program: map and direction-loss sums; filter of each map plane and per-sample norms;
@@ -29,15 +29,27 @@ Kernels:
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 
-from ._jit import kernel
+from ._jit import INTERPRET, kernel
 
 HALF_PI = 1.5707963267948966
+# Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even): round first
+ROUND_BF16 = tl.constexpr(INTERPRET)
 
 
-@triton.jit
+@kernel
+def out_cast(x, dtype: tl.constexpr):
+    """x (fp32) in an output dtype, rounded to nearest even (on the interpreter too)."""
+    if ROUND_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@kernel
 def path_coefs(t0, t1, coef, b, bmask, PATH: tl.constexpr):
     """(a'(t0), s'(t0), a(t1), s(t1), a'(t1), s'(t1), r) of samples b, fp32, where
     r = s'(t1) / s(t1), and 0 where s(t1) = 0 (t1 = 1 on the linear path).
@@ -76,7 +88,7 @@ def path_coefs(t0, t1, coef, b, bmask, PATH: tl.constexpr):
     return da0, ds0, a1, s1, da1, ds1, rat
 
 
-@triton.jit
+@kernel
 def active_rows(act, b, bmask, ACT_K: tl.constexpr):
     """FC applies to sample b: k[b] > 0 (ACT_K) or fc_active[b] != 0."""
     a = tl.load(act + b, mask=bmask, other=0)
@@ -85,7 +97,7 @@ def active_rows(act, b, bmask, ACT_K: tl.constexpr):
     return a != 0
 
 
-@triton.jit
+@kernel
 def row_weight(ptr, b, bmask, HAS: tl.constexpr):
     """Per-sample loss weight (fm_weight, adr_weight) as fp32, 1 when absent."""
     if HAS:
@@ -93,7 +105,7 @@ def row_weight(ptr, b, bmask, HAS: tl.constexpr):
     return tl.where(bmask, 1.0, 0.0)
 
 
-@triton.jit
+@kernel
 def gauss_total(NT: tl.constexpr, SIGMA: tl.constexpr):
     """Sum of the unnormalised gaussian taps exp(-o^2 / (2 sigma^2)), |o| <= (NT-1)/2."""
     rad: tl.constexpr = (NT - 1) // 2
@@ -103,7 +115,7 @@ def gauss_total(NT: tl.constexpr, SIGMA: tl.constexpr):
     return tot
 
 
-@triton.jit
+@kernel
 def tap(j: tl.constexpr, tot, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.constexpr):
     """Tap j of the 1-D filter: gaussian (FILT 1, normalised by tot) or box (FILT 2)."""
     rad: tl.constexpr = (NT - 1) // 2
@@ -112,30 +124,57 @@ def tap(j: tl.constexpr, tot, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.co
     return tl.full([], 1.0 / NT, tl.float32)
 
 
-@triton.jit
-def lowpass_tile(m, pos, LEN, STRIDE, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.constexpr,
-                 SB: tl.constexpr):
-    """1-D filter of a register tile along one spatial axis, replicate padding.
+@kernel
+def load_tile(ptr, mask, MASKED: tl.constexpr):
+    """fp32 load of a tile; MASKED False when the tile exactly covers the data."""
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr).to(tl.float32)
 
-    m (R, Cm, SB), positions pos (same shape) along its last axis; the axis index is
-    i = (pos // STRIDE) % LEN. out[p] = sum_j tap_j m[p + (clamp(i + j - rad) - i) STRIDE]
-    (tl.gather: no trip through memory). Padded positions get finite garbage.
+
+@kernel
+def store_tile(ptr, value, mask, MASKED: tl.constexpr):
+    """Store a tile in ptr's dtype (masked unless the tile exactly covers the data)."""
+    if MASKED:
+        tl.store(ptr, out_cast(value, ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr, out_cast(value, ptr.dtype.element_ty))
+
+
+@kernel
+def tile_sum(x):
+    """Per-sample sums of an (R, CB, SB) tile: (R,)."""
+    return tl.sum(tl.sum(x, axis=2), axis=1)
+
+
+@kernel
+def lowpass_pass(m, scratch, loc, pos, valid, LEN, STRIDE, FILT: tl.constexpr,
+                 NT: tl.constexpr, SIGMA: tl.constexpr, MASKED: tl.constexpr):
+    """One 1-D filter pass of a register tile along one spatial axis, replicate padding.
+
+    m goes to the program's own scratch (cache-resident), a barrier, then each output is
+    sum_j tap_j m[p + (clamp(i + j - rad, 0, LEN - 1) - i) STRIDE] over loads of it, with
+    i = (pos // STRIDE) % LEN the index along the axis; a second barrier frees the scratch.
+    (tl.gather would keep it in registers but costs hundreds of registers per thread.)
     """
     rad: tl.constexpr = (NT - 1) // 2
+    store_tile(scratch + loc, m, valid, MASKED)
+    tl.debug_barrier()
     i = (pos // STRIDE) % LEN
     tot = gauss_total(NT, SIGMA) if FILT == 1 else 1.0
     acc = tl.zeros(m.shape, dtype=tl.float32)
     for j in tl.static_range(NT):
         k = tl.minimum(tl.maximum(i + (j - rad), 0), LEN - 1)
-        idx = tl.minimum(pos + (k - i) * STRIDE, SB - 1)
-        acc += tap(j, tot, FILT, NT, SIGMA) * tl.gather(m, idx, axis=2)
+        acc += tap(j, tot, FILT, NT, SIGMA) * load_tile(scratch + loc + (k - i) * STRIDE, valid,
+                                                        MASKED)
+    tl.debug_barrier()
     return acc
 
 
-@triton.jit
+@kernel
 def lowpass_global(src, p, mask, LEN, STRIDE, FILT: tl.constexpr, NT: tl.constexpr,
                    SIGMA: tl.constexpr):
-    """lowpass_tile for a plane in memory: taps over loads of src (cache hits)."""
+    """lowpass_pass for a plane already in memory: taps over loads of src (cache hits)."""
     rad: tl.constexpr = (NT - 1) // 2
     i = (p // STRIDE) % LEN
     tot = gauss_total(NT, SIGMA) if FILT == 1 else 1.0
@@ -150,7 +189,7 @@ def lowpass_global(src, p, mask, LEN, STRIDE, FILT: tl.constexpr, NT: tl.constex
 @kernel
 def sample_kernel(
     v0, v1, x1, eps, x_hat, u0, va_in, fcd, t0, t1, coef, act, fmw, adrw,
-    g0, g1, w_out, part,
+    g0, g1, w_out, part, scratch,
     B, C, FP, H, W,
     lambda_fc, c1, norm_eps, norm_floor, tiny,
     PATH: tl.constexpr, V_MODE: tl.constexpr, HAS_V1: tl.constexpr, HAS_U0: tl.constexpr,
@@ -160,44 +199,49 @@ def sample_kernel(
     N_AXES: tl.constexpr, ACT_K: tl.constexpr, HAS_FMW: tl.constexpr,
     HAS_ADRW: tl.constexpr, DIRECTION: tl.constexpr, WRITE_G0: tl.constexpr,
     WRITE_G1: tl.constexpr, WRITE_W: tl.constexpr,
-    R: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr,
+    R: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, MASKED: tl.constexpr,
 ):
     """The whole objective of R samples in one program. Grid (cdiv(B, R),).
 
-    Tiles (R, CB, SB) cover (samples, channels, F P) (powers of 2, masked). V_MODE 0:
-    v0, v1 separate; 1: v0 is the joint (2B, ...) output (v1 = its second half, G1 goes
-    to g0's second half); 2: v1 is v0 (one gradient G0 + G1 into g0). Writes G0 (g0),
-    G1 (g1), w (w_out, (B, 1 or C, FP)) and part (2, B): sum W (v0 - u0)^2 and the ADR
-    sum (sum (v1 - v_adr)^2 or |d|^2).
+    Tiles (R, CB, SB) cover (samples, channels, F P) (powers of 2; MASKED unless R = 1
+    and the tile is exact). V_MODE 0: v0, v1 separate; 1: v0 is the joint (2B, ...)
+    output (v1 = its second half, G1 into g0's second half); 2: v1 is v0 (one gradient
+    G0 + G1 into g0). Writes G0 (g0), G1 (g1), w (w_out, (B, 1 or C, FP)) and part
+    (2, B): sum W (v0 - u0)^2 and the ADR sum (sum (v1 - v_adr)^2 or |d|^2). Each input
+    is read once; the tiles live in registers from load to gradient; only the map (N / C
+    elements) visits a cache-resident fp32 scratch (B, 1 or C, FP) for its filter.
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * R + tl.arange(0, R)
     bmask = rows < B
-    b3 = rows[:, None, None]
+    S = C * FP
+    base = pid * R * S  # int64 offset of the program's first sample; tiles add int32
+    base2 = base + (B + tl.zeros([], tl.int64)) * S  # the joint output's second half
     c3 = tl.arange(0, CB)[None, :, None]
     s3 = tl.arange(0, SB)[None, None, :]
-    S = C * FP
+    loc = (tl.arange(0, R)[:, None, None] * C + c3) * FP + s3
     mask = bmask[:, None, None] & (c3 < C) & (s3 < FP)
-    off = (b3 * C + c3) * FP + s3
-    off2 = ((b3 + B) * C + c3) * FP + s3  # v1 in the joint output
     da0, ds0, a1, s1, da1, ds1, rat = path_coefs(t0, t1, coef, rows, bmask, PATH)
+    # targets first, so that x1, eps, x_hat die early: u0, v_adr, the raw map
     if NEED_X:
-        x = tl.load(x1 + off, mask=mask, other=0.0).to(tl.float32)
-        e = tl.load(eps + off, mask=mask, other=0.0).to(tl.float32)
+        x = load_tile(x1 + base + loc, mask, MASKED)
+        e = load_tile(eps + base + loc, mask, MASKED)
     if NEED_DELTA:
-        h = tl.load(x_hat + off, mask=mask, other=0.0).to(tl.float32)
-        delta = h - (a1[:, None, None] * x + s1[:, None, None] * e)
+        delta = load_tile(x_hat + base + loc, mask, MASKED) - (
+            a1[:, None, None] * x + s1[:, None, None] * e
+        )
     if HAS_U0:
-        u = tl.load(u0 + off, mask=mask, other=0.0).to(tl.float32)
+        u = load_tile(u0 + base + loc, mask, MASKED)
     else:
         u = da0[:, None, None] * x + ds0[:, None, None] * e
-    v = tl.load(v0 + off, mask=mask, other=0.0).to(tl.float32)
-    d0 = v - u
-    bf = B * 1.0
-    fm = row_weight(fmw, rows, bmask, HAS_FMW)
+    if HAS_V1:
+        if HAS_VA:
+            va = load_tile(va_in + base + loc, mask, MASKED)
+        else:
+            va = da1[:, None, None] * x + ds1[:, None, None] * e + rat[:, None, None] * delta
     if HAS_FC:
         if HAS_FCD:
-            md = tl.load(fcd + off, mask=mask, other=0.0).to(tl.float32)
+            md = load_tile(fcd + base + loc, mask, MASKED)
         else:
             md = delta
         if MAP_MODE == 2:
@@ -206,78 +250,79 @@ def sample_kernel(
             m = tl.abs(md)
         else:
             m = tl.sum(tl.abs(md), axis=1, keep_dims=True) / C
+    v = load_tile(v0 + base + loc, mask, MASKED)
+    d0 = v - u
+    bf = B * 1.0
+    if HAS_FC:
+        if MAP_MODE == 0:
+            mvalid = bmask[:, None, None] & (s3 < FP)
+            wloc = tl.arange(0, R)[:, None, None] * FP + s3
+            wbase = pid * R * FP
+        else:
+            mvalid = mask
+            wloc = loc
+            wbase = base
         if FILT != 0:
             pos = tl.broadcast_to(s3, m.shape)
             if N_AXES >= 1:
-                m = lowpass_tile(m, pos, W, 1, FILT, NT, SIGMA, SB)
+                m = lowpass_pass(m, scratch + wbase, wloc, pos, mvalid, W, 1, FILT, NT, SIGMA,
+                                 MASKED)
             if N_AXES == 2:
-                m = lowpass_tile(m, pos, H, W, FILT, NT, SIGMA, SB)
-        if MAP_MODE == 0:
-            mvalid = bmask[:, None, None] & (s3 < FP)
-        else:
-            mvalid = mask
+                m = lowpass_pass(m, scratch + wbase, wloc, pos, mvalid, H, W, FILT, NT, SIGMA,
+                                 MASKED)
         if MAP_MODE == 2:
             den = tl.sum(tl.sum(tl.where(mvalid, tl.abs(m), 0.0), axis=2, keep_dims=True),
                          axis=1, keep_dims=True) / (S * 1.0)
         else:
             den = tl.sum(tl.where(mvalid, m, 0.0), axis=2, keep_dims=True) / (FP * 1.0)
         on = active_rows(act, rows, bmask, ACT_K)[:, None, None]
-        q = tl.where(on, lambda_fc / (den + tiny), 0.0)
-        wv = 1.0 + q * m
+        wv = 1.0 + tl.where(on, lambda_fc / (den + tiny), 0.0) * m
         if WRITE_W:
-            if MAP_MODE == 0:
-                tl.store(w_out + b3 * FP + s3, wv.to(w_out.dtype.element_ty), mask=mvalid)
-            else:
-                tl.store(w_out + off, wv.to(w_out.dtype.element_ty), mask=mvalid)
+            store_tile(w_out + wbase + wloc, wv, mvalid, MASKED)
         if SQUARED:
             wv = wv * wv
         gg0 = wv * d0
     else:
         gg0 = d0
-    fsum = tl.sum(tl.sum(gg0 * d0, axis=2), axis=1)
-    tl.store(part + rows, fsum, mask=bmask)
-    G = (fm * (2.0 / (S * bf)))[:, None, None] * gg0
+    tl.store(part + rows, tile_sum(gg0 * d0), mask=bmask)
+    G = (row_weight(fmw, rows, bmask, HAS_FMW) * (2.0 / (S * bf)))[:, None, None] * gg0
     if V_MODE != 2:
         if WRITE_G0:
-            tl.store(g0 + off, G.to(g0.dtype.element_ty), mask=mask)
+            store_tile(g0 + base + loc, G, mask, MASKED)
     if HAS_V1:
         if V_MODE == 2:
             y = v
         elif V_MODE == 1:
-            y = tl.load(v0 + ((b + B) * C + c) * FP + r, mask=mask, other=0.0).to(tl.float32)
+            y = load_tile(v0 + base2 + loc, mask, MASKED)
         else:
-            y = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)
-        if HAS_VA:
-            va = tl.load(va_in + off, mask=mask, other=0.0).to(tl.float32)
-        else:
-            va = da1[:, None, None] * x + ds1[:, None, None] * e + rat[:, None, None] * delta
+            y = load_tile(v1 + base + loc, mask, MASKED)
         ad = row_weight(adrw, rows, bmask, HAS_ADRW)
         if DIRECTION:
-            raw = tl.sqrt(tl.sum(tl.sum(y * y, axis=2), axis=1))
-            raw_a = tl.sqrt(tl.sum(tl.sum(va * va, axis=2), axis=1))
+            raw = tl.sqrt(tile_sum(y * y))
+            raw_a = tl.sqrt(tile_sum(va * va))
             flo = tl.maximum(norm_floor * raw_a, norm_eps)
             n = tl.maximum(raw, flo)
             na = tl.maximum(raw_a, norm_eps)
             d = y / n[:, None, None] - va / na[:, None, None]
-            asum = tl.sum(tl.sum(d * d, axis=2), axis=1)
-            proj = tl.where(raw >= flo, tl.sum(tl.sum(d * y, axis=2), axis=1) / (n * n), 0.0)
+            asum = tile_sum(d * d)
+            proj = tl.where(raw >= flo, tile_sum(d * y) / (n * n), 0.0)
             G1 = (c1 * ad * 2.0 / (bf * n))[:, None, None] * (d - proj[:, None, None] * y)
         else:
             r = y - va
-            asum = tl.sum(tl.sum(r * r, axis=2), axis=1)
+            asum = tile_sum(r * r)
             G1 = (c1 * ad * (2.0 / (S * bf)))[:, None, None] * r
         tl.store(part + B + rows, asum, mask=bmask)
         if V_MODE == 2:
             if WRITE_G0:
-                tl.store(g0 + off, (G + G1).to(g0.dtype.element_ty), mask=mask)
+                store_tile(g0 + base + loc, G + G1, mask, MASKED)
         elif WRITE_G1:
             if V_MODE == 1:
-                tl.store(g0 + off2, G1.to(g0.dtype.element_ty), mask=mask)
+                store_tile(g0 + base2 + loc, G1, mask, MASKED)
             else:
-                tl.store(g1 + off, G1.to(g1.dtype.element_ty), mask=mask)
+                store_tile(g1 + base + loc, G1, mask, MASKED)
     elif V_MODE == 2:
         if WRITE_G0:
-            tl.store(g0 + off, G.to(g0.dtype.element_ty), mask=mask)
+            store_tile(g0 + base + loc, G, mask, MASKED)
 
 
 @kernel
@@ -415,7 +460,7 @@ def plane_kernel(
             tl.store(norms + b * 3 + 2, proj)
 
 
-@triton.jit
+@kernel
 def plane_mean(plane_sum, first, count, denom, BN: tl.constexpr):
     """sum(plane_sum[first : first + count]) / denom."""
     acc = tl.zeros([BN], dtype=tl.float32)
@@ -457,7 +502,7 @@ def grad_kernel(
             q = tl.where(on, lambda_fc / (plane_mean(plane_sum, b * F, F, FP * 1.0, BN) + tiny), 0.0)
             wv0 = 1.0 + q * tl.load(mapf + b * FP + r, mask=mask, other=0.0)
             if WRITE_W:
-                tl.store(w_out + b * FP + r, wv0.to(w_out.dtype.element_ty), mask=mask)
+                tl.store(w_out + b * FP + r, out_cast(wv0, w_out.dtype.element_ty), mask=mask)
             if SQUARED:
                 wv0 = wv0 * wv0
         elif MAP_MODE == 2:
@@ -497,7 +542,7 @@ def grad_kernel(
                     qc = q
                 wv = 1.0 + qc * tl.load(mapf + off, mask=mask, other=0.0)
                 if WRITE_W:
-                    tl.store(w_out + off, wv.to(w_out.dtype.element_ty), mask=mask)
+                    tl.store(w_out + off, out_cast(wv, w_out.dtype.element_ty), mask=mask)
                 if SQUARED:
                     wv = wv * wv
             gg0 = wv * d0
@@ -507,7 +552,7 @@ def grad_kernel(
         G = k0 * gg0
         if V_MODE != 2:
             if WRITE_G0:
-                tl.store(g0 + off, G.to(g0.dtype.element_ty), mask=mask)
+                tl.store(g0 + off, out_cast(G, g0.dtype.element_ty), mask=mask)
         if HAS_V1:
             if V_MODE == 2:
                 y = v
@@ -529,15 +574,15 @@ def grad_kernel(
                 G1 = k1 * dd
             if V_MODE == 2:
                 if WRITE_G0:
-                    tl.store(g0 + off, (G + G1).to(g0.dtype.element_ty), mask=mask)
+                    tl.store(g0 + off, out_cast(G + G1, g0.dtype.element_ty), mask=mask)
             elif WRITE_G1:
                 if V_MODE == 1:
-                    tl.store(g0 + ((b + B) * C + c) * FP + r, G1.to(g0.dtype.element_ty), mask=mask)
+                    tl.store(g0 + ((b + B) * C + c) * FP + r, out_cast(G1, g0.dtype.element_ty), mask=mask)
                 else:
-                    tl.store(g1 + off, G1.to(g1.dtype.element_ty), mask=mask)
+                    tl.store(g1 + off, out_cast(G1, g1.dtype.element_ty), mask=mask)
         elif V_MODE == 2:
             if WRITE_G0:
-                tl.store(g0 + off, G.to(g0.dtype.element_ty), mask=mask)
+                tl.store(g0 + off, out_cast(G, g0.dtype.element_ty), mask=mask)
     tl.store(part + pid, tl.sum(fsum, axis=0))
     tl.store(part + B * NBLK + pid, tl.sum(asum, axis=0))
 
@@ -579,28 +624,28 @@ def finalize_kernel(
                 adr = adr / sf
             ps = fc + lambda_adr * adr
             tot_a += tl.where(bmask, adr, 0.0)
-        tl.store(per_sample + rows, ps.to(per_sample.dtype.element_ty), mask=bmask)
+        tl.store(per_sample + rows, out_cast(ps.to(tl.float32), per_sample.dtype.element_ty), mask=bmask)
     fcl = tl.sum(tot_f, axis=0) / B
-    tl.store(fc_loss, fcl.to(fc_loss.dtype.element_ty))
+    tl.store(fc_loss, out_cast(fcl.to(tl.float32), fc_loss.dtype.element_ty))
     if HAS_V1:
         adl = tl.sum(tot_a, axis=0) / B
-        tl.store(adr_loss, adl.to(adr_loss.dtype.element_ty))
-        tl.store(loss, (fcl + lambda_adr * adl).to(loss.dtype.element_ty))
+        tl.store(adr_loss, out_cast(adl.to(tl.float32), adr_loss.dtype.element_ty))
+        tl.store(loss, out_cast((fcl + lambda_adr * adl).to(tl.float32), loss.dtype.element_ty))
     else:
         tl.store(adr_loss, tl.zeros([], dtype=adr_loss.dtype.element_ty))
-        tl.store(loss, fcl.to(loss.dtype.element_ty))
+        tl.store(loss, out_cast(fcl.to(tl.float32), loss.dtype.element_ty))
 
 
-@triton.jit
+@kernel
 def scale_block(src, dst, o, mask, s, IN_PLACE: tl.constexpr):
     """dst[o] = s * src[o]; in place, nothing moves when s is exactly 1."""
     if IN_PLACE:
         if s != 1.0:
             x = tl.load(src + o, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dst + o, (s * x).to(dst.dtype.element_ty), mask=mask)
+            tl.store(dst + o, out_cast(s * x, dst.dtype.element_ty), mask=mask)
     else:
         x = tl.load(src + o, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dst + o, (s * x).to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + o, out_cast(s * x, dst.dtype.element_ty), mask=mask)
 
 
 @kernel

@@ -70,13 +70,19 @@ SCALE_PROGRAMS = 64 if INTERPRET else 2048
 V_SEPARATE, V_JOINT, V_SHARED = 0, 1, 2
 FILTER_CODE = {"none": 0, "gaussian": 1, "box": 2, "fft": 3}
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-N_OP_ARGS = 33
+N_OP_ARGS = 34
 
 
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     if POISON:
         return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
     return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def _unused(device: torch.device) -> Tensor:
+    """A distinct placeholder for a pointer argument a kernel never touches. Never alias
+    a real output: traced launches (wrap_triton) may treat every pointer as written."""
+    return torch.empty(1, dtype=torch.float32, device=device)
 
 
 def _check(name: str, x: Tensor | None, device: torch.device, shape=None, floats=True) -> None:
@@ -105,7 +111,7 @@ def _out_dtypes(v0, v1, x1, eps, x_hat, u0, v_adr, fc_delta, has_fc, has_v1):
     if has_fc:
         out = pt(out, w_dtype)
     if has_v1:
-        out = pt(out, pt(v1.dtype, v_adr.dtype if v_adr is not None else pt(state, x_hat.dtype)))
+        out = pt(out, pt((v1 if v1 is not None else v0).dtype, v_adr.dtype if v_adr is not None else pt(state, x_hat.dtype)))
     return out, w_dtype
 
 
@@ -155,6 +161,7 @@ def _forward(
     need_g1: bool,
     return_w: bool,
     fail_soft: bool,
+    scale_in_place: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward of the fused objective (the op body; see the module docstring).
 
@@ -162,6 +169,10 @@ def _forward(
     2: v1 is v0 (v1 None). path_kind 1 linear, 2 GVP (coefficients in the kernel from
     t0, t1), 0 the (B, 7) table ``coef`` of :func:`path_coefficients`. All tensors
     contiguous on one device (checked here; ValueError / TypeError otherwise).
+    need_g0 / need_g1: write the gradient workspace g0 / g1 (outputs 5, 6); backward
+    recomputes whatever it needs and finds missing. fail_soft: backend="auto" (a failing
+    backward falls back to the reference). scale_in_place: backward may scale g0, g1 in
+    place (the public wrapper drops them; a direct caller keeping them passes False).
     """
     dev = x1.device
     if x1.dim() < 2 or x1.shape[0] == 0:
@@ -215,7 +226,7 @@ def _forward(
     w_shape = (batch, cm, *sample_shape[1:]) if len(sample_shape) > 1 else shape
     w = _alloc(w_shape, w_dtype, dev) if write_w else x1.new_empty((0,), dtype=w_dtype)
 
-    dummy_in, dummy_out = x1, per_sample
+    dummy_in = x1  # read-only placeholder for absent inputs
     has_u0, has_va, has_fcd = u0 is not None, v_adr is not None, fc_delta is not None
     need_delta = (has_fc and not has_fcd) or (has_v1 and not has_va)
     flags = dict(
@@ -234,7 +245,7 @@ def _forward(
         HAS_ADRW=adr_weight is not None,
         DIRECTION=direction,
         WRITE_G0=need_g0,
-        WRITE_G1=write_g1,
+        WRITE_G1=write_g1 or (v_mode == V_JOINT and need_g0),
         WRITE_W=write_w,
     )
     ins = (
@@ -253,15 +264,18 @@ def _forward(
         fm_weight if fm_weight is not None else t1,
         adr_weight if adr_weight is not None else t1,
     )
-    outs = (g0 if need_g0 else dummy_out, g1 if write_g1 else dummy_out, w if write_w else dummy_out)
+    outs = tuple(x if use else _unused(dev) for x, use in ((g0, need_g0), (g1, write_g1), (w, write_w)))
     plan = sample_plan(lay, plans.SMALL_TILE_MAX) if filt != 3 else None
     if plan is not None:
         nblk = 1
         part = _alloc((2, batch, 1), f32, dev)
+        filtered = has_fc and filt != 0
+        scratch = _alloc((batch * cm * lay.positions,), f32, dev) if filtered else _unused(dev)
         wrap_triton(sample_kernel)[(triton.cdiv(batch, plan.rows),)](
             *ins,
             *outs,
             part,
+            scratch,
             batch,
             lay.channels,
             lay.positions,
@@ -281,6 +295,7 @@ def _forward(
             R=plan.rows,
             CB=plan.cb,
             SB=plan.sb,
+            MASKED=not (plan.rows == 1 and plan.cb == lay.channels and plan.sb == lay.positions),
             num_warps=plan.num_warps,
         )
     else:
@@ -323,9 +338,8 @@ def _large_path(
     has_fc, has_va = flags["HAS_FC"], flags["HAS_VA"]
     norms_needed = flags["HAS_V1"] and flags["DIRECTION"]
     nplanes = batch * cm * lay.frames
-    dummy = outs[0] if outs[0] is not None else x1
-    map_raw = _alloc((batch * cm, fp), f32, dev) if has_fc else dummy
-    part3 = _alloc((3, batch, nblk), f32, dev) if norms_needed else dummy
+    map_raw = _alloc((batch * cm, fp), f32, dev) if has_fc else _unused(dev)
+    part3 = _alloc((3, batch, nblk), f32, dev) if norms_needed else _unused(dev)
     if has_fc or norms_needed:
         wrap_triton(stats_kernel)[(batch * nblk,)](
             v0, v1, x1, eps, x_hat, v_adr, fcd, t0, t1, coef, map_raw, part3,
@@ -340,8 +354,8 @@ def _large_path(
             NORMS=norms_needed,
             BLOCK=BLOCK,
         )
-    norms = _alloc((batch, 3), f32, dev) if norms_needed else dummy
-    mapf, plane_sum = dummy, dummy
+    norms = _alloc((batch, 3), f32, dev) if norms_needed else _unused(dev)
+    mapf, plane_sum = _unused(dev), _unused(dev)
     if has_fc:
         plane_sum = _alloc((nplanes,), f32, dev)
     if has_fc and filt == 3:  # fft: torch on the map (N / C elements), then the norms
@@ -356,7 +370,7 @@ def _large_path(
             mapf = _alloc((batch * cm, fp), f32, dev)
         elif run_planes:
             mapf = map_raw
-        tmp = _alloc((batch * cm, fp), f32, dev) if filtered and lay.n_axes == 2 else dummy
+        tmp = _alloc((batch * cm, fp), f32, dev) if filtered and lay.n_axes == 2 else _unused(dev)
         n_launch = nplanes if run_planes else 0
         wrap_triton(plane_kernel)[(n_launch + (batch if norms_needed else 0),)](
             map_raw, tmp, mapf, plane_sum, part3, norms,
@@ -421,15 +435,16 @@ def _scale(src0, src1, dst0, dst1, g_loss, g_term0, g_term1, g_rows, batch, join
     nblk = triton.cdiv(per_sample, SCALE_BLOCK)
     items = (2 if two else 1) * batch * nblk
     launch = wrap_triton(scale_kernel) if traced else scale_kernel
+    dev = src0.device
     launch[(min(items, SCALE_PROGRAMS),)](
         src0,
-        src1 if src1 is not None else src0,
+        src1 if src1 is not None else _unused(dev),
         dst0,
-        dst1 if dst1 is not None else dst0,
-        g_loss if g_loss is not None else src0,
-        g_term0 if g_term0 is not None else src0,
-        g_term1 if g_term1 is not None else src0,
-        g_rows if g_rows is not None else src0,
+        dst1 if dst1 is not None else _unused(dev),
+        g_loss if g_loss is not None else _unused(dev),
+        g_term0 if g_term0 is not None else _unused(dev),
+        g_term1 if g_term1 is not None else _unused(dev),
+        g_rows if g_rows is not None else _unused(dev),
         g_rows.stride(0) if g_rows is not None else 0,
         batch,
         per_sample,
@@ -493,13 +508,17 @@ def _scale_factors(v_mode: int, lambda_adr: float, regions: list[int]) -> tuple[
 
 
 def _fast_backward(ctx, g0, g1, args, grads) -> tuple[Tensor | None, Tensor | None]:
-    """Scale the stored gradients (recomputing them first when they are spent)."""
+    """Scale the stored gradients (recomputing them first when spent or missing)."""
     g_loss, g_fc, g_adr, g_rows = grads
     v_mode, lambda_adr = args[15], args[17]
     batch = args[2].shape[0]
-    traced = _is_traced(g0)
+    traced = _is_traced(args[2])
+    need0, need1 = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    missing = (need0 and g0.numel() == 0) or (need1 and g1.numel() == 0)
+    if v_mode == V_JOINT and need0 and g0.numel() == 0:
+        missing = True
     shared_split = v_mode == V_SHARED and (g_fc is not None or g_adr is not None)
-    recompute = ctx.consumed or shared_split
+    recompute = ctx.consumed or shared_split or missing
     if recompute:
         a = list(args)
         if shared_split:
@@ -519,21 +538,27 @@ def _fast_backward(ctx, g0, g1, args, grads) -> tuple[Tensor | None, Tensor | No
     src1 = bufs[1][0] if len(bufs) > 1 else None
     t0, t1 = terms[regions[0]], terms[regions[1]] if len(regions) > 1 else None
     if traced:
-        src0, out1 = fused_objective_backward_op(
+        dst0, out1 = fused_objective_backward_op(
             src0, src1, g_loss, t0, t1, g_rows, batch, joint, *factors
         )
-        src1 = out1 if src1 is not None else None
-    else:
+        dst1 = out1 if src1 is not None else None
+    elif recompute or args[33]:  # the buffers are ours: scale in place, skip factors of 1
         _scale(src0, src1, src0, src1, g_loss, t0, t1, g_rows, batch, joint, factors,
                in_place=True, traced=False)
+        dst0, dst1 = src0, src1
         if not recompute:
             ctx.consumed = True
-    scaled = {bufs[0][1]: src0}
-    if src1 is not None:
-        scaled[bufs[1][1]] = src1
+    else:  # a direct caller holds them: scale into new tensors
+        dst0 = torch.empty_like(src0)
+        dst1 = torch.empty_like(src1) if src1 is not None else None
+        _scale(src0, src1, dst0, dst1, g_loss, t0, t1, g_rows, batch, joint, factors,
+               in_place=False, traced=False)
+    scaled = {bufs[0][1]: dst0}
+    if dst1 is not None:
+        scaled[bufs[1][1]] = dst1
     if shared_split:
         return scaled[0] + scaled[1], None
-    return scaled.get(0), scaled.get(1)
+    return (scaled.get(0) if need0 else None), (scaled.get(1) if need1 else None)
 
 
 class _TablePath:
@@ -605,9 +630,9 @@ def _backward(ctx, g_loss, g_fc, g_adr, g_rows, *_unused):
     if all(g is None for g in grads):
         return (None,) * N_OP_ARGS
     g0, g1, args = _saved_args(ctx)
-    if torch.is_grad_enabled() and not _is_traced(g0):  # create_graph=True: differentiable
+    if torch.is_grad_enabled() and not _is_traced(args[2]):  # create_graph=True
         dv0, dv1 = _reference_backward(args, grads, create_graph=True)
-    elif _is_traced(g0) or not args[32]:
+    elif _is_traced(args[2]) or not args[32]:
         dv0, dv1 = _fast_backward(ctx, g0, g1, args, grads)
     else:  # backend="auto": a failing kernel falls back to the reference, once for all
         try:

@@ -114,17 +114,33 @@ NO_LAUNCH = {
     "t",
     "permute",
     "transpose",
+    "promote_types",
+    "result_type",
 }
 
 
 class AtenRecorder(TorchDispatchMode):
-    """Records the aten ops the caller's code runs (not the interpreter's own)."""
+    """Records the aten ops the caller's code runs (not the interpreter's own). The
+    reflexflow ops are opened: their bodies run under the recorder, so the torch ops
+    between their kernels show up. Thread-local: a CUDA backward (autograd's device
+    thread) is not seen; the CUDA sync-debug test covers it."""
 
     def __init__(self, probe: Probe) -> None:
         super().__init__()
         self.probe = probe
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._library.triton import set_wrap_triton_enabled
+
+        from reflexflow.kernels import objective_op as fo
+
+        bodies = {
+            torch.ops.reflexflow.fused_objective.default: fo._forward,
+            torch.ops.reflexflow.fused_objective_backward.default: fo._backward_impl,
+        }
+        if func in bodies:
+            with self, set_wrap_triton_enabled(False):
+                return bodies[func](*args, **(kwargs or {}))
         if not self.probe.in_kernel:
             self.probe.aten.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))

@@ -75,7 +75,9 @@ def _common(name, shape=(4, 4, 8, 8)):
     knobs = dict(COMMON[name])
     extra = {}
     if knobs.pop("weights", False):
-        extra.update(fm_weight=torch.rand(shape[0], device=DEV), adr_weight=torch.ones(shape[0], device=DEV))
+        extra.update(
+            fm_weight=torch.rand(shape[0], device=DEV), adr_weight=torch.ones(shape[0], device=DEV)
+        )
     if knobs.pop("targets", False):
         extra.update(u0=torch.randn(shape, device=DEV), v_adr=torch.randn(shape, device=DEV))
     p, kw = _args(shape, **knobs)
@@ -88,6 +90,7 @@ def _leaves(kw):
 
 
 # ------------------------------------------------------------------ launches and syncs
+
 
 @pytest.mark.parametrize("name", list(COMMON))
 def test_common_configurations_take_three_launches_forward_and_backward(name):
@@ -122,8 +125,13 @@ def test_large_samples_take_five_launches(monkeypatch):
     with launches() as probe, host_transfers(probe):
         fused_objective(p, **kw)["loss"].backward()
     names = [n for n, _ in probe.launches]
-    assert names == ["stats_kernel", "plane_kernel", "grad_kernel", "finalize_kernel",
-                     "scale_kernel"], names
+    assert names == [
+        "stats_kernel",
+        "plane_kernel",
+        "grad_kernel",
+        "finalize_kernel",
+        "scale_kernel",
+    ], names
     assert probe.transfers == []
 
 
@@ -176,6 +184,7 @@ def test_no_host_sync_under_cuda_sync_debug_mode(name):
 
 # ------------------------------------------------------------------------- grid limits
 
+
 def _grids(p, kw):
     with launches(execute=False) as probe:
         out = fused_objective(p, **kw)
@@ -215,6 +224,7 @@ def test_launch_grids_fit_cuda_for_video_with_many_planes(monkeypatch, large, kn
 
 # --------------------------------------------------------------------- failure policy
 
+
 def _inject(monkeypatch, target, name, err):
     """Make target.name raise err when called."""
 
@@ -231,8 +241,10 @@ def _break_kernel(monkeypatch, kernel, err):
 
 @pytest.mark.parametrize(
     "err",
-    [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-     RuntimeError("CUDA error: out of memory")],
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: out of memory"),
+    ],
     ids=["OutOfMemoryError", "runtime_oom"],
 )
 @pytest.mark.parametrize("where", ["forward", "backward"])
@@ -324,13 +336,18 @@ def test_double_backward_takes_the_reference_gradients():
 
 # ------------------------------------------------------------------------ routing
 
+
 def test_supports_routes_what_the_kernels_compute():
     p, kw = _args((3, 2, 5, 4))
     assert kernels.supports(**kw)
     assert kernels.supports(**dict(kw, fc_filter="fft", fc_signed=True, fc_form="squared"))
     assert kernels.supports(**dict(kw, u0=kw["x1"], v_adr=kw["x1"], fm_weight=kw["t0"]))
-    assert not kernels.supports(**{n: (x.double() if isinstance(x, torch.Tensor) and
-                                       x.is_floating_point() else x) for n, x in kw.items()})
+    assert not kernels.supports(
+        **{
+            n: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x)
+            for n, x in kw.items()
+        }
+    )
     assert not kernels.supports(**dict(kw, x1=kw["x1"].clone().requires_grad_()))
     assert not kernels.supports(**dict(kw, u0=kw["x1"].clone().requires_grad_()))
     with torch.no_grad():
@@ -364,6 +381,7 @@ def test_every_call_supports_accepts_matches_the_reference():
 
 # -------------------------------------------------------------------- torch.compile
 
+
 def _capture_backend(graphs):
     """aot_eager that keeps the forward and backward graphs' code (CPU: Inductor cannot
     launch Triton kernels; CUDA: inductor is tested below)."""
@@ -388,8 +406,9 @@ def test_compiled_step_with_dynamic_batch_runs_the_triton_kernels_and_matches_ea
 
     def step(x1, eps, x_hat, t0, t1, k):
         v = net(torch.cat([ref.interpolate(p, x1, eps, t0), x_hat]))
-        out = fused_objective(p, v0=None, v1=None, v_joint=v, x1=x1, eps=eps, x_hat=x_hat,
-                              t0=t0, t1=t1, k=k)
+        out = fused_objective(
+            p, v0=None, v1=None, v_joint=v, x1=x1, eps=eps, x_hat=x_hat, t0=t0, t1=t1, k=k
+        )
         return out["loss"] + 0.1 * out["per_sample"].sum()
 
     graphs: list[str] = []

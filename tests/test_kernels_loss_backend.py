@@ -98,8 +98,16 @@ def test_auto_falls_back_to_reference_once_the_triton_path_fails(monkeypatch):
     p = rf.get_path("linear")
     x = torch.randn(3, 2, 5, 4, device=DEV)
     t = torch.full((3,), 0.3, device=DEV)
-    kw = dict(v0=x, v1=x + 1, x1=x, eps=-x, x_hat=x, t0=t, t1=t + 0.1,
-              k=torch.ones(3, dtype=torch.long, device=DEV))
+    kw = dict(
+        v0=x,
+        v1=x + 1,
+        x1=x,
+        eps=-x,
+        x_hat=x,
+        t0=t,
+        t1=t + 0.1,
+        k=torch.ones(3, dtype=torch.long, device=DEV),
+    )
     with pytest.warns(RuntimeWarning, match="Triton loss kernels failed"):
         got = kernels.fused_objective_auto(p, **kw)
     torch.testing.assert_close(got["loss"], ref.objective(p, **kw)["loss"])
@@ -115,7 +123,14 @@ def test_auto_does_not_hide_argument_errors(monkeypatch):
     t = torch.full((2,), 0.3)
     with pytest.raises(ValueError, match="x1"):
         kernels.fused_objective_auto(
-            rf.get_path("linear"), v0=x, v1=x, x1=x.clone().requires_grad_(), eps=x, x_hat=x,
-            t0=t, t1=t, k=torch.ones(2, dtype=torch.long),
+            rf.get_path("linear"),
+            v0=x,
+            v1=x,
+            x1=x.clone().requires_grad_(),
+            eps=x,
+            x_hat=x,
+            t0=t,
+            t1=t,
+            k=torch.ones(2, dtype=torch.long),
         )
     assert kernels._FAILED == []

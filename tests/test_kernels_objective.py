@@ -249,8 +249,15 @@ def test_sample_weights_and_explicit_targets_match_reference(dtype):
 @pytest.mark.parametrize("fc_filter", ["gaussian", "box", "none", "fft"])
 @pytest.mark.parametrize("fc_form", ["weight", "squared"])
 def test_signed_and_squared_fc_match_reference(fc_filter, fc_form):
-    compare((3, 3, 7, 6), fc_signed=True, fc_form=fc_form, fc_filter=fc_filter, fc_size=3,
-            fc_sigma=0.8, lambda_fc=2.0)
+    compare(
+        (3, 3, 7, 6),
+        fc_signed=True,
+        fc_form=fc_form,
+        fc_filter=fc_filter,
+        fc_size=3,
+        fc_sigma=0.8,
+        lambda_fc=2.0,
+    )
     compare((3, 3, 7, 6), fc_form=fc_form, fc_filter=fc_filter, per_channel=True, seed=3)
 
 
@@ -272,8 +279,7 @@ def test_non_contiguous_inputs_match_reference(dtype):
 def test_half_model_outputs_with_fp32_state_round_only_once(dtype, adr_loss):
     """As ReflexFlowLoss calls it: v in half precision, x1, eps, x^ in fp32."""
     tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
-    compare((3, 4, 6, 5), dtype, state=torch.float32, adr_loss=adr_loss, grad_tol=tol,
-            mode="joint")
+    compare((3, 4, 6, 5), dtype, state=torch.float32, adr_loss=adr_loss, grad_tol=tol, mode="joint")
 
 
 @pytest.mark.parametrize(
@@ -345,13 +351,12 @@ def test_large_sample_path_matches_reference(monkeypatch, shape, knobs):
     monkeypatch.setattr(layout, "SMALL_TILE_MAX", 0)
     monkeypatch.setattr(fo, "BLOCK", 64)
     compare(shape, **knobs)
-    compare(shape, seed=5, grads={"loss": 0.5, "per_sample": torch.arange(shape[0]) - 1.0},
-            **knobs)
+    compare(shape, seed=5, grads={"loss": 0.5, "per_sample": torch.arange(shape[0]) - 1.0}, **knobs)
 
 
 def test_several_samples_per_program_with_a_partial_last_program():
-    """Vectors of 10 elements: 256 samples share one program (R = 4096 / 16)."""
-    assert layout.sample_plan(layout.layout_of((10,)), layout.SMALL_TILE_MAX).rows == 256
+    """Vectors of 10 elements: 128 samples share one program (R = 2048 / 16)."""
+    assert layout.sample_plan(layout.layout_of((10,)), layout.SMALL_TILE_MAX).rows == 128
     compare((300, 10), inactive=(0, 7, 299))
     compare((300, 10), adr_loss="mse", fc_signed=True, seed=1, mode="joint")
 
@@ -359,13 +364,24 @@ def test_several_samples_per_program_with_a_partial_last_program():
 def test_outputs_have_the_reference_dtypes():
     """Same dtype promotion as reference.objective run on the same dtypes."""
     p = get_path("linear")
-    for vd, sd in [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
-                   (torch.float16, torch.float32), (torch.float32, torch.float32)]:
+    for vd, sd in [
+        (torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float32),
+    ]:
         v0, v1 = (torch.randn(2, 2, 4, 4, dtype=vd, device=DEV) for _ in "ab")
         x1, eps, xh = (torch.randn(2, 2, 4, 4, dtype=sd, device=DEV) for _ in "abc")
-        kw = dict(v0=v0, v1=v1, x1=x1, eps=eps, x_hat=xh, t0=torch.full((2,), 0.2, device=DEV),
-                  t1=torch.full((2,), 0.3, device=DEV), k=torch.ones(2, dtype=torch.long,
-                                                                     device=DEV))
+        kw = dict(
+            v0=v0,
+            v1=v1,
+            x1=x1,
+            eps=eps,
+            x_hat=xh,
+            t0=torch.full((2,), 0.2, device=DEV),
+            t1=torch.full((2,), 0.3, device=DEV),
+            k=torch.ones(2, dtype=torch.long, device=DEV),
+        )
         want = ref.objective(p, **kw)
         got = fused_objective(p, **kw)
         for key in (*OUTPUTS, "w"):
@@ -374,12 +390,14 @@ def test_outputs_have_the_reference_dtypes():
 
 # ------------------------------------------------------------------- errors and doors
 
+
 def test_x1_or_u0_requiring_grad_is_refused():
     p = get_path("linear")
     x = torch.randn(2, 3, device=DEV)
     t = torch.full((2,), 0.3, device=DEV)
-    kw = dict(v0=x, v1=x, x1=x, eps=x, x_hat=x, t0=t, t1=t, k=torch.ones(2, dtype=torch.int64,
-                                                                     device=DEV))
+    kw = dict(
+        v0=x, v1=x, x1=x, eps=x, x_hat=x, t0=t, t1=t, k=torch.ones(2, dtype=torch.int64, device=DEV)
+    )
     with pytest.raises(ValueError, match="x1"):
         fused_objective(p, **dict(kw, x1=x.clone().requires_grad_()))
     with pytest.raises(ValueError, match="u0"):
@@ -390,8 +408,16 @@ def test_bad_knobs_and_shapes_are_clear_errors():
     p = get_path("linear")
     x = torch.randn(2, 3, device=DEV)
     t = torch.full((2,), 0.3, device=DEV)
-    kw = dict(v0=x, v1=x + 1, x1=x, eps=x, x_hat=x, t0=t, t1=t, k=torch.ones(2, dtype=torch.int64,
-                                                                         device=DEV))
+    kw = dict(
+        v0=x,
+        v1=x + 1,
+        x1=x,
+        eps=x,
+        x_hat=x,
+        t0=t,
+        t1=t,
+        k=torch.ones(2, dtype=torch.int64, device=DEV),
+    )
     with pytest.raises(ValueError, match="fc_form"):
         fused_objective(p, **kw, fc_form="cubed")
     with pytest.raises(ValueError, match="fc_size"):
@@ -420,12 +446,40 @@ def _op_args(shape=(2, 3, 5, 4), mode=fo.V_SEPARATE, grad=True, **over):
         if v1 is not None:
             v1.requires_grad_()
     args = dict(
-        v0=v0, v1=v1, x1=x1, eps=eps, x_hat=x_hat, u0=None, v_adr=None, fc_delta=None,
-        t0=t0, t1=t1, coef=None, k=k, fc_active=None, fm_weight=None, adr_weight=None,
-        v_mode=mode, path_kind=1, lambda_adr=10.0, lambda_fc=1.0, direction=True,
-        per_channel=False, fc_signed=False, fc_squared=False, fc_filter="gaussian",
-        fc_sigma=1.0, fc_size=5, fc_cutoff=0.25, norm_eps=1e-6, norm_floor=0.01,
-        need_g0=grad, need_g1=grad, return_w=True, fail_soft=False, scale_in_place=False,
+        v0=v0,
+        v1=v1,
+        x1=x1,
+        eps=eps,
+        x_hat=x_hat,
+        u0=None,
+        v_adr=None,
+        fc_delta=None,
+        t0=t0,
+        t1=t1,
+        coef=None,
+        k=k,
+        fc_active=None,
+        fm_weight=None,
+        adr_weight=None,
+        v_mode=mode,
+        path_kind=1,
+        lambda_adr=10.0,
+        lambda_fc=1.0,
+        direction=True,
+        per_channel=False,
+        fc_signed=False,
+        fc_squared=False,
+        fc_filter="gaussian",
+        fc_sigma=1.0,
+        fc_size=5,
+        fc_cutoff=0.25,
+        norm_eps=1e-6,
+        norm_floor=0.01,
+        need_g0=grad,
+        need_g1=grad,
+        return_w=True,
+        fail_soft=False,
+        scale_in_place=False,
     )
     args.update(over)
     assert len(args) == fo.N_OP_ARGS

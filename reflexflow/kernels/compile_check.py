@@ -33,21 +33,46 @@ CASES: list[tuple[str, tuple[int, ...], str, str, dict[str, Any]]] = [
     ("sit_4x32x32_fp32", (256, 4, 32, 32), "float32", "float32", {}),
     ("sit_4x32x32_bf16v", (256, 4, 32, 32), "bfloat16", "float32", {}),
     ("sit_4x32x32_bf16_joint", (256, 4, 32, 32), "bfloat16", "bfloat16", {"joint": True}),
-    ("sit_4x32x32_mse_box", (256, 4, 32, 32), "bfloat16", "float32",
-     {"adr_loss": "mse", "fc_filter": "box", "fc_size": 5, "joint": True}),
-    ("sit_4x32x32_signed_squared", (256, 4, 32, 32), "bfloat16", "float32",
-     {"fc_signed": True, "fc_form": "squared", "fc_filter": "none", "joint": True}),
-    ("sit_4x32x32_shared_weights", (256, 4, 32, 32), "bfloat16", "float32",
-     {"shared": True, "weights": True, "targets": True}),
+    (
+        "sit_4x32x32_mse_box",
+        (256, 4, 32, 32),
+        "bfloat16",
+        "float32",
+        {"adr_loss": "mse", "fc_filter": "box", "fc_size": 5, "joint": True},
+    ),
+    (
+        "sit_4x32x32_signed_squared",
+        (256, 4, 32, 32),
+        "bfloat16",
+        "float32",
+        {"fc_signed": True, "fc_form": "squared", "fc_filter": "none", "joint": True},
+    ),
+    (
+        "sit_4x32x32_shared_weights",
+        (256, 4, 32, 32),
+        "bfloat16",
+        "float32",
+        {"shared": True, "weights": True, "targets": True},
+    ),
     ("latent_4x64x64_bf16", (64, 4, 64, 64), "bfloat16", "bfloat16", {"joint": True}),
     ("latent_4x64x64_fp32", (64, 4, 64, 64), "float32", "float32", {"joint": True}),
-    ("pixels_3x64x64_per_channel", (64, 3, 64, 64), "float32", "float32",
-     {"per_channel": True, "joint": True}),
+    (
+        "pixels_3x64x64_per_channel",
+        (64, 3, 64, 64),
+        "float32",
+        "float32",
+        {"per_channel": True, "joint": True},
+    ),
     ("vectors_70000x8", (70000, 8), "float32", "float32", {}),
     ("signals_2x256", (64, 2, 256), "float32", "float32", {"adr_loss": "mse"}),
     ("latent_16x128x128_large", (32, 16, 128, 128), "bfloat16", "float32", {"joint": True}),
-    ("latent_16x128x128_large_mse_per_ch", (32, 16, 128, 128), "bfloat16", "float32",
-     {"adr_loss": "mse", "per_channel": True, "joint": True}),
+    (
+        "latent_16x128x128_large_mse_per_ch",
+        (32, 16, 128, 128),
+        "bfloat16",
+        "float32",
+        {"adr_loss": "mse", "per_channel": True, "joint": True},
+    ),
     ("video_16x16x60x104_large", (2, 16, 16, 60, 104), "bfloat16", "float32", {}),
     ("latent_4x32x32_fft", (16, 4, 32, 32), "float32", "float32", {"fc_filter": "fft"}),
 ]
@@ -84,14 +109,16 @@ def record_launches() -> list[dict[str, Any]]:
         spec = {
             "kernel": self.fn.__name__,
             "args": [_spec(a) for a in args],
-            "kwargs": {k: _spec(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+            "kwargs": {
+                k: _spec(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
+            },
         }
         seen.setdefault(json.dumps(spec, sort_keys=True), spec)
 
     original = InterpretedFunction.run
     InterpretedFunction.run = fake_run
     try:
-        for name, shape, vdt, sdt, knobs in CASES:
+        for _name, shape, vdt, sdt, knobs in CASES:
             knobs = dict(knobs)
             joint, shared = knobs.pop("joint", False), knobs.pop("shared", False)
             weights, targets = knobs.pop("weights", False), knobs.pop("targets", False)
@@ -99,8 +126,15 @@ def record_launches() -> list[dict[str, Any]]:
             b = shape[0]
             x1, eps, x_hat = (torch.empty(shape, dtype=sd) for _ in range(3))
             t = torch.full((b,), 0.3)
-            kw: dict[str, Any] = dict(x1=x1, eps=eps, x_hat=x_hat, t0=t, t1=t + 0.1,
-                                      k=torch.ones(b, dtype=torch.int64), **knobs)
+            kw: dict[str, Any] = dict(
+                x1=x1,
+                eps=eps,
+                x_hat=x_hat,
+                t0=t,
+                t1=t + 0.1,
+                k=torch.ones(b, dtype=torch.int64),
+                **knobs,
+            )
             if joint:
                 v = torch.zeros((2 * b, *shape[1:]), dtype=vd, requires_grad=True)
                 kw.update(v0=None, v1=None, v_joint=v)
@@ -108,8 +142,10 @@ def record_launches() -> list[dict[str, Any]]:
                 v = torch.zeros(shape, dtype=vd, requires_grad=True)
                 kw.update(v0=v, v1=v)
             else:
-                kw.update(v0=torch.zeros(shape, dtype=vd, requires_grad=True),
-                          v1=torch.zeros(shape, dtype=vd, requires_grad=True))
+                kw.update(
+                    v0=torch.zeros(shape, dtype=vd, requires_grad=True),
+                    v1=torch.zeros(shape, dtype=vd, requires_grad=True),
+                )
             if weights:
                 kw.update(fm_weight=torch.ones(b), adr_weight=torch.ones(b))
             if targets:
@@ -138,11 +174,14 @@ def _resources(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True,
-                              text=True, check=True).stdout
+        text = subprocess.run(
+            [str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     line = next(ln for ln in text.splitlines() if "REG:" in ln)
     fields = dict(item.split(":") for item in line.split() if ":" in item)
-    return {k.lower(): int(v) for k, v in fields.items() if k in ("REG", "STACK", "SHARED", "LOCAL")}
+    return {
+        k.lower(): int(v) for k, v in fields.items() if k in ("REG", "STACK", "SHARED", "LOCAL")
+    }
 
 
 def compile_launches(specs: list[dict[str, Any]], arch: int = 90) -> list[dict[str, Any]]:
@@ -162,16 +201,20 @@ def compile_launches(specs: list[dict[str, Any]], arch: int = 90) -> list[dict[s
         args = [_build(a) for a in spec["args"]]
         kwargs = dict(spec["kwargs"])
         consts = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-        row: dict[str, Any] = {"kernel": spec["kernel"], "num_warps": kwargs.get("num_warps", 4),
-                               "constexprs": consts}
+        row: dict[str, Any] = {
+            "kernel": spec["kernel"],
+            "num_warps": kwargs.get("num_warps", 4),
+            "constexprs": consts,
+        }
         try:
             binder = create_function_from_signature(fn.signature, fn.params, backend)
             bound, specialization, options = binder(*args, **kwargs)
             options, signature, constexprs, attrs = fn._pack_args(
                 backend, kwargs, bound, specialization, options
             )
-            compiled = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                      options=options.__dict__)
+            compiled = triton_compile(
+                ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__
+            )
             row.update(_resources(compiled.asm["cubin"]))
         except Exception as err:  # reported, the caller decides
             row["error"] = f"{type(err).__name__}: {err}"[:2000]
@@ -188,9 +231,17 @@ def _run_child(mode: str, payload: Path, arch: int) -> None:
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     subprocess.run(
-        [sys.executable, "-m", "reflexflow.kernels.compile_check", f"--{mode}", str(payload),
-         "--arch", str(arch)],
-        check=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "reflexflow.kernels.compile_check",
+            f"--{mode}",
+            str(payload),
+            "--arch",
+            str(arch),
+        ],
+        check=True,
+        env=env,
     )
 
 
@@ -213,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         _run_child("record", payload, opts.arch)
         _run_child("compile", payload, opts.arch)
         rows = json.loads(payload.read_text())
-    print(f"| kernel | warps | regs | local (spill) bytes | stack | shared | key constexprs (sm_{opts.arch}) |")
+    print(
+        "| kernel | warps | regs | local (spill) bytes | stack | shared "
+        f"| key constexprs (sm_{opts.arch}) |"
+    )
     print("|---|---|---|---|---|---|---|")
     keys = ("R", "CB", "SB", "MAP_MODE", "FILT", "NT", "DIRECTION", "V_MODE", "IN_PLACE")
     for r in rows:
@@ -221,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"| {r['kernel']} | {r['num_warps']} | ERROR | | | | {c}: {r['error'][:200]} |")
         else:
-            print(f"| {r['kernel']} | {r['num_warps']} | {r['reg']} | {r['local']} | {r['stack']} "
-                  f"| {r['shared']} | {c} |")
+            print(
+                f"| {r['kernel']} | {r['num_warps']} | {r['reg']} | {r['local']} | {r['stack']} "
+                f"| {r['shared']} | {c} |"
+            )
     if opts.json:
         opts.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 1 if any("error" in r for r in rows) else 0

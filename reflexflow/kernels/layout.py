@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 __all__ = ["Layout", "layout_of", "next_pow2", "sample_plan", "SamplePlan"]
 
-# A sample runs in one program when its padded (channels x positions) tile has at most
-# this many elements (SiT/DiT latents 4x32x32 = 4096, 4x64x64 = 16384). Larger samples
-# take the three-kernel path. Tune on the GPU (benchmarks/README.md, "Loss kernels").
+# A sample runs in one program when its (channels x positions) tile, padded to powers of
+# 2, has at most SMALL_TILE_MAX elements and covers the sample exactly (SiT/DiT latents
+# 4x32x32 = 4096, 4x64x64 = 16384), or at most SMALL_TILE_MAX // 4 when it needs masks
+# (masked tiles cost about twice the registers: ptxas at sm_90, see compile_check).
+# Larger samples take the three-kernel path. Tune on the GPU (benchmarks/README.md).
 SMALL_TILE_MAX = 16384
-# Elements of one program's tile when several small samples share it (vectors).
-SAMPLES_TILE = 4096
+# Elements of one program's tile when several small samples share it (vectors, signals).
+SAMPLES_TILE = 2048
 
 
 def next_pow2(n: int) -> int:
@@ -72,15 +74,17 @@ class SamplePlan:
 
 
 def sample_plan(lay: Layout, tile_max: int) -> SamplePlan | None:
-    """The one-program-per-sample plan, or None when a sample does not fit ``tile_max``.
-
-    R (samples per program) depends on the sample shape only, never on the batch size, so
-    torch.compile(dynamic=True) keeps the batch symbolic.
+    """The one-program-per-sample plan, or None when a sample does not fit (see
+    SMALL_TILE_MAX). Warps: 16 elements per thread and tile for an exact tile, 8 for a
+    masked one (at most 16 warps). R (samples per program) depends on the sample shape
+    only, never on the batch size, so torch.compile(dynamic=True) keeps it symbolic.
     """
     cb, sb = next_pow2(lay.channels), max(next_pow2(lay.positions), 2)
     tile = cb * sb
-    if tile > tile_max:
+    exact = cb == lay.channels and sb == lay.positions
+    if tile > (tile_max if exact else tile_max // 4):
         return None
     rows = max(1, SAMPLES_TILE // tile)
-    warps = max(1, min(16, rows * tile // 512))
+    per_thread = 16 if exact and rows == 1 else 8
+    warps = max(1, min(16, rows * tile // (32 * per_thread)))
     return SamplePlan(rows, cb, sb, next_pow2(warps))

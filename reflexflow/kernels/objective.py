@@ -119,8 +119,11 @@ def _run(kw: dict[str, Any], fail_soft: bool) -> dict[str, Tensor | None]:
     if x1.dim() < 2 or x1.shape[0] == 0:
         raise ValueError(f"x1 must have shape (B, ...) with B >= 1, got {tuple(x1.shape)}")
     batch, shape = x1.shape[0], tuple(x1.shape)
-    _same_shape("v_joint" if mode == V_JOINT else "v0", v0,
-                (2 * batch, *shape[1:]) if mode == V_JOINT else shape)
+    _same_shape(
+        "v_joint" if mode == V_JOINT else "v0",
+        v0,
+        (2 * batch, *shape[1:]) if mode == V_JOINT else shape,
+    )
     _same_shape("v1", v1, shape)
     for name in _SAMPLE_TENSORS:
         _same_shape(name, kw[name], shape)

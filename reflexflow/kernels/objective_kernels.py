@@ -120,7 +120,9 @@ def tap(j: tl.constexpr, tot, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.co
     """Tap j of the 1-D filter: gaussian (FILT 1, normalised by tot) or box (FILT 2)."""
     rad: tl.constexpr = (NT - 1) // 2
     if FILT == 1:
-        return tl.exp(tl.full([], -0.5 * ((j - rad) / SIGMA) * ((j - rad) / SIGMA), tl.float32)) / tot
+        return (
+            tl.exp(tl.full([], -0.5 * ((j - rad) / SIGMA) * ((j - rad) / SIGMA), tl.float32)) / tot
+        )
     return tl.full([], 1.0 / NT, tl.float32)
 
 
@@ -148,8 +150,19 @@ def tile_sum(x):
 
 
 @kernel
-def lowpass_pass(m, scratch, loc, pos, valid, LEN, STRIDE, FILT: tl.constexpr,
-                 NT: tl.constexpr, SIGMA: tl.constexpr, MASKED: tl.constexpr):
+def lowpass_pass(
+    m,
+    scratch,
+    loc,
+    pos,
+    valid,
+    LEN,
+    STRIDE,
+    FILT: tl.constexpr,
+    NT: tl.constexpr,
+    SIGMA: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One 1-D filter pass of a register tile along one spatial axis, replicate padding.
 
     m goes to the program's own scratch (cache-resident), a barrier, then each output is
@@ -165,15 +178,17 @@ def lowpass_pass(m, scratch, loc, pos, valid, LEN, STRIDE, FILT: tl.constexpr,
     acc = tl.zeros(m.shape, dtype=tl.float32)
     for j in tl.static_range(NT):
         k = tl.minimum(tl.maximum(i + (j - rad), 0), LEN - 1)
-        acc += tap(j, tot, FILT, NT, SIGMA) * load_tile(scratch + loc + (k - i) * STRIDE, valid,
-                                                        MASKED)
+        acc += tap(j, tot, FILT, NT, SIGMA) * load_tile(
+            scratch + loc + (k - i) * STRIDE, valid, MASKED
+        )
     tl.debug_barrier()
     return acc
 
 
 @kernel
-def lowpass_global(src, p, mask, LEN, STRIDE, FILT: tl.constexpr, NT: tl.constexpr,
-                   SIGMA: tl.constexpr):
+def lowpass_global(
+    src, p, mask, LEN, STRIDE, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.constexpr
+):
     """lowpass_pass for a plane already in memory: taps over loads of src (cache hits)."""
     rad: tl.constexpr = (NT - 1) // 2
     i = (p // STRIDE) % LEN
@@ -181,25 +196,69 @@ def lowpass_global(src, p, mask, LEN, STRIDE, FILT: tl.constexpr, NT: tl.constex
     acc = tl.zeros(p.shape, dtype=tl.float32)
     for j in tl.static_range(NT):
         k = tl.minimum(tl.maximum(i + (j - rad), 0), LEN - 1)
-        acc += tap(j, tot, FILT, NT, SIGMA) * tl.load(src + p + (k - i) * STRIDE, mask=mask,
-                                                        other=0.0)
+        acc += tap(j, tot, FILT, NT, SIGMA) * tl.load(
+            src + p + (k - i) * STRIDE, mask=mask, other=0.0
+        )
     return acc
 
 
 @kernel
 def sample_kernel(
-    v0, v1, x1, eps, x_hat, u0, va_in, fcd, t0, t1, coef, act, fmw, adrw,
-    g0, g1, w_out, part, scratch,
-    B, C, FP, H, W,
-    lambda_fc, c1, norm_eps, norm_floor, tiny,
-    PATH: tl.constexpr, V_MODE: tl.constexpr, HAS_V1: tl.constexpr, HAS_U0: tl.constexpr,
-    HAS_VA: tl.constexpr, HAS_FCD: tl.constexpr, NEED_X: tl.constexpr,
-    NEED_DELTA: tl.constexpr, HAS_FC: tl.constexpr, MAP_MODE: tl.constexpr,
-    SQUARED: tl.constexpr, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.constexpr,
-    N_AXES: tl.constexpr, ACT_K: tl.constexpr, HAS_FMW: tl.constexpr,
-    HAS_ADRW: tl.constexpr, DIRECTION: tl.constexpr, WRITE_G0: tl.constexpr,
-    WRITE_G1: tl.constexpr, WRITE_W: tl.constexpr,
-    R: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, MASKED: tl.constexpr,
+    v0,
+    v1,
+    x1,
+    eps,
+    x_hat,
+    u0,
+    va_in,
+    fcd,
+    t0,
+    t1,
+    coef,
+    act,
+    fmw,
+    adrw,
+    g0,
+    g1,
+    w_out,
+    part,
+    scratch,
+    B,
+    C,
+    FP,
+    H,
+    W,
+    lambda_fc,
+    c1,
+    norm_eps,
+    norm_floor,
+    tiny,
+    PATH: tl.constexpr,
+    V_MODE: tl.constexpr,
+    HAS_V1: tl.constexpr,
+    HAS_U0: tl.constexpr,
+    HAS_VA: tl.constexpr,
+    HAS_FCD: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_DELTA: tl.constexpr,
+    HAS_FC: tl.constexpr,
+    MAP_MODE: tl.constexpr,
+    SQUARED: tl.constexpr,
+    FILT: tl.constexpr,
+    NT: tl.constexpr,
+    SIGMA: tl.constexpr,
+    N_AXES: tl.constexpr,
+    ACT_K: tl.constexpr,
+    HAS_FMW: tl.constexpr,
+    HAS_ADRW: tl.constexpr,
+    DIRECTION: tl.constexpr,
+    WRITE_G0: tl.constexpr,
+    WRITE_G1: tl.constexpr,
+    WRITE_W: tl.constexpr,
+    R: tl.constexpr,
+    CB: tl.constexpr,
+    SB: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """The whole objective of R samples in one program. Grid (cdiv(B, R),).
 
@@ -265,14 +324,19 @@ def sample_kernel(
         if FILT != 0:
             pos = tl.broadcast_to(s3, m.shape)
             if N_AXES >= 1:
-                m = lowpass_pass(m, scratch + wbase, wloc, pos, mvalid, W, 1, FILT, NT, SIGMA,
-                                 MASKED)
+                m = lowpass_pass(
+                    m, scratch + wbase, wloc, pos, mvalid, W, 1, FILT, NT, SIGMA, MASKED
+                )
             if N_AXES == 2:
-                m = lowpass_pass(m, scratch + wbase, wloc, pos, mvalid, H, W, FILT, NT, SIGMA,
-                                 MASKED)
+                m = lowpass_pass(
+                    m, scratch + wbase, wloc, pos, mvalid, H, W, FILT, NT, SIGMA, MASKED
+                )
         if MAP_MODE == 2:
-            den = tl.sum(tl.sum(tl.where(mvalid, tl.abs(m), 0.0), axis=2, keep_dims=True),
-                         axis=1, keep_dims=True) / (S * 1.0)
+            den = tl.sum(
+                tl.sum(tl.where(mvalid, tl.abs(m), 0.0), axis=2, keep_dims=True),
+                axis=1,
+                keep_dims=True,
+            ) / (S * 1.0)
         else:
             den = tl.sum(tl.where(mvalid, m, 0.0), axis=2, keep_dims=True) / (FP * 1.0)
         on = active_rows(act, rows, bmask, ACT_K)[:, None, None]
@@ -327,11 +391,31 @@ def sample_kernel(
 
 @kernel
 def stats_kernel(
-    v0, v1, x1, eps, x_hat, va_in, fcd, t0, t1, coef, map_raw, part,
-    B, C, FP, NBLK,
-    PATH: tl.constexpr, V_MODE: tl.constexpr, HAS_VA: tl.constexpr, HAS_FCD: tl.constexpr,
-    NEED_DELTA: tl.constexpr, HAS_FC: tl.constexpr, MAP_MODE: tl.constexpr,
-    NORMS: tl.constexpr, BLOCK: tl.constexpr,
+    v0,
+    v1,
+    x1,
+    eps,
+    x_hat,
+    va_in,
+    fcd,
+    t0,
+    t1,
+    coef,
+    map_raw,
+    part,
+    B,
+    C,
+    FP,
+    NBLK,
+    PATH: tl.constexpr,
+    V_MODE: tl.constexpr,
+    HAS_VA: tl.constexpr,
+    HAS_FCD: tl.constexpr,
+    NEED_DELTA: tl.constexpr,
+    HAS_FC: tl.constexpr,
+    MAP_MODE: tl.constexpr,
+    NORMS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Large samples, pass 1: the raw FC map and the direction loss's sums.
 
@@ -344,7 +428,6 @@ def stats_kernel(
     b = pid // NBLK
     r = (pid % NBLK) * BLOCK + tl.arange(0, BLOCK)
     mask = r < FP
-    S = C * FP
     da0, ds0, a1, s1, da1, ds1, rat = path_coefs(t0, t1, coef, b, True, PATH)
     acc_m = tl.zeros([BLOCK], dtype=tl.float32)
     svv = tl.zeros([BLOCK], dtype=tl.float32)
@@ -393,12 +476,29 @@ def stats_kernel(
 
 @kernel
 def plane_kernel(
-    src, tmp, dst, plane_sum, part, norms,
-    NPLANES, P, H, W, B, NBLK,
-    norm_eps, norm_floor,
-    HAS_FC: tl.constexpr, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.constexpr,
-    N_AXES: tl.constexpr, SIGNED: tl.constexpr, NORMS: tl.constexpr,
-    BLOCK: tl.constexpr, BN: tl.constexpr,
+    src,
+    tmp,
+    dst,
+    plane_sum,
+    part,
+    norms,
+    NPLANES,
+    P,
+    H,
+    W,
+    B,
+    NBLK,
+    norm_eps,
+    norm_floor,
+    HAS_FC: tl.constexpr,
+    FILT: tl.constexpr,
+    NT: tl.constexpr,
+    SIGMA: tl.constexpr,
+    N_AXES: tl.constexpr,
+    SIGNED: tl.constexpr,
+    NORMS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BN: tl.constexpr,
 ):
     """Large samples, pass 2: programs [0, NPLANES) filter one map plane each (P = H W
     positions; along W into tmp, then along H into dst) and write its sum (of |m| when
@@ -472,16 +572,53 @@ def plane_mean(plane_sum, first, count, denom, BN: tl.constexpr):
 
 @kernel
 def grad_kernel(
-    v0, v1, x1, eps, x_hat, u0, va_in, t0, t1, coef, act, fmw, adrw,
-    mapf, plane_sum, norms, g0, g1, w_out, part,
-    B, C, F, FP, NBLK,
-    lambda_fc, c1, tiny,
-    PATH: tl.constexpr, V_MODE: tl.constexpr, HAS_V1: tl.constexpr, HAS_U0: tl.constexpr,
-    HAS_VA: tl.constexpr, NEED_X: tl.constexpr, NEED_DELTA: tl.constexpr,
-    HAS_FC: tl.constexpr, MAP_MODE: tl.constexpr, SQUARED: tl.constexpr,
-    ACT_K: tl.constexpr, HAS_FMW: tl.constexpr, HAS_ADRW: tl.constexpr,
-    DIRECTION: tl.constexpr, WRITE_G0: tl.constexpr, WRITE_G1: tl.constexpr,
-    WRITE_W: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+    v0,
+    v1,
+    x1,
+    eps,
+    x_hat,
+    u0,
+    va_in,
+    t0,
+    t1,
+    coef,
+    act,
+    fmw,
+    adrw,
+    mapf,
+    plane_sum,
+    norms,
+    g0,
+    g1,
+    w_out,
+    part,
+    B,
+    C,
+    F,
+    FP,
+    NBLK,
+    lambda_fc,
+    c1,
+    tiny,
+    PATH: tl.constexpr,
+    V_MODE: tl.constexpr,
+    HAS_V1: tl.constexpr,
+    HAS_U0: tl.constexpr,
+    HAS_VA: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_DELTA: tl.constexpr,
+    HAS_FC: tl.constexpr,
+    MAP_MODE: tl.constexpr,
+    SQUARED: tl.constexpr,
+    ACT_K: tl.constexpr,
+    HAS_FMW: tl.constexpr,
+    HAS_ADRW: tl.constexpr,
+    DIRECTION: tl.constexpr,
+    WRITE_G0: tl.constexpr,
+    WRITE_G1: tl.constexpr,
+    WRITE_W: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BN: tl.constexpr,
 ):
     """Large samples, pass 3: G0, G1, w and per-program sums (as sample_kernel) from the
     filtered map, its plane sums and the direction norms. Grid (B * NBLK,); part
@@ -499,14 +636,18 @@ def grad_kernel(
     if HAS_FC:
         on = active_rows(act, b, True, ACT_K)
         if MAP_MODE == 0:
-            q = tl.where(on, lambda_fc / (plane_mean(plane_sum, b * F, F, FP * 1.0, BN) + tiny), 0.0)
+            q = tl.where(
+                on, lambda_fc / (plane_mean(plane_sum, b * F, F, FP * 1.0, BN) + tiny), 0.0
+            )
             wv0 = 1.0 + q * tl.load(mapf + b * FP + r, mask=mask, other=0.0)
             if WRITE_W:
                 tl.store(w_out + b * FP + r, out_cast(wv0, w_out.dtype.element_ty), mask=mask)
             if SQUARED:
                 wv0 = wv0 * wv0
         elif MAP_MODE == 2:
-            q = tl.where(on, lambda_fc / (plane_mean(plane_sum, b * C * F, C * F, S * 1.0, BN) + tiny), 0.0)
+            q = tl.where(
+                on, lambda_fc / (plane_mean(plane_sum, b * C * F, C * F, S * 1.0, BN) + tiny), 0.0
+            )
     if HAS_V1:
         if DIRECTION:
             n = tl.load(norms + b * 3)
@@ -537,7 +678,12 @@ def grad_kernel(
                 wv = wv0
             else:
                 if MAP_MODE == 1:
-                    qc = tl.where(on, lambda_fc / (plane_mean(plane_sum, (b * C + c) * F, F, FP * 1.0, BN) + tiny), 0.0)
+                    qc = tl.where(
+                        on,
+                        lambda_fc
+                        / (plane_mean(plane_sum, (b * C + c) * F, F, FP * 1.0, BN) + tiny),
+                        0.0,
+                    )
                 else:
                     qc = q
                 wv = 1.0 + qc * tl.load(mapf + off, mask=mask, other=0.0)
@@ -577,7 +723,11 @@ def grad_kernel(
                     tl.store(g0 + off, out_cast(G + G1, g0.dtype.element_ty), mask=mask)
             elif WRITE_G1:
                 if V_MODE == 1:
-                    tl.store(g0 + ((b + B) * C + c) * FP + r, out_cast(G1, g0.dtype.element_ty), mask=mask)
+                    tl.store(
+                        g0 + ((b + B) * C + c) * FP + r,
+                        out_cast(G1, g0.dtype.element_ty),
+                        mask=mask,
+                    )
                 else:
                     tl.store(g1 + off, out_cast(G1, g1.dtype.element_ty), mask=mask)
         elif V_MODE == 2:
@@ -589,10 +739,23 @@ def grad_kernel(
 
 @kernel
 def finalize_kernel(
-    part, fmw, adrw, per_sample, loss, fc_loss, adr_loss,
-    B, NBLK, S, lambda_adr,
-    HAS_V1: tl.constexpr, HAS_FMW: tl.constexpr, HAS_ADRW: tl.constexpr,
-    DIRECTION: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    part,
+    fmw,
+    adrw,
+    per_sample,
+    loss,
+    fc_loss,
+    adr_loss,
+    B,
+    NBLK,
+    S,
+    lambda_adr,
+    HAS_V1: tl.constexpr,
+    HAS_FMW: tl.constexpr,
+    HAS_ADRW: tl.constexpr,
+    DIRECTION: tl.constexpr,
+    BB: tl.constexpr,
+    BN: tl.constexpr,
 ):
     """per_sample and the three losses from the sums part (2, B, NBLK); one program, fp64.
 
@@ -614,7 +777,9 @@ def finalize_kernel(
             o = rows[:, None].to(tl.int64) * NBLK + j[None, :]
             fs += tl.sum(tl.load(part + o, mask=m2, other=0.0).to(tl.float64), axis=1)
             if HAS_V1:
-                sa += tl.sum(tl.load(part + B * NBLK + o, mask=m2, other=0.0).to(tl.float64), axis=1)
+                sa += tl.sum(
+                    tl.load(part + B * NBLK + o, mask=m2, other=0.0).to(tl.float64), axis=1
+                )
         fc = fs / sf * row_weight(fmw, rows, bmask, HAS_FMW).to(tl.float64)
         ps = fc
         tot_f += tl.where(bmask, fc, 0.0)
@@ -624,7 +789,9 @@ def finalize_kernel(
                 adr = adr / sf
             ps = fc + lambda_adr * adr
             tot_a += tl.where(bmask, adr, 0.0)
-        tl.store(per_sample + rows, out_cast(ps.to(tl.float32), per_sample.dtype.element_ty), mask=bmask)
+        tl.store(
+            per_sample + rows, out_cast(ps.to(tl.float32), per_sample.dtype.element_ty), mask=bmask
+        )
     fcl = tl.sum(tot_f, axis=0) / B
     tl.store(fc_loss, out_cast(fcl.to(tl.float32), fc_loss.dtype.element_ty))
     if HAS_V1:
@@ -650,11 +817,31 @@ def scale_block(src, dst, o, mask, s, IN_PLACE: tl.constexpr):
 
 @kernel
 def scale_kernel(
-    src0, src1, dst0, dst1, g_loss, g_term0, g_term1, g_rows, rows_stride,
-    B, S, NBLK,
-    a0, f0, p0, a1, f1, p1,
-    HAS_GL: tl.constexpr, HAS_G0: tl.constexpr, HAS_G1: tl.constexpr,
-    HAS_GR: tl.constexpr, TWO: tl.constexpr, JOINT: tl.constexpr, IN_PLACE: tl.constexpr,
+    src0,
+    src1,
+    dst0,
+    dst1,
+    g_loss,
+    g_term0,
+    g_term1,
+    g_rows,
+    rows_stride,
+    B,
+    S,
+    NBLK,
+    a0,
+    f0,
+    p0,
+    a1,
+    f1,
+    p1,
+    HAS_GL: tl.constexpr,
+    HAS_G0: tl.constexpr,
+    HAS_G1: tl.constexpr,
+    HAS_GR: tl.constexpr,
+    TWO: tl.constexpr,
+    JOINT: tl.constexpr,
+    IN_PLACE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Backward: dst = s * src for the stored gradients of v0 (region 0) and v1 (region 1).

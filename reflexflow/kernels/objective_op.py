@@ -29,7 +29,6 @@ failing backward kernel is replaced by the reference's gradients from the saved 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -111,11 +110,19 @@ def _out_dtypes(v0, v1, x1, eps, x_hat, u0, v_adr, fc_delta, has_fc, has_v1):
     if has_fc:
         out = pt(out, w_dtype)
     if has_v1:
-        out = pt(out, pt((v1 if v1 is not None else v0).dtype, v_adr.dtype if v_adr is not None else pt(state, x_hat.dtype)))
+        out = pt(
+            out,
+            pt(
+                (v1 if v1 is not None else v0).dtype,
+                v_adr.dtype if v_adr is not None else pt(state, x_hat.dtype),
+            ),
+        )
     return out, w_dtype
 
 
-def _filter_code(fc_filter: str, fc_sigma: float, fc_size: int, n_axes: int) -> tuple[int, int, float]:
+def _filter_code(
+    fc_filter: str, fc_sigma: float, fc_size: int, n_axes: int
+) -> tuple[int, int, float]:
     """(FILT, NT, SIGMA): 0 none, 1 gaussian (NT = 2 ceil(3 sigma) + 1 taps), 2 box, 3 fft."""
     code = FILTER_CODE[fc_filter]
     if n_axes == 0 or (code == 1 and fc_sigma <= 0):
@@ -129,20 +136,20 @@ def _filter_code(fc_filter: str, fc_sigma: float, fc_size: int, n_axes: int) -> 
 
 def _forward(
     v0: Tensor,
-    v1: Optional[Tensor],
+    v1: Tensor | None,
     x1: Tensor,
     eps: Tensor,
     x_hat: Tensor,
-    u0: Optional[Tensor],
-    v_adr: Optional[Tensor],
-    fc_delta: Optional[Tensor],
+    u0: Tensor | None,
+    v_adr: Tensor | None,
+    fc_delta: Tensor | None,
     t0: Tensor,
     t1: Tensor,
-    coef: Optional[Tensor],
+    coef: Tensor | None,
     k: Tensor,
-    fc_active: Optional[Tensor],
-    fm_weight: Optional[Tensor],
-    adr_weight: Optional[Tensor],
+    fc_active: Tensor | None,
+    fm_weight: Tensor | None,
+    adr_weight: Tensor | None,
     v_mode: int,
     path_kind: int,
     lambda_adr: float,
@@ -264,7 +271,9 @@ def _forward(
         fm_weight if fm_weight is not None else t1,
         adr_weight if adr_weight is not None else t1,
     )
-    outs = tuple(x if use else _unused(dev) for x, use in ((g0, need_g0), (g1, write_g1), (w, write_w)))
+    outs = tuple(
+        x if use else _unused(dev) for x, use in ((g0, need_g0), (g1, write_g1), (w, write_w))
+    )
     plan = sample_plan(lay, plans.SMALL_TILE_MAX) if filt != 3 else None
     if plan is not None:
         nblk = 1
@@ -301,8 +310,22 @@ def _forward(
     else:
         nblk = triton.cdiv(lay.positions, BLOCK)
         part = _large_path(
-            ins, outs, batch, lay, flags, cm, filt, ntaps, sigma, fc_cutoff, fc_signed,
-            lambda_fc, c1, norm_eps, norm_floor, has_fcd,
+            ins,
+            outs,
+            batch,
+            lay,
+            flags,
+            cm,
+            filt,
+            ntaps,
+            sigma,
+            fc_cutoff,
+            fc_signed,
+            lambda_fc,
+            c1,
+            norm_eps,
+            norm_floor,
+            has_fcd,
         )
     wrap_triton(finalize_kernel)[(1,)](
         part,
@@ -320,15 +343,29 @@ def _forward(
         HAS_FMW=fm_weight is not None,
         HAS_ADRW=adr_weight is not None,
         DIRECTION=direction,
-        BB=128,
+        BB=max(1, 2048 // min(64, next_pow2(nblk))),
         BN=min(64, next_pow2(nblk)),
     )
     return loss, fc_loss, adr_loss, per_sample, w, g0, g1
 
 
 def _large_path(
-    ins, outs, batch, lay, flags, cm, filt, ntaps, sigma, fc_cutoff, fc_signed, lambda_fc, c1,
-    norm_eps, norm_floor, has_fcd,
+    ins,
+    outs,
+    batch,
+    lay,
+    flags,
+    cm,
+    filt,
+    ntaps,
+    sigma,
+    fc_cutoff,
+    fc_signed,
+    lambda_fc,
+    c1,
+    norm_eps,
+    norm_floor,
+    has_fcd,
 ) -> Tensor:
     """stats_kernel, plane_kernel (or the torch fft of the map), grad_kernel for samples
     that do not fit one program; returns the per-program sums part (2, B, NBLK)."""
@@ -342,8 +379,22 @@ def _large_path(
     part3 = _alloc((3, batch, nblk), f32, dev) if norms_needed else _unused(dev)
     if has_fc or norms_needed:
         wrap_triton(stats_kernel)[(batch * nblk,)](
-            v0, v1, x1, eps, x_hat, v_adr, fcd, t0, t1, coef, map_raw, part3,
-            batch, lay.channels, fp, nblk,
+            v0,
+            v1,
+            x1,
+            eps,
+            x_hat,
+            v_adr,
+            fcd,
+            t0,
+            t1,
+            coef,
+            map_raw,
+            part3,
+            batch,
+            lay.channels,
+            fp,
+            nblk,
             PATH=flags["PATH"],
             V_MODE=flags["V_MODE"],
             HAS_VA=has_va,
@@ -373,9 +424,20 @@ def _large_path(
         tmp = _alloc((batch * cm, fp), f32, dev) if filtered and lay.n_axes == 2 else _unused(dev)
         n_launch = nplanes if run_planes else 0
         wrap_triton(plane_kernel)[(n_launch + (batch if norms_needed else 0),)](
-            map_raw, tmp, mapf, plane_sum, part3, norms,
-            n_launch, lay.plane, lay.height, lay.width, batch, nblk,
-            float(norm_eps), float(norm_floor),
+            map_raw,
+            tmp,
+            mapf,
+            plane_sum,
+            part3,
+            norms,
+            n_launch,
+            lay.plane,
+            lay.height,
+            lay.width,
+            batch,
+            nblk,
+            float(norm_eps),
+            float(norm_floor),
             HAS_FC=run_planes,
             FILT=filt if filtered else 0,
             NT=ntaps,
@@ -390,10 +452,32 @@ def _large_path(
     need_delta = flags["HAS_V1"] and not has_va
     grad_flags = dict(flags, NEED_DELTA=need_delta, NEED_X=need_delta or not flags["HAS_U0"])
     wrap_triton(grad_kernel)[(batch * nblk,)](
-        v0, v1, x1, eps, x_hat, u0, v_adr, t0, t1, coef, act, fmw, adrw,
-        mapf, plane_sum, norms, *outs, part,
-        batch, lay.channels, lay.frames, fp, nblk,
-        float(lambda_fc), c1, ref.TINY,
+        v0,
+        v1,
+        x1,
+        eps,
+        x_hat,
+        u0,
+        v_adr,
+        t0,
+        t1,
+        coef,
+        act,
+        fmw,
+        adrw,
+        mapf,
+        plane_sum,
+        norms,
+        *outs,
+        part,
+        batch,
+        lay.channels,
+        lay.frames,
+        fp,
+        nblk,
+        float(lambda_fc),
+        c1,
+        ref.TINY,
         **grad_flags,
         BLOCK=BLOCK,
         BN=min(64, next_pow2(lay.channels * lay.frames)),
@@ -403,11 +487,11 @@ def _large_path(
 
 def _backward_impl(
     src0: Tensor,
-    src1: Optional[Tensor],
-    g_loss: Optional[Tensor],
-    g_term0: Optional[Tensor],
-    g_term1: Optional[Tensor],
-    g_rows: Optional[Tensor],
+    src1: Tensor | None,
+    g_loss: Tensor | None,
+    g_term0: Tensor | None,
+    g_term1: Tensor | None,
+    g_rows: Tensor | None,
     batch: int,
     joint: bool,
     a0: float,
@@ -422,13 +506,39 @@ def _backward_impl(
     gradient, its halves scale with s0 and s1 (src1 None)."""
     out0 = torch.empty_like(src0)
     out1 = torch.empty_like(src1) if src1 is not None else src0.new_empty((0,))
-    _scale(src0, src1, out0, out1 if src1 is not None else None, g_loss, g_term0, g_term1,
-           g_rows, batch, joint, (a0, f0, p0, a1, f1, p1), in_place=False, traced=True)
+    _scale(
+        src0,
+        src1,
+        out0,
+        out1 if src1 is not None else None,
+        g_loss,
+        g_term0,
+        g_term1,
+        g_rows,
+        batch,
+        joint,
+        (a0, f0, p0, a1, f1, p1),
+        in_place=False,
+        traced=True,
+    )
     return out0, out1
 
 
-def _scale(src0, src1, dst0, dst1, g_loss, g_term0, g_term1, g_rows, batch, joint, factors,
-           in_place: bool, traced: bool) -> None:
+def _scale(
+    src0,
+    src1,
+    dst0,
+    dst1,
+    g_loss,
+    g_term0,
+    g_term1,
+    g_rows,
+    batch,
+    joint,
+    factors,
+    in_place: bool,
+    traced: bool,
+) -> None:
     """Launch scale_kernel over one or two stored gradients (see its docstring)."""
     two = joint or src1 is not None
     per_sample = src0.numel() // (2 * batch if joint else batch)
@@ -543,16 +653,42 @@ def _fast_backward(ctx, g0, g1, args, grads) -> tuple[Tensor | None, Tensor | No
         )
         dst1 = out1 if src1 is not None else None
     elif recompute or args[33]:  # the buffers are ours: scale in place, skip factors of 1
-        _scale(src0, src1, src0, src1, g_loss, t0, t1, g_rows, batch, joint, factors,
-               in_place=True, traced=False)
+        _scale(
+            src0,
+            src1,
+            src0,
+            src1,
+            g_loss,
+            t0,
+            t1,
+            g_rows,
+            batch,
+            joint,
+            factors,
+            in_place=True,
+            traced=False,
+        )
         dst0, dst1 = src0, src1
         if not recompute:
             ctx.consumed = True
     else:  # a direct caller holds them: scale into new tensors
         dst0 = torch.empty_like(src0)
         dst1 = torch.empty_like(src1) if src1 is not None else None
-        _scale(src0, src1, dst0, dst1, g_loss, t0, t1, g_rows, batch, joint, factors,
-               in_place=False, traced=False)
+        _scale(
+            src0,
+            src1,
+            dst0,
+            dst1,
+            g_loss,
+            t0,
+            t1,
+            g_rows,
+            batch,
+            joint,
+            factors,
+            in_place=False,
+            traced=False,
+        )
     scaled = {bufs[0][1]: dst0}
     if dst1 is not None:
         scaled[bufs[1][1]] = dst1
@@ -582,9 +718,37 @@ class _TablePath:
 
 def reference_call(args: list) -> tuple[dict, list[Tensor]]:
     """reference.objective on the op's arguments; returns (its outputs, the v inputs)."""
-    (v0, v1, x1, eps, x_hat, u0, v_adr, fc_delta, t0, t1, coef, k, fc_active, fm_weight,
-     adr_weight, v_mode, kind, lambda_adr, lambda_fc, direction, per_channel, fc_signed,
-     fc_squared, fc_filter, fc_sigma, fc_size, fc_cutoff, norm_eps, norm_floor) = args[:29]
+    (
+        v0,
+        v1,
+        x1,
+        eps,
+        x_hat,
+        u0,
+        v_adr,
+        fc_delta,
+        t0,
+        t1,
+        coef,
+        k,
+        fc_active,
+        fm_weight,
+        adr_weight,
+        v_mode,
+        kind,
+        lambda_adr,
+        lambda_fc,
+        direction,
+        per_channel,
+        fc_signed,
+        fc_squared,
+        fc_filter,
+        fc_sigma,
+        fc_size,
+        fc_cutoff,
+        norm_eps,
+        norm_floor,
+    ) = args[:29]
     path = {1: LinearPath(), 2: GVPPath()}.get(kind) or _TablePath(t0, t1, coef)
     if v_mode == V_JOINT:
         vs, leaves = dict(v_joint=v0, v0=None, v1=None), [v0]
@@ -593,12 +757,32 @@ def reference_call(args: list) -> tuple[dict, list[Tensor]]:
     else:
         vs, leaves = dict(v0=v0, v1=v1), [v0] + ([v1] if v1 is not None else [])
     out = ref.objective(
-        path, x1=x1, eps=eps, x_hat=x_hat, t0=t0, t1=t1, k=k, lambda_adr=lambda_adr,
-        lambda_fc=lambda_fc, adr_loss="direction" if direction else "mse",
-        fc_active=fc_active, fc_delta=fc_delta, per_channel=per_channel, fc_signed=fc_signed,
-        fc_form="squared" if fc_squared else "weight", fc_filter=fc_filter, fc_sigma=fc_sigma,
-        fc_size=fc_size, fc_cutoff=fc_cutoff, fm_weight=fm_weight, adr_weight=adr_weight,
-        u0=u0, v_adr=v_adr, norm_eps=norm_eps, norm_floor=norm_floor, **vs,
+        path,
+        x1=x1,
+        eps=eps,
+        x_hat=x_hat,
+        t0=t0,
+        t1=t1,
+        k=k,
+        lambda_adr=lambda_adr,
+        lambda_fc=lambda_fc,
+        adr_loss="direction" if direction else "mse",
+        fc_active=fc_active,
+        fc_delta=fc_delta,
+        per_channel=per_channel,
+        fc_signed=fc_signed,
+        fc_form="squared" if fc_squared else "weight",
+        fc_filter=fc_filter,
+        fc_sigma=fc_sigma,
+        fc_size=fc_size,
+        fc_cutoff=fc_cutoff,
+        fm_weight=fm_weight,
+        adr_weight=adr_weight,
+        u0=u0,
+        v_adr=v_adr,
+        norm_eps=norm_eps,
+        norm_floor=norm_floor,
+        **vs,
     )
     return out, leaves
 
@@ -613,10 +797,17 @@ def _reference_backward(args, grads, create_graph: bool) -> tuple[Tensor | None,
             if g is not None and out[key] is not None
         ]
         wanted = [x for x in leaves if x.requires_grad]
-        got = torch.autograd.grad(
-            [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True,
-            create_graph=create_graph,
-        ) if pairs and wanted else [None] * len(wanted)
+        got = (
+            torch.autograd.grad(
+                [o for o, _ in pairs],
+                wanted,
+                [g for _, g in pairs],
+                allow_unused=True,
+                create_graph=create_graph,
+            )
+            if pairs and wanted
+            else [None] * len(wanted)
+        )
     by_leaf = dict(zip(map(id, wanted), got, strict=True))
     res = [by_leaf.get(id(x)) for x in leaves]
     if args[15] == V_SEPARATE:
@@ -660,5 +851,7 @@ def path_coefficients(path: ref.PathLike, t0: Tensor, t1: Tensor) -> Tensor:
     0 where s(t1) = 0 (reference.adr_ratio)."""
     cols = [path.da(t0), path.ds(t0), path.a(t1), path.s(t1), path.da(t1), path.ds(t1)]
     cols.append(ref.adr_ratio(path, t1))
-    cols = [torch.as_tensor(x, device=t0.device).to(torch.float32).expand(t0.shape[0]) for x in cols]
+    cols = [
+        torch.as_tensor(x, device=t0.device).to(torch.float32).expand(t0.shape[0]) for x in cols
+    ]
     return torch.stack(cols, dim=1).contiguous()

@@ -56,7 +56,7 @@ def _sync() -> None:
 
 def _copy_gbps() -> float:
     if "gbps" not in _COPY:
-        _COPY["gbps"] = copy_bandwidth(DEV, (2**26 if DEV == "cuda" else 2**22), reps=25)
+        _COPY["gbps"] = copy_bandwidth(DEV, (2**26 if DEV == "cuda" else 2**24), reps=25)
     return _COPY["gbps"]
 
 

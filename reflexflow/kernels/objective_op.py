@@ -343,7 +343,7 @@ def _forward(
         HAS_FMW=fm_weight is not None,
         HAS_ADRW=adr_weight is not None,
         DIRECTION=direction,
-        BB=max(1, 2048 // min(64, next_pow2(nblk))),
+        BB=max(1, 1024 // min(64, next_pow2(nblk))),
         BN=min(64, next_pow2(nblk)),
     )
     return loss, fc_loss, adr_loss, per_sample, w, g0, g1

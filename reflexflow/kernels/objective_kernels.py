@@ -79,8 +79,10 @@ def path_coefs(t0, t1, coef, b, bmask, PATH: tl.constexpr):
             tt0 = tl.load(t0 + b, mask=bmask, other=0.0).to(tl.float32)
             da0 = HALF_PI * tl.cos(HALF_PI * tt0)
             ds0 = -HALF_PI * tl.sin(HALF_PI * tt0)
-            a1 = tl.sin(HALF_PI * tt1)
-            s1 = tl.cos(HALF_PI * tt1)
+            # cos(pi t / 2) as sin(pi (1 - t) / 2): exactly 0 at t1 = 1 (fp32 cos(pi / 2)
+            # is -4.4e-8, whose s'/s = 3.6e7 would blow any rounding of delta up)
+            a1 = tl.cos(HALF_PI * (1.0 - tt1))
+            s1 = tl.sin(HALF_PI * (1.0 - tt1))
             da1 = HALF_PI * s1
             ds1 = -HALF_PI * a1
         safe = tl.where(s1 != 0.0, s1, 1.0)

@@ -10,6 +10,7 @@ Triton's code generator needs the kernels' helpers as JITFunctions (no interpret
 
     python -m reflexflow.kernels.compile_check            # table on stdout
     python -m reflexflow.kernels.compile_check --json out.json --arch 90
+    python -m reflexflow.kernels.compile_check --case sit_4x32x32_bf16v   # one case
 
 Nothing here runs on a GPU: registers and spills are ptxas's; speed is not measured.
 """
@@ -75,6 +76,36 @@ CASES: list[tuple[str, tuple[int, ...], str, str, dict[str, Any]]] = [
     ),
     ("video_16x16x60x104_large", (2, 16, 16, 60, 104), "bfloat16", "float32", {}),
     ("latent_4x32x32_fft", (16, 4, 32, 32), "float32", "float32", {"fc_filter": "fft"}),
+    (
+        "sit_gvp_fc_active_bool",
+        (64, 4, 32, 32),
+        "bfloat16",
+        "float32",
+        {"path": "gvp", "fc_active": True, "joint": True},
+    ),
+    (
+        "sit_vp_table_fc_delta",
+        (64, 4, 32, 32),
+        "bfloat16",
+        "float32",
+        {"path": "vp", "fc_delta": True, "adr_loss": "mse"},
+    ),
+    ("sit_fm_only_no_v1", (64, 4, 32, 32), "float16", "float32", {"no_v1": True, "lambda_fc": 0.0}),
+    (
+        "latent_16x128x128_large_signed_vp",
+        (8, 16, 128, 128),
+        "bfloat16",
+        "float32",
+        {
+            "path": "vp",
+            "fc_signed": True,
+            "fc_filter": "box",
+            "fc_size": 3,
+            "weights": True,
+            "targets": True,
+            "shared": True,
+        },
+    ),
 ]
 
 
@@ -94,9 +125,13 @@ def _spec(x: Any) -> Any:
     raise TypeError(f"cannot record a kernel argument of type {type(x).__name__}")
 
 
-def record_launches() -> list[dict[str, Any]]:
-    """Launch specs of forward + backward of every case (TRITON_INTERPRET=1, no kernel
-    runs: outputs are garbage, the launches are what matter)."""
+def record_launches(names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Launch specs of forward + backward of the cases ``names`` (all by default), each
+    tagged with the first case that launched it (TRITON_INTERPRET=1, no kernel runs:
+    outputs are garbage, the launches are what matter)."""
+    unknown = set(names or ()) - {c[0] for c in CASES}
+    if unknown:
+        raise ValueError(f"unknown case(s) {sorted(unknown)}; known: {[c[0] for c in CASES]}")
     import torch
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -104,6 +139,7 @@ def record_launches() -> list[dict[str, Any]]:
     from . import fused_objective
 
     seen: dict[str, dict[str, Any]] = {}
+    current = {"case": ""}
 
     def fake_run(self, *args, grid, warmup, **kwargs):  # noqa: ANN001
         spec = {
@@ -113,15 +149,21 @@ def record_launches() -> list[dict[str, Any]]:
                 k: _spec(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
             },
         }
-        seen.setdefault(json.dumps(spec, sort_keys=True), spec)
+        seen.setdefault(json.dumps(spec, sort_keys=True), dict(spec, case=current["case"]))
 
     original = InterpretedFunction.run
     InterpretedFunction.run = fake_run
     try:
-        for _name, shape, vdt, sdt, knobs in CASES:
+        for name, shape, vdt, sdt, knobs in CASES:
+            if names and name not in names:
+                continue
+            current["case"] = name
             knobs = dict(knobs)
             joint, shared = knobs.pop("joint", False), knobs.pop("shared", False)
             weights, targets = knobs.pop("weights", False), knobs.pop("targets", False)
+            path = get_path(knobs.pop("path", "linear"))
+            active, fc_delta = knobs.pop("fc_active", False), knobs.pop("fc_delta", False)
+            no_v1 = knobs.pop("no_v1", False)
             vd, sd = getattr(torch, vdt), getattr(torch, sdt)
             b = shape[0]
             x1, eps, x_hat = (torch.empty(shape, dtype=sd) for _ in range(3))
@@ -150,7 +192,13 @@ def record_launches() -> list[dict[str, Any]]:
                 kw.update(fm_weight=torch.ones(b), adr_weight=torch.ones(b))
             if targets:
                 kw.update(u0=torch.empty(shape, dtype=sd), v_adr=torch.empty(shape, dtype=sd))
-            out = fused_objective(get_path("linear"), **kw)
+            if active:
+                kw["fc_active"] = torch.ones(b, dtype=torch.bool)
+            if fc_delta:
+                kw["fc_delta"] = torch.empty(shape, dtype=sd)
+            if no_v1:
+                kw["v1"] = None
+            out = fused_objective(path, **kw)
             (2.0 * out["loss"] + out["per_sample"].sum()).backward()  # a scale != 1
     finally:
         InterpretedFunction.run = original
@@ -202,6 +250,7 @@ def compile_launches(specs: list[dict[str, Any]], arch: int = 90) -> list[dict[s
         kwargs = dict(spec["kwargs"])
         consts = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
         row: dict[str, Any] = {
+            "case": spec.get("case", ""),
             "kernel": spec["kernel"],
             "num_warps": kwargs.get("num_warps", 4),
             "constexprs": consts,
@@ -222,7 +271,7 @@ def compile_launches(specs: list[dict[str, Any]], arch: int = 90) -> list[dict[s
     return rows
 
 
-def _run_child(mode: str, payload: Path, arch: int) -> None:
+def _run_child(mode: str, payload: Path, arch: int, cases: list[str]) -> None:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     if mode == "record":
@@ -239,6 +288,7 @@ def _run_child(mode: str, payload: Path, arch: int) -> None:
             str(payload),
             "--arch",
             str(arch),
+            *(f"--case={c}" for c in cases),
         ],
         check=True,
         env=env,
@@ -249,11 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--case", action="append", default=[], help="only this case (repeat)")
     parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--compile", type=Path, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.record:
-        opts.record.write_text(json.dumps(record_launches()))
+        opts.record.write_text(json.dumps(record_launches(opts.case or None)))
         return 0
     if opts.compile:
         specs = json.loads(opts.compile.read_text())
@@ -261,22 +312,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         payload = Path(tmp) / "launches.json"
-        _run_child("record", payload, opts.arch)
-        _run_child("compile", payload, opts.arch)
+        _run_child("record", payload, opts.arch, opts.case)
+        _run_child("compile", payload, opts.arch, opts.case)
         rows = json.loads(payload.read_text())
     print(
-        "| kernel | warps | regs | local (spill) bytes | stack | shared "
+        "| case | kernel | warps | regs | local (spill) bytes | stack | shared "
         f"| key constexprs (sm_{opts.arch}) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     keys = ("R", "CB", "SB", "MAP_MODE", "FILT", "NT", "DIRECTION", "V_MODE", "IN_PLACE")
     for r in rows:
         c = ", ".join(f"{k}={r['constexprs'][k]}" for k in keys if k in r["constexprs"])
         if "error" in r:
-            print(f"| {r['kernel']} | {r['num_warps']} | ERROR | | | | {c}: {r['error'][:200]} |")
+            print(
+                f"| {r['case']} | {r['kernel']} | {r['num_warps']} | ERROR | | | | "
+                f"{c}: {r['error'][:200]} |"
+            )
         else:
             print(
-                f"| {r['kernel']} | {r['num_warps']} | {r['reg']} | {r['local']} | {r['stack']} "
+                f"| {r['case']} | {r['kernel']} | {r['num_warps']} | {r['reg']} | {r['local']} "
+                f"| {r['stack']} "
                 f"| {r['shared']} | {c} |"
             )
     if opts.json:

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ._jit import INTERPRET, kernel
 
-HALF_PI = 1.5707963267948966
+HALF_PI = tl.constexpr(1.5707963267948966)
 # Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even): round first
 ROUND_BF16 = tl.constexpr(INTERPRET)
 

@@ -33,7 +33,6 @@ import triton.language as tl
 
 from ._jit import INTERPRET, kernel
 
-HALF_PI = tl.constexpr(1.5707963267948966)
 # Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even): round first
 ROUND_BF16 = tl.constexpr(INTERPRET)
 
@@ -76,15 +75,16 @@ def path_coefs(t0, t1, coef, b, bmask, PATH: tl.constexpr):
             da1 = da0
             ds1 = ds0
         else:
+            hp: tl.constexpr = 1.5707963267948966  # pi / 2 (a literal: no global float)
             tt0 = tl.load(t0 + b, mask=bmask, other=0.0).to(tl.float32)
-            da0 = HALF_PI * tl.cos(HALF_PI * tt0)
-            ds0 = -HALF_PI * tl.sin(HALF_PI * tt0)
+            da0 = hp * tl.cos(hp * tt0)
+            ds0 = -hp * tl.sin(hp * tt0)
             # cos(pi t / 2) as sin(pi (1 - t) / 2): exactly 0 at t1 = 1 (fp32 cos(pi / 2)
             # is -4.4e-8, whose s'/s = 3.6e7 would blow any rounding of delta up)
-            a1 = tl.cos(HALF_PI * (1.0 - tt1))
-            s1 = tl.sin(HALF_PI * (1.0 - tt1))
-            da1 = HALF_PI * s1
-            ds1 = -HALF_PI * a1
+            a1 = tl.cos(hp * (1.0 - tt1))
+            s1 = tl.sin(hp * (1.0 - tt1))
+            da1 = hp * s1
+            ds1 = -hp * a1
         safe = tl.where(s1 != 0.0, s1, 1.0)
         rat = tl.where(s1 != 0.0, ds1 / safe, 0.0)
     return da0, ds0, a1, s1, da1, ds1, rat

@@ -568,3 +568,17 @@ def test_offsets_past_2_31_elements_are_64_bit():
     want = (v0[1].float() - x1[1].float() + eps[1].float()).square().sum() / n
     head = (v0[0].float() - x1[0].float() + eps[0].float()).square().sum() / n
     assert torch.allclose(out["loss"].float(), want + head, rtol=1e-3)
+
+
+def test_v_joint_alone_needs_no_v0_v1_keywords():
+    """As reference.objective: v0 and v1 default to None, so the loss passes v_joint only."""
+    p = get_path("linear")
+    x = torch.randn(2, 3, 4, 4, device=DEV)
+    t = torch.full((2,), 0.3, device=DEV)
+    kw = dict(
+        x1=x, eps=-x, x_hat=x, t0=t, t1=t + 0.1, k=torch.ones(2, dtype=torch.long, device=DEV)
+    )
+    v = torch.randn(4, 3, 4, 4, device=DEV, requires_grad=True)
+    got = fused_objective(p, v_joint=v, **kw)
+    want = ref.objective(p, v_joint=v, **kw)
+    torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6)

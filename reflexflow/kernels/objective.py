@@ -26,8 +26,8 @@ _ROW_TENSORS = ("t0", "t1", "k", "fc_active", "fm_weight", "adr_weight")
 def fused_objective(
     path: ref.PathLike,
     *,
-    v0: Tensor | None,
-    v1: Tensor | None,
+    v0: Tensor | None = None,
+    v1: Tensor | None = None,
     x1: Tensor,
     eps: Tensor,
     x_hat: Tensor,

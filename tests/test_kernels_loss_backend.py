@@ -85,18 +85,29 @@ def test_reflexflow_loss_step_breaks_no_graph_in_the_kernels():
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
+@needs_triton
 def test_auto_falls_back_to_reference_once_the_triton_path_fails(monkeypatch):
     from reflexflow import kernels
+    from reflexflow.kernels import objective_op
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image for this device")
 
-    monkeypatch.setattr(kernels, "fused_objective", broken)
+    monkeypatch.setattr(objective_op.sample_kernel, "run", broken)
     monkeypatch.setattr(kernels, "_FAILED", [])
     p = rf.get_path("linear")
-    x = torch.randn(3, 2, 5, 4)
-    t = torch.full((3,), 0.3)
-    kw = dict(v0=x, v1=x + 1, x1=x, eps=-x, x_hat=x, t0=t, t1=t + 0.1, k=torch.ones(3).long())
+    x = torch.randn(3, 2, 5, 4, device=DEV)
+    t = torch.full((3,), 0.3, device=DEV)
+    kw = dict(
+        v0=x,
+        v1=x + 1,
+        x1=x,
+        eps=-x,
+        x_hat=x,
+        t0=t,
+        t1=t + 0.1,
+        k=torch.ones(3, dtype=torch.long, device=DEV),
+    )
     with pytest.warns(RuntimeWarning, match="Triton loss kernels failed"):
         got = kernels.fused_objective_auto(p, **kw)
     torch.testing.assert_close(got["loss"], ref.objective(p, **kw)["loss"])
@@ -107,10 +118,19 @@ def test_auto_falls_back_to_reference_once_the_triton_path_fails(monkeypatch):
 def test_auto_does_not_hide_argument_errors(monkeypatch):
     from reflexflow import kernels
 
-    def bad_args(*args, **kwargs):
-        raise ValueError("x1 requires grad")
-
-    monkeypatch.setattr(kernels, "fused_objective", bad_args)
     monkeypatch.setattr(kernels, "_FAILED", [])
+    x = torch.randn(2, 3)
+    t = torch.full((2,), 0.3)
     with pytest.raises(ValueError, match="x1"):
-        kernels.fused_objective_auto(None)
+        kernels.fused_objective_auto(
+            rf.get_path("linear"),
+            v0=x,
+            v1=x,
+            x1=x.clone().requires_grad_(),
+            eps=x,
+            x_hat=x,
+            t0=t,
+            t1=t,
+            k=torch.ones(2, dtype=torch.long),
+        )
+    assert kernels._FAILED == []

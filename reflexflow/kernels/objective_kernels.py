@@ -1,370 +1,879 @@
-"""Triton kernels of the fused ReflexFlow objective (the op lives in objective_op.py).
+"""Triton kernels of the fused ReflexFlow objective (the ops live in objective_op.py).
 
-Forward: objective_kernel makes the one pass over the big tensors; lowpass_axis_kernel
-filters the FC map (N / C elements, or N per channel). Backward: objective_grad_kernel
-scales what the forward stored by the per-sample factors and the incoming gradient.
+Reference twin: :func:`reflexflow.reference.objective`. A batch of B samples is seen as
+(B, C, F, P): C channels, F frames (1 for images, T for video), P = H * W positions of a
+frame (P = L with H = 1 for 1-D signals, P = D with C = F = 1 for vectors); FP = F * P and
+S = C * FP elements per sample. The FC map has MAP_MODE 0: one row per sample (channel
+mean of |delta|), 1: one row per channel (per_channel), 2: the signed map, one row per
+channel, normalised over the whole sample. All arithmetic is fp32 (sums of per-sample
+terms in fp64 in the finalize kernel); offsets are int64.
 
-Reference twin: :func:`reflexflow.reference.objective`. Every tensor is seen as
-(B, C, F, P): B samples, C channels, F frames (1 for images, T for video), P = H * W
-positions of one frame (P = L for 1-D signals, P = D with C = F = 1 for vectors).
-The FC map is (B, Cm, F, P) with Cm = C per channel, else 1. All arithmetic is fp32;
-offsets are int64 so that tensors past 2^31 elements address correctly.
+Per sample i (fmw, adrw: per-sample weights, W = w or w^2, c1 = lambda_adr or 1):
+    fc_i  = fmw_i mean(W (v0 - u0)^2)        G0 = fmw_i 2 / (S B) W (v0 - u0)
+    mse:       adr_i = adrw_i mean((v1 - v_adr)^2)   G1 = c1 adrw_i 2 / (S B) (v1 - v_adr)
+    direction: adr_i = adrw_i |v1/n - v_adr/n_a|^2  G1 = c1 adrw_i 2 / B (d - p v1) / n
+G0 and G1 are the gradients of the loss (for c1 = lambda_adr) at grad_output 1; the
+backward only scales them (scale_kernel).
 
-Per-sample path coefficients come in ``coef`` (B, 8) fp32:
-[a'(t0), s'(t0), a(t1), s(t1), a'(t1), s'(t1), s'(t1) / s(t1), 0], or, for the linear
-and GVP paths, are computed in the kernel from coef (B, 2) = (t0, t1).
+Kernels:
+* sample_kernel: the one-program-per-sample path (R samples per program when small):
+  reads each input once, builds, filters (in a cache-resident scratch) and normalises the map,
+  writes w, G0, G1 and the per-sample sums, all in one pass.
+* stats_kernel, plane_kernel, grad_kernel: the path for samples too large for one
+  program: map and direction-loss sums; filter of each map plane and per-sample norms;
+  gradients and per-block sums (re-reads the inputs, from L2 when they fit).
+* finalize_kernel: per_sample, loss, fc_loss, adr_loss from the per-sample sums.
+* scale_kernel: backward; multiplies the stored gradients by the incoming gradients,
+  in place and skipping every block whose factor is exactly 1.
 """
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 
+from ._jit import INTERPRET, kernel
 
-@triton.jit
-def _coef(coef, b, i: tl.constexpr):
-    return tl.load(coef + b * 8 + i)
+# Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even): round first
+ROUND_BF16 = tl.constexpr(INTERPRET)
 
 
-@triton.jit
-def _path_coefs(coef, b, PATH: tl.constexpr):
-    """(a'(t0), s'(t0), a(t1), s(t1), a'(t1), s'(t1), s'(t1)/s(t1)) of sample b.
+@kernel
+def out_cast(x, dtype: tl.constexpr):
+    """x (fp32) in an output dtype, rounded to nearest even (on the interpreter too)."""
+    if ROUND_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
-    PATH 0: read from coef (B, 8) (any path, computed by torch); 1: linear and 2: GVP,
-    computed here from coef (B, 2) = (t0, t1), saving the launches of the torch ops.
+
+@kernel
+def path_coefs(t0, t1, coef, b, bmask, PATH: tl.constexpr):
+    """(a'(t0), s'(t0), a(t1), s(t1), a'(t1), s'(t1), r) of samples b, fp32, where
+    r = s'(t1) / s(t1), and 0 where s(t1) = 0 (t1 = 1 on the linear path).
+
+    PATH 0: read from coef (B, 7) (any path, computed by torch); 1: linear and 2: GVP,
+    computed here from t0, t1 (no torch op before the kernel).
     """
     if PATH == 0:
-        da0 = _coef(coef, b, 0)
-        ds0 = _coef(coef, b, 1)
-        a1 = _coef(coef, b, 2)
-        s1 = _coef(coef, b, 3)
-        da1 = _coef(coef, b, 4)
-        ds1 = _coef(coef, b, 5)
-        rat = _coef(coef, b, 6)
+        base = coef + b * 7
+        da0 = tl.load(base, mask=bmask, other=0.0).to(tl.float32)
+        ds0 = tl.load(base + 1, mask=bmask, other=0.0).to(tl.float32)
+        a1 = tl.load(base + 2, mask=bmask, other=0.0).to(tl.float32)
+        s1 = tl.load(base + 3, mask=bmask, other=0.0).to(tl.float32)
+        da1 = tl.load(base + 4, mask=bmask, other=0.0).to(tl.float32)
+        ds1 = tl.load(base + 5, mask=bmask, other=0.0).to(tl.float32)
+        rat = tl.load(base + 6, mask=bmask, other=0.0).to(tl.float32)
     else:
-        t0 = tl.load(coef + b * 2)
-        t1 = tl.load(coef + b * 2 + 1)
+        tt1 = tl.load(t1 + b, mask=bmask, other=0.0).to(tl.float32)
         if PATH == 1:
-            da0 = t0 * 0.0 + 1.0
-            ds0 = t0 * 0.0 - 1.0
-            a1 = t1
-            s1 = 1.0 - t1
+            da0 = tt1 * 0.0 + 1.0
+            ds0 = -da0
+            a1 = tt1
+            s1 = 1.0 - tt1
             da1 = da0
             ds1 = ds0
-            rat = -1.0 / s1
         else:
-            h = 1.5707963267948966  # pi / 2
-            da0 = h * tl.cos(h * t0)
-            ds0 = -h * tl.sin(h * t0)
-            a1 = tl.sin(h * t1)
-            s1 = tl.cos(h * t1)
-            da1 = h * s1
-            ds1 = -h * a1
-            rat = ds1 / s1
+            hp: tl.constexpr = 1.5707963267948966  # pi / 2 (a literal: no global float)
+            tt0 = tl.load(t0 + b, mask=bmask, other=0.0).to(tl.float32)
+            da0 = hp * tl.cos(hp * tt0)
+            ds0 = -hp * tl.sin(hp * tt0)
+            # cos(pi t / 2) as sin(pi (1 - t) / 2): exactly 0 at t1 = 1 (fp32 cos(pi / 2)
+            # is -4.4e-8, whose s'/s = 3.6e7 would blow any rounding of delta up)
+            a1 = tl.cos(hp * (1.0 - tt1))
+            s1 = tl.sin(hp * (1.0 - tt1))
+            da1 = hp * s1
+            ds1 = -hp * a1
+        safe = tl.where(s1 != 0.0, s1, 1.0)
+        rat = tl.where(s1 != 0.0, ds1 / safe, 0.0)
     return da0, ds0, a1, s1, da1, ds1, rat
 
 
-@triton.jit
-def lowpass_axis_kernel(
-    src,
-    taps,
-    dst,
-    e_sq,
-    sums,
-    P,
+@kernel
+def active_rows(act, b, bmask, ACT_K: tl.constexpr):
+    """FC applies to sample b: k[b] > 0 (ACT_K) or fc_active[b] != 0."""
+    a = tl.load(act + b, mask=bmask, other=0)
+    if ACT_K:
+        return a > 0
+    return a != 0
+
+
+@kernel
+def row_weight(ptr, b, bmask, HAS: tl.constexpr):
+    """Per-sample loss weight (fm_weight, adr_weight) as fp32, 1 when absent."""
+    if HAS:
+        return tl.load(ptr + b, mask=bmask, other=0.0).to(tl.float32)
+    return tl.where(bmask, 1.0, 0.0)
+
+
+@kernel
+def gauss_total(NT: tl.constexpr, SIGMA: tl.constexpr):
+    """Sum of the unnormalised gaussian taps exp(-o^2 / (2 sigma^2)), |o| <= (NT-1)/2."""
+    rad: tl.constexpr = (NT - 1) // 2
+    tot = tl.full([], 0.0, tl.float32)
+    for j in tl.static_range(NT):
+        tot += tl.exp(tl.full([], -0.5 * ((j - rad) / SIGMA) * ((j - rad) / SIGMA), tl.float32))
+    return tot
+
+
+@kernel
+def tap(j: tl.constexpr, tot, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.constexpr):
+    """Tap j of the 1-D filter: gaussian (FILT 1, normalised by tot) or box (FILT 2)."""
+    rad: tl.constexpr = (NT - 1) // 2
+    if FILT == 1:
+        return (
+            tl.exp(tl.full([], -0.5 * ((j - rad) / SIGMA) * ((j - rad) / SIGMA), tl.float32)) / tot
+        )
+    return tl.full([], 1.0 / NT, tl.float32)
+
+
+@kernel
+def load_tile(ptr, mask, MASKED: tl.constexpr):
+    """fp32 load of a tile; MASKED False when the tile exactly covers the data."""
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr).to(tl.float32)
+
+
+@kernel
+def store_tile(ptr, value, mask, MASKED: tl.constexpr):
+    """Store a tile in ptr's dtype (masked unless the tile exactly covers the data)."""
+    if MASKED:
+        tl.store(ptr, out_cast(value, ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr, out_cast(value, ptr.dtype.element_ty))
+
+
+@kernel
+def tile_sum(x):
+    """Per-sample sums of an (R, CB, SB) tile: (R,)."""
+    return tl.sum(tl.sum(x, axis=2), axis=1)
+
+
+@kernel
+def lowpass_pass(
+    m,
+    scratch,
+    loc,
+    pos,
+    valid,
     LEN,
     STRIDE,
-    NTAPS,
-    NBLK,
-    HAS_SUM: tl.constexpr,
-    BLOCK: tl.constexpr,
+    FILT: tl.constexpr,
+    NT: tl.constexpr,
+    SIGMA: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
-    """FC map filter: 1-D convolution of every plane along one axis, replicate padding.
+    """One 1-D filter pass of a register tile along one spatial axis, replicate padding.
 
-    dst[p] = sum_j taps[j] * src[p + (clamp(i + j - R, 0, LEN - 1) - i) * STRIDE], with
-    i = (p // STRIDE) % LEN the index along the axis and R = (NTAPS - 1) / 2. With
-    HAS_SUM, per program sums of dst and of dst * e_sq go to sums (2, planes, NBLK).
-    Grid (cdiv(P, BLOCK), planes).
+    m goes to the program's own scratch (cache-resident), a barrier, then each output is
+    sum_j tap_j m[p + (clamp(i + j - rad, 0, LEN - 1) - i) STRIDE] over loads of it, with
+    i = (pos // STRIDE) % LEN the index along the axis; a second barrier frees the scratch.
+    (tl.gather would keep it in registers but costs hundreds of registers per thread.)
     """
-    blk = tl.program_id(0)
-    plane = tl.program_id(1).to(tl.int64)
-    planes = tl.num_programs(1).to(tl.int64)
-    p = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = p < P
-    i = (p // STRIDE) % LEN
-    base = src + plane * P + p
-    radius = (NTAPS - 1) // 2
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in range(NTAPS):
-        tap = tl.load(taps + j)
-        k = tl.minimum(tl.maximum(i + j - radius, 0), LEN - 1)
-        acc += tap * tl.load(base + (k - i) * STRIDE, mask=mask, other=0.0)
-    tl.store(dst + plane * P + p, acc, mask=mask)
-    if HAS_SUM:
-        e = tl.load(e_sq + plane * P + p, mask=mask, other=0.0)
-        tl.store(sums + plane * NBLK + blk, tl.sum(acc, axis=0))
-        tl.store(sums + (planes + plane) * NBLK + blk, tl.sum(acc * e, axis=0))
-
-
-@triton.jit
-def _row_sums(ptr, rows, mask, NCOL, BN: tl.constexpr):
-    """fp64 sums over NCOL columns of the rows ``rows`` of a (., NCOL) fp32 buffer."""
-    acc = tl.zeros(rows.shape, dtype=tl.float64)
-    for j0 in range(0, NCOL, BN):
-        cols = j0 + tl.arange(0, BN)
-        tile = tl.load(
-            ptr + rows[:, None] * NCOL + cols[None, :],
-            mask=mask[:, None] & (cols[None, :] < NCOL),
-            other=0.0,
+    rad: tl.constexpr = (NT - 1) // 2
+    store_tile(scratch + loc, m, valid, MASKED)
+    tl.debug_barrier()
+    i = (pos // STRIDE) % LEN
+    tot = gauss_total(NT, SIGMA) if FILT == 1 else 1.0
+    acc = tl.zeros(m.shape, dtype=tl.float32)
+    for j in tl.static_range(NT):
+        k = tl.minimum(tl.maximum(i + (j - rad), 0), LEN - 1)
+        acc += tap(j, tot, FILT, NT, SIGMA) * load_tile(
+            scratch + loc + (k - i) * STRIDE, valid, MASKED
         )
-        acc += tl.sum(tile.to(tl.float64), axis=1)
+    tl.debug_barrier()
     return acc
 
 
-@triton.jit
-def finalize_kernel(
-    parts,
-    NBLK,
-    msums,
-    NS,
-    active,
-    q,
-    ab,
-    loss_out,
-    fc_out,
-    adr_out,
-    B,
-    CM,
-    FP,
-    inv_numel,
-    lambda_fc,
-    lambda_adr,
-    norm_eps,
-    norm_floor,
-    tiny,
-    HAS_FC: tl.constexpr,
-    HAS_V1: tl.constexpr,
-    DIRECTION: tl.constexpr,
-    BB: tl.constexpr,
-    BN: tl.constexpr,
+@kernel
+def lowpass_global(
+    src, p, mask, LEN, STRIDE, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.constexpr
 ):
-    """Per-sample factors and the losses from the partial sums; one program, fp64.
-
-    Map rows r = (b, c): den = sum m / (F P) + tiny, q = lambda_fc / den (0 if inactive);
-    L_FC = (sum d0^2 + sum_r q sum m e) / N. Direction, per sample: n = max(|v1|, floor)
-    with floor = max(norm_floor |v_adr|, eps), n_a = max(|v_adr|, eps),
-    sum d^2 = |v1|^2/n^2 - 2 v_adr.v1/(n n_a) + |v_adr|^2/n_a^2,
-    proj = (d . v1)/n^2 (0 when the clamp is active), ab = (1/n^2 - proj/n, -1/(n n_a));
-    L_ADR = mean_b sum d^2. mse: L_ADR = sum (v1 - v_adr)^2 / N. Writes the three 0-dim
-    outputs L = L_FC + lambda_adr L_ADR, L_FC, L_ADR (0 without v1).
-    """
-    fc = tl.zeros([BB], dtype=tl.float64)
-    adr = tl.zeros([BB], dtype=tl.float64)
-    for b0 in range(0, B, BB):
-        rows = b0 + tl.arange(0, BB)
-        mask = rows < B
-        fc += _row_sums(parts, rows, mask, NBLK, BN)
-        if HAS_V1:
-            if DIRECTION:
-                svv = _row_sums(parts + 2 * B * NBLK, rows, mask, NBLK, BN)
-                saa = _row_sums(parts + 3 * B * NBLK, rows, mask, NBLK, BN)
-                sav = _row_sums(parts + 4 * B * NBLK, rows, mask, NBLK, BN)
-                raw = tl.sqrt(svv)
-                raw_a = tl.sqrt(saa)
-                floor = tl.maximum(norm_floor * raw_a, norm_eps)
-                n = tl.maximum(raw, floor)
-                na = tl.maximum(raw_a, norm_eps)
-                dsq = svv / (n * n) - 2.0 * sav / (n * na) + saa / (na * na)
-                adr += tl.where(mask, dsq, 0.0)
-                proj = tl.where(raw >= floor, (svv / n - sav / na) / (n * n), 0.0)
-                tl.store(ab + rows * 2, (1.0 / (n * n) - proj / n).to(tl.float32), mask=mask)
-                tl.store(ab + rows * 2 + 1, (-1.0 / (n * na)).to(tl.float32), mask=mask)
-            else:
-                adr += _row_sums(parts + B * NBLK, rows, mask, NBLK, BN)
-    if HAS_FC:
-        for r0 in range(0, B * CM, BB):
-            rows = r0 + tl.arange(0, BB)
-            mask = rows < B * CM
-            den = _row_sums(msums, rows, mask, NS, BN) / FP + tiny
-            me = _row_sums(msums + B * CM * NS, rows, mask, NS, BN)
-            act = tl.load(active + rows // CM, mask=mask, other=0.0)
-            qq = tl.where(act != 0, lambda_fc / den, 0.0)
-            tl.store(q + rows, qq.to(tl.float32), mask=mask)
-            fc += tl.where(mask, qq * me, 0.0)
-    fc_loss = tl.sum(fc, axis=0) * inv_numel
-    tl.store(fc_out, fc_loss.to(tl.float32))
-    if HAS_V1:
-        if DIRECTION:
-            adr_loss = tl.sum(adr, axis=0) / B
-        else:
-            adr_loss = tl.sum(adr, axis=0) * inv_numel
-        tl.store(adr_out, adr_loss.to(tl.float32))
-        tl.store(loss_out, (fc_loss + lambda_adr * adr_loss).to(tl.float32))
-    else:
-        tl.store(adr_out, 0.0)
-        tl.store(loss_out, fc_loss.to(tl.float32))
+    """lowpass_pass for a plane already in memory: taps over loads of src (cache hits)."""
+    rad: tl.constexpr = (NT - 1) // 2
+    i = (p // STRIDE) % LEN
+    tot = gauss_total(NT, SIGMA) if FILT == 1 else 1.0
+    acc = tl.zeros(p.shape, dtype=tl.float32)
+    for j in tl.static_range(NT):
+        k = tl.minimum(tl.maximum(i + (j - rad), 0), LEN - 1)
+        acc += tap(j, tot, FILT, NT, SIGMA) * tl.load(
+            src + p + (k - i) * STRIDE, mask=mask, other=0.0
+        )
+    return acc
 
 
-@triton.jit
-def objective_kernel(
+@kernel
+def sample_kernel(
     v0,
     v1,
     x1,
     eps,
     x_hat,
-    fc_delta,
+    u0,
+    va_in,
+    fcd,
+    t0,
+    t1,
     coef,
-    d0,
-    r1,
-    m_raw,
-    e_sq,
-    parts,
+    act,
+    fmw,
+    adrw,
+    g0,
+    g1,
+    w_out,
+    part,
+    scratch,
+    B,
+    C,
+    FP,
+    H,
+    W,
+    lambda_fc,
+    c1,
+    norm_eps,
+    norm_floor,
+    tiny,
+    PATH: tl.constexpr,
+    V_MODE: tl.constexpr,
+    HAS_V1: tl.constexpr,
+    HAS_U0: tl.constexpr,
+    HAS_VA: tl.constexpr,
+    HAS_FCD: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_DELTA: tl.constexpr,
+    HAS_FC: tl.constexpr,
+    MAP_MODE: tl.constexpr,
+    SQUARED: tl.constexpr,
+    FILT: tl.constexpr,
+    NT: tl.constexpr,
+    SIGMA: tl.constexpr,
+    N_AXES: tl.constexpr,
+    ACT_K: tl.constexpr,
+    HAS_FMW: tl.constexpr,
+    HAS_ADRW: tl.constexpr,
+    DIRECTION: tl.constexpr,
+    WRITE_G0: tl.constexpr,
+    WRITE_G1: tl.constexpr,
+    WRITE_W: tl.constexpr,
+    R: tl.constexpr,
+    CB: tl.constexpr,
+    SB: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """The whole objective of R samples in one program. Grid (cdiv(B, R),).
+
+    Tiles (R, CB, SB) cover (samples, channels, F P) (powers of 2; MASKED unless R = 1
+    and the tile is exact). V_MODE 0: v0, v1 separate; 1: v0 is the joint (2B, ...)
+    output (v1 = its second half, G1 into g0's second half); 2: v1 is v0 (one gradient
+    G0 + G1 into g0). Writes G0 (g0), G1 (g1), w (w_out, (B, 1 or C, FP)) and part
+    (2, B): sum W (v0 - u0)^2 and the ADR sum (sum (v1 - v_adr)^2 or |d|^2). Each input
+    is read once; the tiles live in registers from load to gradient; only the map (N / C
+    elements) visits a cache-resident fp32 scratch (B, 1 or C, FP) for its filter.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * R + tl.arange(0, R)
+    bmask = rows < B
+    S = C * FP
+    base = pid * R * S  # int64 offset of the program's first sample; tiles add int32
+    base2 = base + (B + tl.zeros([], tl.int64)) * S  # the joint output's second half
+    c3 = tl.arange(0, CB)[None, :, None]
+    s3 = tl.arange(0, SB)[None, None, :]
+    loc = (tl.arange(0, R)[:, None, None] * C + c3) * FP + s3
+    mask = bmask[:, None, None] & (c3 < C) & (s3 < FP)
+    da0, ds0, a1, s1, da1, ds1, rat = path_coefs(t0, t1, coef, rows, bmask, PATH)
+    # targets first, so that x1, eps, x_hat die early: u0, v_adr, the raw map
+    if NEED_X:
+        x = load_tile(x1 + base + loc, mask, MASKED)
+        e = load_tile(eps + base + loc, mask, MASKED)
+    if NEED_DELTA:
+        delta = load_tile(x_hat + base + loc, mask, MASKED) - (
+            a1[:, None, None] * x + s1[:, None, None] * e
+        )
+    if HAS_U0:
+        u = load_tile(u0 + base + loc, mask, MASKED)
+    else:
+        u = da0[:, None, None] * x + ds0[:, None, None] * e
+    if HAS_V1:
+        if HAS_VA:
+            va = load_tile(va_in + base + loc, mask, MASKED)
+        else:
+            va = da1[:, None, None] * x + ds1[:, None, None] * e + rat[:, None, None] * delta
+    if HAS_FC:
+        if HAS_FCD:
+            md = load_tile(fcd + base + loc, mask, MASKED)
+        else:
+            md = delta
+        if MAP_MODE == 2:
+            m = md
+        elif MAP_MODE == 1:
+            m = tl.abs(md)
+        else:
+            m = tl.sum(tl.abs(md), axis=1, keep_dims=True) / C
+    v = load_tile(v0 + base + loc, mask, MASKED)
+    d0 = v - u
+    bf = B * 1.0
+    if HAS_FC:
+        if MAP_MODE == 0:
+            mvalid = bmask[:, None, None] & (s3 < FP)
+            wloc = tl.arange(0, R)[:, None, None] * FP + s3
+            wbase = pid * R * FP
+        else:
+            mvalid = mask
+            wloc = loc
+            wbase = base
+        if FILT != 0:
+            pos = tl.broadcast_to(s3, m.shape)
+            if N_AXES >= 1:
+                m = lowpass_pass(
+                    m, scratch + wbase, wloc, pos, mvalid, W, 1, FILT, NT, SIGMA, MASKED
+                )
+            if N_AXES == 2:
+                m = lowpass_pass(
+                    m, scratch + wbase, wloc, pos, mvalid, H, W, FILT, NT, SIGMA, MASKED
+                )
+        if MAP_MODE == 2:
+            den = tl.sum(
+                tl.sum(tl.where(mvalid, tl.abs(m), 0.0), axis=2, keep_dims=True),
+                axis=1,
+                keep_dims=True,
+            ) / (S * 1.0)
+        else:
+            den = tl.sum(tl.where(mvalid, m, 0.0), axis=2, keep_dims=True) / (FP * 1.0)
+        on = active_rows(act, rows, bmask, ACT_K)[:, None, None]
+        wv = 1.0 + tl.where(on, lambda_fc / (den + tiny), 0.0) * m
+        if WRITE_W:
+            store_tile(w_out + wbase + wloc, wv, mvalid, MASKED)
+        if SQUARED:
+            wv = wv * wv
+        gg0 = wv * d0
+    else:
+        gg0 = d0
+    tl.store(part + rows, tile_sum(gg0 * d0), mask=bmask)
+    G = (row_weight(fmw, rows, bmask, HAS_FMW) * (2.0 / (S * bf)))[:, None, None] * gg0
+    if V_MODE != 2:
+        if WRITE_G0:
+            store_tile(g0 + base + loc, G, mask, MASKED)
+    if HAS_V1:
+        if V_MODE == 2:
+            y = v
+        elif V_MODE == 1:
+            y = load_tile(v0 + base2 + loc, mask, MASKED)
+        else:
+            y = load_tile(v1 + base + loc, mask, MASKED)
+        ad = row_weight(adrw, rows, bmask, HAS_ADRW)
+        if DIRECTION:
+            raw = tl.sqrt(tile_sum(y * y))
+            raw_a = tl.sqrt(tile_sum(va * va))
+            flo = tl.maximum(norm_floor * raw_a, norm_eps)
+            n = tl.maximum(raw, flo)
+            na = tl.maximum(raw_a, norm_eps)
+            d = y / n[:, None, None] - va / na[:, None, None]
+            asum = tile_sum(d * d)
+            proj = tl.where(raw >= flo, tile_sum(d * y) / (n * n), 0.0)
+            G1 = (c1 * ad * 2.0 / (bf * n))[:, None, None] * (d - proj[:, None, None] * y)
+        else:
+            r = y - va
+            asum = tile_sum(r * r)
+            G1 = (c1 * ad * (2.0 / (S * bf)))[:, None, None] * r
+        tl.store(part + B + rows, asum, mask=bmask)
+        if V_MODE == 2:
+            if WRITE_G0:
+                store_tile(g0 + base + loc, G + G1, mask, MASKED)
+        elif WRITE_G1:
+            if V_MODE == 1:
+                store_tile(g0 + base2 + loc, G1, mask, MASKED)
+            else:
+                store_tile(g1 + base + loc, G1, mask, MASKED)
+    elif V_MODE == 2:
+        if WRITE_G0:
+            store_tile(g0 + base + loc, G, mask, MASKED)
+
+
+@kernel
+def stats_kernel(
+    v0,
+    v1,
+    x1,
+    eps,
+    x_hat,
+    va_in,
+    fcd,
+    t0,
+    t1,
+    coef,
+    map_raw,
+    part,
+    B,
     C,
     FP,
     NBLK,
     PATH: tl.constexpr,
+    V_MODE: tl.constexpr,
+    HAS_VA: tl.constexpr,
+    HAS_FCD: tl.constexpr,
+    NEED_DELTA: tl.constexpr,
     HAS_FC: tl.constexpr,
-    HAS_FC_DELTA: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
-    HAS_V1: tl.constexpr,
-    DIRECTION: tl.constexpr,
+    MAP_MODE: tl.constexpr,
+    NORMS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The forward pass: reads v0, v1, x1, eps, x^ once, writes d0 and r1 (+ map fields).
+    """Large samples, pass 1: the raw FC map and the direction loss's sums.
 
-    d0 = v0 - u0, u0 = a'(t0) x1 + s'(t0) eps. delta = x^ - (a(t1) x1 + s(t1) eps) (or
-    fc_delta), v_adr = a'(t1) x1 + s'(t1) eps + (s'/s)(t1) delta. r1 = v1 - v_adr (mse)
-    or v_adr (direction). FC: m_raw = mean_c |delta| and e_sq = sum_c d0^2 (per element
-    when PER_CHANNEL). Partial sums per program into parts (5, B, NBLK): sum d0^2,
-    sum (v1 - v_adr)^2, v1.v1, v_adr.v_adr, v_adr.v1. Grid (cdiv(F P, BLOCK), B).
+    Program (b, blk) covers positions blk * BLOCK ... of sample b for all channels. Map:
+    map_raw (B, 1, FP) channel mean of |delta| (MAP_MODE 0) or (B, C, FP) |delta| / delta.
+    NORMS: per program |v1|^2, |v_adr|^2, v_adr . v1 into part (3, B, NBLK).
+    Grid (B * NBLK,).
     """
-    blk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    nb = tl.num_programs(1).to(tl.int64)
-    r = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // NBLK
+    r = (pid % NBLK) * BLOCK + tl.arange(0, BLOCK)
     mask = r < FP
-    da0, ds0, a1, s1, da1, ds1, rat = _path_coefs(coef, b, PATH)
+    da0, ds0, a1, s1, da1, ds1, rat = path_coefs(t0, t1, coef, b, True, PATH)
     acc_m = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_e = tl.zeros([BLOCK], dtype=tl.float32)
-    s_adr = tl.zeros([BLOCK], dtype=tl.float32)
     svv = tl.zeros([BLOCK], dtype=tl.float32)
     saa = tl.zeros([BLOCK], dtype=tl.float32)
     sav = tl.zeros([BLOCK], dtype=tl.float32)
     for c in range(C):
-        off = (b * C + c) * FP + r  # int64, as b is
-        x = tl.load(x1 + off, mask=mask, other=0.0).to(tl.float32)
-        e = tl.load(eps + off, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v0 + off, mask=mask, other=0.0).to(tl.float32)
-        diff = v - (da0 * x + ds0 * e)
-        tl.store(d0 + off, diff.to(d0.dtype.element_ty), mask=mask)
-        sq = diff * diff
-        acc_e += sq
-        if HAS_FC or HAS_V1:
+        off = (b * C + c) * FP + r
+        if NEED_DELTA:
+            x = tl.load(x1 + off, mask=mask, other=0.0).to(tl.float32)
+            e = tl.load(eps + off, mask=mask, other=0.0).to(tl.float32)
             h = tl.load(x_hat + off, mask=mask, other=0.0).to(tl.float32)
             delta = h - (a1 * x + s1 * e)
         if HAS_FC:
-            if HAS_FC_DELTA:
-                md = tl.abs(tl.load(fc_delta + off, mask=mask, other=0.0).to(tl.float32))
+            if HAS_FCD:
+                md = tl.load(fcd + off, mask=mask, other=0.0).to(tl.float32)
             else:
-                md = tl.abs(delta)
-            if PER_CHANNEL:
-                tl.store(m_raw + off, md, mask=mask)
-                tl.store(e_sq + off, sq, mask=mask)
+                md = delta
+            if MAP_MODE == 0:
+                acc_m += tl.abs(md)
+            elif MAP_MODE == 1:
+                tl.store(map_raw + off, tl.abs(md), mask=mask)
             else:
-                acc_m += md
-        if HAS_V1:
-            y = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)
-            adr = da1 * x + ds1 * e + rat * delta
-            if DIRECTION:
-                tl.store(r1 + off, adr.to(r1.dtype.element_ty), mask=mask)
-                svv += y * y
-                saa += adr * adr
-                sav += adr * y
+                tl.store(map_raw + off, md, mask=mask)
+        if NORMS:
+            if V_MODE == 2:
+                y = tl.load(v0 + off, mask=mask, other=0.0).to(tl.float32)
+            elif V_MODE == 1:
+                y = tl.load(v0 + ((b + B) * C + c) * FP + r, mask=mask, other=0.0).to(tl.float32)
             else:
-                dd = y - adr
-                tl.store(r1 + off, dd.to(r1.dtype.element_ty), mask=mask)
-                s_adr += dd * dd
+                y = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)
+            if HAS_VA:
+                va = tl.load(va_in + off, mask=mask, other=0.0).to(tl.float32)
+            else:
+                va = da1 * x + ds1 * e + rat * delta
+            svv += y * y
+            saa += va * va
+            sav += va * y
     if HAS_FC:
-        if not PER_CHANNEL:
-            tl.store(m_raw + b * FP + r, acc_m / C, mask=mask)
-            tl.store(e_sq + b * FP + r, acc_e, mask=mask)
-    tl.store(parts + b * NBLK + blk, tl.sum(acc_e, axis=0))
-    if HAS_V1:
-        if DIRECTION:
-            tl.store(parts + (2 * nb + b) * NBLK + blk, tl.sum(svv, axis=0))
-            tl.store(parts + (3 * nb + b) * NBLK + blk, tl.sum(saa, axis=0))
-            tl.store(parts + (4 * nb + b) * NBLK + blk, tl.sum(sav, axis=0))
-        else:
-            tl.store(parts + (nb + b) * NBLK + blk, tl.sum(s_adr, axis=0))
+        if MAP_MODE == 0:
+            tl.store(map_raw + b * FP + r, acc_m / C, mask=mask)
+    if NORMS:
+        tl.store(part + pid, tl.sum(svv, axis=0))
+        tl.store(part + B * NBLK + pid, tl.sum(saa, axis=0))
+        tl.store(part + 2 * B * NBLK + pid, tl.sum(sav, axis=0))
 
 
-@triton.jit
-def objective_grad_kernel(
-    d0,
-    m,
-    q,
+@kernel
+def plane_kernel(
+    src,
+    tmp,
+    dst,
+    plane_sum,
+    part,
+    norms,
+    NPLANES,
+    P,
+    H,
+    W,
+    B,
+    NBLK,
+    norm_eps,
+    norm_floor,
+    HAS_FC: tl.constexpr,
+    FILT: tl.constexpr,
+    NT: tl.constexpr,
+    SIGMA: tl.constexpr,
+    N_AXES: tl.constexpr,
+    SIGNED: tl.constexpr,
+    NORMS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """Large samples, pass 2: programs [0, NPLANES) filter one map plane each (P = H W
+    positions; along W into tmp, then along H into dst) and write its sum (of |m| when
+    SIGNED) to plane_sum; programs NPLANES + b reduce sample b's direction sums into
+    norms (B, 3): n = max(|v1|, floor), n_a = max(|v_adr|, eps), p = (d . v1) / n^2
+    (0 where the floor binds). Grid (NPLANES + B if NORMS else NPLANES,).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < NPLANES:
+        if HAS_FC:
+            base = pid * P
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            if FILT == 0:
+                for p0 in range(0, P, BLOCK):
+                    p = p0 + tl.arange(0, BLOCK)
+                    mm = tl.load(src + base + p, mask=p < P, other=0.0)
+                    acc += tl.abs(mm) if SIGNED else mm
+            elif N_AXES == 1:
+                for p0 in range(0, P, BLOCK):
+                    p = p0 + tl.arange(0, BLOCK)
+                    mm = lowpass_global(src + base, p, p < P, W, 1, FILT, NT, SIGMA)
+                    tl.store(dst + base + p, mm, mask=p < P)
+                    acc += tl.where(p < P, tl.abs(mm) if SIGNED else mm, 0.0)
+            else:
+                for p0 in range(0, P, BLOCK):
+                    p = p0 + tl.arange(0, BLOCK)
+                    mm = lowpass_global(src + base, p, p < P, W, 1, FILT, NT, SIGMA)
+                    tl.store(tmp + base + p, mm, mask=p < P)
+                tl.debug_barrier()  # the H pass reads what other threads wrote
+                for p0 in range(0, P, BLOCK):
+                    p = p0 + tl.arange(0, BLOCK)
+                    mm = lowpass_global(tmp + base, p, p < P, H, W, FILT, NT, SIGMA)
+                    tl.store(dst + base + p, mm, mask=p < P)
+                    acc += tl.where(p < P, tl.abs(mm) if SIGNED else mm, 0.0)
+            tl.store(plane_sum + pid, tl.sum(acc, axis=0))
+    else:
+        if NORMS:
+            b = pid - NPLANES
+            svv = tl.zeros([BN], dtype=tl.float32)
+            saa = tl.zeros([BN], dtype=tl.float32)
+            sav = tl.zeros([BN], dtype=tl.float32)
+            for j0 in range(0, NBLK, BN):
+                j = j0 + tl.arange(0, BN)
+                jm = j < NBLK
+                svv += tl.load(part + b * NBLK + j, mask=jm, other=0.0)
+                saa += tl.load(part + (B + b) * NBLK + j, mask=jm, other=0.0)
+                sav += tl.load(part + (2 * B + b) * NBLK + j, mask=jm, other=0.0)
+            vv = tl.sum(svv, axis=0)
+            aa = tl.sum(saa, axis=0)
+            av = tl.sum(sav, axis=0)
+            raw = tl.sqrt(vv)
+            raw_a = tl.sqrt(aa)
+            flo = tl.maximum(norm_floor * raw_a, norm_eps)
+            n = tl.maximum(raw, flo)
+            na = tl.maximum(raw_a, norm_eps)
+            proj = tl.where(raw >= flo, (vv / n - av / na) / (n * n), 0.0)
+            tl.store(norms + b * 3, n)
+            tl.store(norms + b * 3 + 1, na)
+            tl.store(norms + b * 3 + 2, proj)
+
+
+@kernel
+def plane_mean(plane_sum, first, count, denom, BN: tl.constexpr):
+    """sum(plane_sum[first : first + count]) / denom."""
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for j0 in range(0, count, BN):
+        j = j0 + tl.arange(0, BN)
+        acc += tl.load(plane_sum + first + j, mask=j < count, other=0.0)
+    return tl.sum(acc, axis=0) / denom
+
+
+@kernel
+def grad_kernel(
+    v0,
     v1,
-    r1,
-    ab,
-    g_loss,
-    g_fc,
-    g_adr,
+    x1,
+    eps,
+    x_hat,
+    u0,
+    va_in,
+    t0,
+    t1,
+    coef,
+    act,
+    fmw,
+    adrw,
+    mapf,
+    plane_sum,
+    norms,
     g0,
     g1,
-    S,
+    w_out,
+    part,
+    B,
+    C,
+    F,
     FP,
-    CM,
-    lambda_adr,
-    scale_fc,
-    scale_adr,
-    HAS_FC: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
+    NBLK,
+    lambda_fc,
+    c1,
+    tiny,
+    PATH: tl.constexpr,
+    V_MODE: tl.constexpr,
     HAS_V1: tl.constexpr,
+    HAS_U0: tl.constexpr,
+    HAS_VA: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_DELTA: tl.constexpr,
+    HAS_FC: tl.constexpr,
+    MAP_MODE: tl.constexpr,
+    SQUARED: tl.constexpr,
+    ACT_K: tl.constexpr,
+    HAS_FMW: tl.constexpr,
+    HAS_ADRW: tl.constexpr,
     DIRECTION: tl.constexpr,
+    WRITE_G0: tl.constexpr,
+    WRITE_G1: tl.constexpr,
+    WRITE_W: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """Large samples, pass 3: G0, G1, w and per-program sums (as sample_kernel) from the
+    filtered map, its plane sums and the direction norms. Grid (B * NBLK,); part
+    (2, B, NBLK).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // NBLK
+    r = (pid % NBLK) * BLOCK + tl.arange(0, BLOCK)
+    mask = r < FP
+    S = C * FP
+    bf = B * 1.0
+    da0, ds0, a1, s1, da1, ds1, rat = path_coefs(t0, t1, coef, b, True, PATH)
+    fm = row_weight(fmw, b, True, HAS_FMW)
+    ad = row_weight(adrw, b, True, HAS_ADRW)
+    if HAS_FC:
+        on = active_rows(act, b, True, ACT_K)
+        if MAP_MODE == 0:
+            q = tl.where(
+                on, lambda_fc / (plane_mean(plane_sum, b * F, F, FP * 1.0, BN) + tiny), 0.0
+            )
+            wv0 = 1.0 + q * tl.load(mapf + b * FP + r, mask=mask, other=0.0)
+            if WRITE_W:
+                tl.store(w_out + b * FP + r, out_cast(wv0, w_out.dtype.element_ty), mask=mask)
+            if SQUARED:
+                wv0 = wv0 * wv0
+        elif MAP_MODE == 2:
+            q = tl.where(
+                on, lambda_fc / (plane_mean(plane_sum, b * C * F, C * F, S * 1.0, BN) + tiny), 0.0
+            )
+    if HAS_V1:
+        if DIRECTION:
+            n = tl.load(norms + b * 3)
+            na = tl.load(norms + b * 3 + 1)
+            proj = tl.load(norms + b * 3 + 2)
+            k1 = c1 * ad * 2.0 / (bf * n)
+        else:
+            k1 = c1 * ad * (2.0 / (S * bf))
+    k0 = fm * (2.0 / (S * bf))
+    fsum = tl.zeros([BLOCK], dtype=tl.float32)
+    asum = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in range(C):
+        off = (b * C + c) * FP + r
+        if NEED_X:
+            x = tl.load(x1 + off, mask=mask, other=0.0).to(tl.float32)
+            e = tl.load(eps + off, mask=mask, other=0.0).to(tl.float32)
+        if NEED_DELTA:
+            h = tl.load(x_hat + off, mask=mask, other=0.0).to(tl.float32)
+            delta = h - (a1 * x + s1 * e)
+        if HAS_U0:
+            u = tl.load(u0 + off, mask=mask, other=0.0).to(tl.float32)
+        else:
+            u = da0 * x + ds0 * e
+        v = tl.load(v0 + off, mask=mask, other=0.0).to(tl.float32)
+        d0 = v - u
+        if HAS_FC:
+            if MAP_MODE == 0:
+                wv = wv0
+            else:
+                if MAP_MODE == 1:
+                    qc = tl.where(
+                        on,
+                        lambda_fc
+                        / (plane_mean(plane_sum, (b * C + c) * F, F, FP * 1.0, BN) + tiny),
+                        0.0,
+                    )
+                else:
+                    qc = q
+                wv = 1.0 + qc * tl.load(mapf + off, mask=mask, other=0.0)
+                if WRITE_W:
+                    tl.store(w_out + off, out_cast(wv, w_out.dtype.element_ty), mask=mask)
+                if SQUARED:
+                    wv = wv * wv
+            gg0 = wv * d0
+        else:
+            gg0 = d0
+        fsum += gg0 * d0
+        G = k0 * gg0
+        if V_MODE != 2:
+            if WRITE_G0:
+                tl.store(g0 + off, out_cast(G, g0.dtype.element_ty), mask=mask)
+        if HAS_V1:
+            if V_MODE == 2:
+                y = v
+            elif V_MODE == 1:
+                y = tl.load(v0 + ((b + B) * C + c) * FP + r, mask=mask, other=0.0).to(tl.float32)
+            else:
+                y = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)
+            if HAS_VA:
+                va = tl.load(va_in + off, mask=mask, other=0.0).to(tl.float32)
+            else:
+                va = da1 * x + ds1 * e + rat * delta
+            if DIRECTION:
+                dd = y / n - va / na
+                asum += dd * dd
+                G1 = k1 * (dd - proj * y)
+            else:
+                dd = y - va
+                asum += dd * dd
+                G1 = k1 * dd
+            if V_MODE == 2:
+                if WRITE_G0:
+                    tl.store(g0 + off, out_cast(G + G1, g0.dtype.element_ty), mask=mask)
+            elif WRITE_G1:
+                if V_MODE == 1:
+                    tl.store(
+                        g0 + ((b + B) * C + c) * FP + r,
+                        out_cast(G1, g0.dtype.element_ty),
+                        mask=mask,
+                    )
+                else:
+                    tl.store(g1 + off, out_cast(G1, g1.dtype.element_ty), mask=mask)
+        elif V_MODE == 2:
+            if WRITE_G0:
+                tl.store(g0 + off, out_cast(G, g0.dtype.element_ty), mask=mask)
+    tl.store(part + pid, tl.sum(fsum, axis=0))
+    tl.store(part + B * NBLK + pid, tl.sum(asum, axis=0))
+
+
+@kernel
+def finalize_kernel(
+    part,
+    fmw,
+    adrw,
+    per_sample,
+    loss,
+    fc_loss,
+    adr_loss,
+    B,
+    NBLK,
+    S,
+    lambda_adr,
+    HAS_V1: tl.constexpr,
+    HAS_FMW: tl.constexpr,
+    HAS_ADRW: tl.constexpr,
+    DIRECTION: tl.constexpr,
+    BB: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """per_sample and the three losses from the sums part (2, B, NBLK); one program, fp64.
+
+    fc_i = fmw_i sum_blk part[0] / S, adr_i = adrw_i sum_blk part[1] (/ S for mse),
+    per_sample_i = fc_i + lambda_adr adr_i, fc_loss = mean fc_i, adr_loss = mean adr_i,
+    loss = fc_loss + lambda_adr adr_loss (adr_loss 0 without v1). Outputs in their dtype.
+    """
+    tot_f = tl.zeros([BB], dtype=tl.float64)
+    tot_a = tl.zeros([BB], dtype=tl.float64)
+    sf = S * 1.0
+    for b0 in range(0, B, BB):
+        rows = b0 + tl.arange(0, BB)
+        bmask = rows < B
+        fs = tl.zeros([BB], dtype=tl.float64)
+        sa = tl.zeros([BB], dtype=tl.float64)
+        for j0 in range(0, NBLK, BN):
+            j = j0 + tl.arange(0, BN)
+            m2 = bmask[:, None] & (j[None, :] < NBLK)
+            o = rows[:, None].to(tl.int64) * NBLK + j[None, :]
+            fs += tl.sum(tl.load(part + o, mask=m2, other=0.0).to(tl.float64), axis=1)
+            if HAS_V1:
+                sa += tl.sum(
+                    tl.load(part + B * NBLK + o, mask=m2, other=0.0).to(tl.float64), axis=1
+                )
+        fc = fs / sf * row_weight(fmw, rows, bmask, HAS_FMW).to(tl.float64)
+        ps = fc
+        tot_f += tl.where(bmask, fc, 0.0)
+        if HAS_V1:
+            adr = sa * row_weight(adrw, rows, bmask, HAS_ADRW).to(tl.float64)
+            if not DIRECTION:
+                adr = adr / sf
+            ps = fc + lambda_adr * adr
+            tot_a += tl.where(bmask, adr, 0.0)
+        tl.store(
+            per_sample + rows, out_cast(ps.to(tl.float32), per_sample.dtype.element_ty), mask=bmask
+        )
+    fcl = tl.sum(tot_f, axis=0) / B
+    tl.store(fc_loss, out_cast(fcl.to(tl.float32), fc_loss.dtype.element_ty))
+    if HAS_V1:
+        adl = tl.sum(tot_a, axis=0) / B
+        tl.store(adr_loss, out_cast(adl.to(tl.float32), adr_loss.dtype.element_ty))
+        tl.store(loss, out_cast((fcl + lambda_adr * adl).to(tl.float32), loss.dtype.element_ty))
+    else:
+        tl.store(adr_loss, tl.zeros([], dtype=adr_loss.dtype.element_ty))
+        tl.store(loss, out_cast(fcl.to(tl.float32), loss.dtype.element_ty))
+
+
+@kernel
+def scale_block(src, dst, o, mask, s, IN_PLACE: tl.constexpr):
+    """dst[o] = s * src[o]; in place, nothing moves when s is exactly 1."""
+    if IN_PLACE:
+        if s != 1.0:
+            x = tl.load(src + o, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dst + o, out_cast(s * x, dst.dtype.element_ty), mask=mask)
+    else:
+        x = tl.load(src + o, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst + o, out_cast(s * x, dst.dtype.element_ty), mask=mask)
+
+
+@kernel
+def scale_kernel(
+    src0,
+    src1,
+    dst0,
+    dst1,
+    g_loss,
+    g_term0,
+    g_term1,
+    g_rows,
+    rows_stride,
+    B,
+    S,
+    NBLK,
+    a0,
+    f0,
+    p0,
+    a1,
+    f1,
+    p1,
     HAS_GL: tl.constexpr,
-    HAS_GF: tl.constexpr,
-    HAS_GA: tl.constexpr,
+    HAS_G0: tl.constexpr,
+    HAS_G1: tl.constexpr,
+    HAS_GR: tl.constexpr,
+    TWO: tl.constexpr,
+    JOINT: tl.constexpr,
+    IN_PLACE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The backward pass: dL/dv0 and dL/dv1 from what the forward stored.
+    """Backward: dst = s * src for the stored gradients of v0 (region 0) and v1 (region 1).
 
-    Incoming gradients of loss, fc_loss, adr_loss (0-dim, each absent unless HAS_G*).
-    g0 = s0 (1 + q[row] m) d0, s0 = (g_loss + g_fc) scale_fc, q = lambda_fc / (mean m +
-    TINY) on active rows, else 0. s1 = (lambda_adr g_loss + g_adr) scale_adr; mse:
-    g1 = s1 r1 (r1 = v1 - v_adr); direction: g1 = s1 (ab[b, 0] v1 + ab[b, 1] r1), r1 = v_adr.
-    Grid (cdiv(S, BLOCK), B) with S = C F P.
+    Sample b's factor: s = a gl + f g_term + p B g_rows[b] with gl = dL/dloss, g_term =
+    dL/dfc_loss (region 0) or dL/dadr_loss (region 1), g_rows = dL/dper_sample (any
+    stride, e.g. 0 for an expanded gradient); absent gradients count 0. IN_PLACE (dst is
+    src) skips every block whose factor is exactly 1: a plain loss.backward() moves no
+    gradient bytes. JOINT: region 1 is the second half of src0 / dst0 (the joint output's
+    gradient). Programs stride over the (region, sample, block) items.
     """
-    blk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    o = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = o < S
-    off = b * S + o
-    dd = tl.load(d0 + off, mask=mask, other=0.0).to(tl.float32)
-    gl = 0.0
-    gf = 0.0
-    ga = 0.0
-    if HAS_GL:
-        gl = tl.load(g_loss).to(tl.float32)
-    if HAS_GF:
-        gf = tl.load(g_fc).to(tl.float32)
-    if HAS_GA:
-        ga = tl.load(g_adr).to(tl.float32)
-    s0 = (gl + gf) * scale_fc
-    if HAS_FC:
-        if PER_CHANNEL:
-            row = b * CM + o // FP
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    gl = tl.load(g_loss).to(tl.float32) if HAS_GL else 0.0
+    gt0 = tl.load(g_term0).to(tl.float32) if HAS_G0 else 0.0
+    gt1 = tl.load(g_term1).to(tl.float32) if HAS_G1 else 0.0
+    bf = B * 1.0
+    per_region = B * NBLK
+    total = per_region * 2 if TWO else per_region
+    for i in range(pid, total, nprog):
+        region = i // per_region
+        rest = i - region * per_region
+        b = rest // NBLK
+        r = (rest - b * NBLK) * BLOCK + tl.arange(0, BLOCK)
+        gr = tl.load(g_rows + b.to(tl.int64) * rows_stride).to(tl.float32) if HAS_GR else 0.0
+        o = b.to(tl.int64) * S + r
+        if region == 0:
+            scale_block(src0, dst0, o, r < S, a0 * gl + f0 * gt0 + p0 * bf * gr, IN_PLACE)
+        elif JOINT:
+            o1 = (b.to(tl.int64) + B) * S + r
+            scale_block(src0, dst0, o1, r < S, a1 * gl + f1 * gt1 + p1 * bf * gr, IN_PLACE)
         else:
-            row = b + o * 0
-        mm = tl.load(m + row * FP + o % FP, mask=mask, other=0.0)
-        qq = tl.load(q + row, mask=mask, other=0.0)
-        dd = dd * (1.0 + qq * mm)
-    tl.store(g0 + off, (s0 * dd).to(g0.dtype.element_ty), mask=mask)
-    if HAS_V1:
-        s1 = (lambda_adr * gl + ga) * scale_adr
-        rr = tl.load(r1 + off, mask=mask, other=0.0).to(tl.float32)
-        if DIRECTION:
-            y = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.load(ab + b * 2) * y + tl.load(ab + b * 2 + 1) * rr
-        else:
-            grad = rr
-        tl.store(g1 + off, (s1 * grad).to(g1.dtype.element_ty), mask=mask)
+            scale_block(src1, dst1, o, r < S, a1 * gl + f1 * gt1 + p1 * bf * gr, IN_PLACE)

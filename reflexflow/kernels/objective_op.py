@@ -1,35 +1,27 @@
-"""The ops ``reflexflow::fused_objective`` (+ its backward): the ReflexFlow objective in Triton.
+"""The ops ``reflexflow::fused_objective`` and ``reflexflow::fused_objective_backward``.
 
-Reference twin: :func:`reflexflow.reference.objective` (same inputs, outputs and
-gradients). L = L_FC + lambda_adr * L_ADR with
+Reference twin: :func:`reflexflow.reference.objective` (the public door with its
+signature is :func:`reflexflow.kernels.objective.fused_objective`). The forward op
+returns (loss, fc_loss, adr_loss, per_sample, w, g0, g1): g0, g1 are the gradients of
+``loss`` for grad_output 1 (see objective_kernels), written by the forward's single pass
+over the inputs and kept for backward, which only scales them.
 
-    L_FC  = mean(w (v0 - u_t0)^2),  w = 1 + lambda_fc LP(|delta|) / (mean + TINY)
-    L_ADR = mean (v1 - v_adr)^2  (mse)  or  mean_b ||v1/|v1| - v_adr/|v_adr| ||^2
+Launches (N elements, linear/GVP path, no torch op between them, no host sync):
 
-Passes over memory (N = elements of v0; the map has N / C elements, N per channel):
+* a sample fits one program (layout.SMALL_TILE_MAX): sample_kernel + finalize_kernel
+  forward, scale_kernel backward: 3 launches; in eager the backward scales the stored
+  gradients in place and moves no bytes when the factor is 1 (plain loss.backward()).
+* larger samples: stats_kernel (when FC or the direction loss needs it), plane_kernel,
+  grad_kernel, finalize_kernel forward, scale_kernel backward: at most 5 launches.
+* fc_filter="fft": the larger-sample kernels, with the filter of the map done by torch
+  (reference._fft_lowpass on the N / C map and its plane sums: a handful of launches).
 
-1. objective_kernel: reads v0, v1, x1, eps, x^ once (5 N), writes d0 = v0 - u0 and
-   r1 = v1 - v_adr (mse) or v_adr (direction) (2 N), the raw map mean_c |delta| and
-   e = sum_c d0^2 (2 N / C), and per-program partial sums.
-2. lowpass_axis_kernel along W, then H (gaussian / box) on the map only (4 N / C).
-   fft runs on the torch path (reference._fft_lowpass on the map: torch.fft, clamped >= 0).
-3. finalize_kernel (one program): per-sample scalars (map mean, norms of the direction
-   loss) and the losses from the partial sums: L_FC = (sum d0^2 + sum_rows q sum m e) / N,
-   q = lambda_fc / (mean + TINY).
-Backward, objective_grad_kernel: dL/dv0 = g 2/N (1 + q m) d0, dL/dv1 = g' 2/N r1 (mse)
-or g' (alpha v1 + beta v_adr) (direction): reads 2 N (3 N direction), writes 2 N.
-
-The forward cannot write the final gradients in its single pass: they need the per-sample
-map mean and norms, known only after the pass. So it stores d0 and r1, the per-sample
-factors fold in at backward, where the incoming gradient has to be applied anyway.
-Registered with ``torch.library.triton_op`` (``custom_op`` + fake under the interpreter)
-so torch.compile traces it without a graph break.
+Autograd (registered at the end of this module): objective_autograd.py.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -38,87 +30,101 @@ from torch.library import triton_op, wrap_triton
 
 from .. import reference as ref
 from ..paths import GVPPath, LinearPath
+from . import layout as plans
+from ._jit import INTERPRET
+from .layout import layout_of, next_pow2, sample_plan
 from .objective_kernels import (
     finalize_kernel,
-    lowpass_axis_kernel,
-    objective_grad_kernel,
-    objective_kernel,
+    grad_kernel,
+    plane_kernel,
+    sample_kernel,
+    scale_kernel,
+    stats_kernel,
 )
 
 __all__ = [
-    "fused_objective",
     "fused_objective_op",
     "fused_objective_backward_op",
     "path_coefficients",
+    "path_kind",
+    "V_SEPARATE",
+    "V_JOINT",
+    "V_SHARED",
+    "N_OP_ARGS",
 ]
 
-_BLOCK_FILTER = 1024
 _OP = "reflexflow::fused_objective"
 _OP_BACKWARD = "reflexflow::fused_objective_backward"
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON = False  # tests set True: buffers start as NaN so an unwritten element shows
+BLOCK = 1024  # positions per program of the larger-sample kernels
+SCALE_BLOCK = 1024
+SCALE_PROGRAMS = 64 if INTERPRET else 2048
+V_SEPARATE, V_JOINT, V_SHARED = 0, 1, 2
+FILTER_CODE = {"none": 0, "gaussian": 1, "box": 2, "fft": 3}
+FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+N_OP_ARGS = 34
 
 
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
-def _block(items: int, batch: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): the largest block leaving >= 1024 programs, 128 at least."""
-    block = 1024
-    while block > 128 and batch * triton.cdiv(items, block) < 1024:
-        block //= 2
-    return block, max(1, min(4, block // 256))
+def _unused(device: torch.device) -> Tensor:
+    """A distinct placeholder for a pointer argument a kernel never touches. Never alias
+    a real output: traced launches (wrap_triton) may treat every pointer as written."""
+    return torch.empty(1, dtype=torch.float32, device=device)
 
 
-def _layout(shape: torch.Size) -> tuple[int, int, int, int, int]:
-    """(C, F, H, W, n_axes) of a (B, *S) shape, as reference._spatial_ndim reads it."""
-    if len(shape) == 2:
-        return 1, 1, 1, shape[1], 0
-    if len(shape) == 3:
-        return shape[1], 1, 1, shape[2], 1
-    frames = math.prod(shape[2:-2])
-    return shape[1], frames, shape[-2], shape[-1], 2
+def _check(name: str, x: Tensor | None, device: torch.device, shape=None, floats=True) -> None:
+    """Host-side checks of one op input (metadata only: no launch, no sync)."""
+    if x is None:
+        return
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device} (the device of x1)")
+    if floats and x.dtype not in FLOATS:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(
+            f"{name} must be contiguous: the op reads raw memory (call "
+            "reflexflow.kernels.fused_objective, which copies strided inputs once)"
+        )
 
 
-def _taps(kind: str, sigma: float, size: int, device: torch.device) -> Tensor | None:
-    """The 1-D filter taps of reference.lowpass in fp32 (computed on the host: one small
-    copy, no launches), or None when no filter runs."""
-    if kind == "gaussian":
-        if sigma <= 0:
-            return None
-        radius = max(1, math.ceil(3.0 * sigma))
-        taps = [math.exp(-0.5 * (o / sigma) ** 2) for o in range(-radius, radius + 1)]
-        return torch.tensor([t / math.fsum(taps) for t in taps], dtype=torch.float32, device=device)
-    if kind == "box":
-        return torch.full((size,), 1.0 / size, dtype=torch.float32, device=device)
-    return None
+def _out_dtypes(v0, v1, x1, eps, x_hat, u0, v_adr, fc_delta, has_fc, has_v1):
+    """(dtype of the losses and per_sample, dtype of w), as reference.objective promotes."""
+    pt = torch.promote_types
+    state = pt(x1.dtype, eps.dtype)
+    out = pt(v0.dtype, u0.dtype if u0 is not None else state)
+    w_dtype = fc_delta.dtype if fc_delta is not None else pt(x_hat.dtype, state)
+    if has_fc:
+        out = pt(out, w_dtype)
+    if has_v1:
+        out = pt(
+            out,
+            pt(
+                (v1 if v1 is not None else v0).dtype,
+                v_adr.dtype if v_adr is not None else pt(state, x_hat.dtype),
+            ),
+        )
+    return out, w_dtype
 
 
-def _filter(
-    m_raw: Tensor, e_sq: Tensor, taps: Tensor, planes: int, h: int, w: int, n_axes: int
-) -> tuple[Tensor, Tensor]:
-    """Separable filter of (planes, h * w) maps; returns the map and (2, planes, nblk)
-    partial sums of m and m * e_sq."""
-    p = h * w
-    nblk = triton.cdiv(p, _BLOCK_FILTER)
-    grid = (nblk, planes)
-    tmp = _alloc(tuple(m_raw.shape), torch.float32, m_raw.device)
-    sums = _alloc((2, planes, nblk), torch.float32, m_raw.device)
-    last = n_axes == 1 or h == 1
-    ntaps = taps.numel()
-    wrap_triton(lowpass_axis_kernel)[grid](
-        m_raw, taps, tmp, e_sq, sums, p, w, 1, ntaps, nblk, HAS_SUM=last, BLOCK=_BLOCK_FILTER
-    )
-    if last:
-        return tmp, sums
-    out = _alloc(tuple(m_raw.shape), torch.float32, m_raw.device)
-    wrap_triton(lowpass_axis_kernel)[grid](
-        tmp, taps, out, e_sq, sums, p, h, w, ntaps, nblk, HAS_SUM=True, BLOCK=_BLOCK_FILTER
-    )
-    return out, sums
+def _filter_code(
+    fc_filter: str, fc_sigma: float, fc_size: int, n_axes: int
+) -> tuple[int, int, float]:
+    """(FILT, NT, SIGMA): 0 none, 1 gaussian (NT = 2 ceil(3 sigma) + 1 taps), 2 box, 3 fft."""
+    code = FILTER_CODE[fc_filter]
+    if n_axes == 0 or (code == 1 and fc_sigma <= 0):
+        return 0, 1, 1.0
+    if code == 1:
+        return 1, 2 * max(1, math.ceil(3.0 * fc_sigma)) + 1, float(fc_sigma)
+    if code == 2:
+        return 2, int(fc_size), 1.0
+    return code, 1, 1.0
 
 
 def _forward(
@@ -127,361 +133,459 @@ def _forward(
     x1: Tensor,
     eps: Tensor,
     x_hat: Tensor,
-    coef: Tensor,
-    path_kind: int,
-    active: Tensor,
+    u0: Tensor | None,
+    v_adr: Tensor | None,
     fc_delta: Tensor | None,
+    t0: Tensor,
+    t1: Tensor,
+    coef: Tensor | None,
+    k: Tensor,
+    fc_active: Tensor | None,
+    fm_weight: Tensor | None,
+    adr_weight: Tensor | None,
+    v_mode: int,
+    path_kind: int,
     lambda_adr: float,
     lambda_fc: float,
     direction: bool,
     per_channel: bool,
+    fc_signed: bool,
+    fc_squared: bool,
     fc_filter: str,
     fc_sigma: float,
     fc_size: int,
     fc_cutoff: float,
     norm_eps: float,
     norm_floor: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss, fc_loss, adr_loss, w, d0, r1, m, q, ab); losses fp32 0-dim.
+    need_g0: bool,
+    need_g1: bool,
+    return_w: bool,
+    fail_soft: bool,
+    scale_in_place: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward of the fused objective (the op body; see the module docstring).
 
-    Inputs contiguous, same shape (B, *S); coef (B, 8) fp32 from :func:`path_coefficients`
-    (path_kind 0) or (B, 2) fp32 (t0, t1) for the linear (1) and GVP (2) paths; active
-    (B,) fp32 (0: w = 1). w (B, Cm, *S[1:]) fp32 (empty when lambda_fc = 0).
-    Kept for backward: d0 = v0 - u0, r1 (v1 - v_adr or v_adr), the filtered map m
-    (B Cm, F P), q (B Cm,) and ab (B, 2), the direction loss's alpha, beta.
+    v_mode 0: v0, v1 (or None) separate; 1: v0 is the joint (2B, ...) output, v1 None;
+    2: v1 is v0 (v1 None). path_kind 1 linear, 2 GVP (coefficients in the kernel from
+    t0, t1), 0 the (B, 7) table ``coef`` of :func:`path_coefficients`. All tensors
+    contiguous on one device (checked here; ValueError / TypeError otherwise).
+    need_g0 / need_g1: write the gradient workspace g0 / g1 (outputs 5, 6); backward
+    recomputes whatever it needs and finds missing. fail_soft: backend="auto" (a failing
+    backward falls back to the reference). scale_in_place: backward may scale g0, g1 in
+    place (the public wrapper drops them; a direct caller keeping them passes False).
     """
-    batch, numel = v0.shape[0], v0.numel()
-    c, frames, h, w, n_axes = _layout(v0.shape)
-    fp = frames * h * w
-    dev = v0.device
+    dev = x1.device
+    if x1.dim() < 2 or x1.shape[0] == 0:
+        raise ValueError(f"x1 must have shape (B, ...) with B >= 1, got {tuple(x1.shape)}")
+    if v_mode not in (V_SEPARATE, V_JOINT, V_SHARED):
+        raise ValueError(f"v_mode must be 0, 1 or 2, got {v_mode}")
+    if fc_filter not in FILTER_CODE:
+        raise ValueError(f"fc_filter must be one of {tuple(FILTER_CODE)}, got {fc_filter!r}")
+    batch, sample_shape = x1.shape[0], tuple(x1.shape[1:])
+    shape = tuple(x1.shape)
+    v_shape = (2 * batch, *sample_shape) if v_mode == V_JOINT else shape
+    if v_mode != V_SEPARATE and v1 is not None:
+        raise ValueError("v1 must be None when v0 is the joint output or shared (v_mode 1, 2)")
+    for name, x, s in (
+        ("v0", v0, v_shape),
+        ("v1", v1, shape),
+        ("x1", x1, shape),
+        ("eps", eps, shape),
+        ("x_hat", x_hat, shape),
+        ("u0", u0, shape),
+        ("v_adr", v_adr, shape),
+        ("fc_delta", fc_delta, shape),
+        ("t0", t0, (batch,)),
+        ("t1", t1, (batch,)),
+        ("coef", coef, (batch, 7)),
+        ("fm_weight", fm_weight, (batch,)),
+        ("adr_weight", adr_weight, (batch,)),
+    ):
+        _check(name, x, dev, s)
+    _check("k", k, dev, (batch,), floats=False)
+    _check("fc_active", fc_active, dev, (batch,), floats=False)
+    if path_kind == 0 and coef is None:
+        raise ValueError("path_kind 0 needs the coefficient table coef")
+
+    lay = layout_of(sample_shape)
     has_fc = lambda_fc != 0
-    has_v1 = v1 is not None
-    cm = c if per_channel and v0.dim() > 2 else 1
+    has_v1 = v1 is not None or v_mode != V_SEPARATE
+    out_dtype, w_dtype = _out_dtypes(v0, v1, x1, eps, x_hat, u0, v_adr, fc_delta, has_fc, has_v1)
+    map_mode = 2 if fc_signed else (1 if per_channel else 0)
+    cm = 1 if map_mode == 0 else lay.channels
+    filt, ntaps, sigma = _filter_code(fc_filter, fc_sigma, fc_size, lay.n_axes)
+    c1 = float(lambda_adr) if v_mode == V_SHARED or lambda_adr != 0 else 1.0
     f32 = torch.float32
 
-    def empty() -> Tensor:
-        return torch.empty(0, dtype=f32, device=dev)
+    per_sample = _alloc((batch,), out_dtype, dev)
+    loss, fc_loss, adr_loss = (_alloc((), out_dtype, dev) for _ in range(3))
+    g0 = _alloc(v0.shape, v0.dtype, dev) if need_g0 else v0.new_empty((0,))
+    write_g1 = need_g1 and v_mode == V_SEPARATE and v1 is not None
+    g1 = _alloc(v1.shape, v1.dtype, dev) if write_g1 else v0.new_empty((0,))
+    write_w = has_fc and return_w
+    w_shape = (batch, cm, *sample_shape[1:]) if len(sample_shape) > 1 else shape
+    w = _alloc(w_shape, w_dtype, dev) if write_w else x1.new_empty((0,), dtype=w_dtype)
 
-    # pass 1: the one pass over the big tensors
-    block, warps = _block(fp, batch)
-    nblk = triton.cdiv(fp, block)
-    parts = _alloc((5, batch, nblk), f32, dev)
-    # stored in the dtype the reference computes them in (e.g. fp32 for bf16 v, fp32 x1)
-    d0 = _alloc(tuple(v0.shape), torch.promote_types(v0.dtype, x1.dtype), dev)
-    r1 = (
-        _alloc(tuple(v1.shape), torch.promote_types(v1.dtype, x1.dtype), dev)
-        if has_v1
-        else v0.new_empty((0,))
+    dummy_in = x1  # read-only placeholder for absent inputs
+    has_u0, has_va, has_fcd = u0 is not None, v_adr is not None, fc_delta is not None
+    need_delta = (has_fc and not has_fcd) or (has_v1 and not has_va)
+    flags = dict(
+        PATH=path_kind,
+        V_MODE=v_mode,
+        HAS_V1=has_v1,
+        HAS_U0=has_u0,
+        HAS_VA=has_va,
+        NEED_X=need_delta or not has_u0,
+        NEED_DELTA=need_delta,
+        HAS_FC=has_fc,
+        MAP_MODE=map_mode,
+        SQUARED=fc_squared,
+        ACT_K=fc_active is None,
+        HAS_FMW=fm_weight is not None,
+        HAS_ADRW=adr_weight is not None,
+        DIRECTION=direction,
+        WRITE_G0=need_g0,
+        WRITE_G1=write_g1 or (v_mode == V_JOINT and need_g0),
+        WRITE_W=write_w,
     )
-    m_raw = _alloc((batch * cm, fp), f32, dev) if has_fc else empty()
-    e_sq = _alloc((batch * cm, fp), f32, dev) if has_fc else empty()
-    wrap_triton(objective_kernel)[(nblk, batch)](
+    ins = (
         v0,
-        v1 if has_v1 else v0,
+        v1 if v1 is not None else dummy_in,
         x1,
         eps,
         x_hat,
-        fc_delta if fc_delta is not None else x1,
-        coef,
-        d0,
-        r1 if has_v1 else d0,
-        m_raw,
-        e_sq,
-        parts,
-        c,
-        fp,
-        nblk,
-        PATH=path_kind,
-        HAS_FC=has_fc,
-        HAS_FC_DELTA=fc_delta is not None,
-        PER_CHANNEL=cm > 1,
-        HAS_V1=has_v1,
-        DIRECTION=direction,
-        BLOCK=block,
-        num_warps=warps,
+        u0 if has_u0 else dummy_in,
+        v_adr if has_va else dummy_in,
+        fc_delta if has_fcd else dummy_in,
+        t0,
+        t1,
+        coef if coef is not None else t1,
+        k if fc_active is None else fc_active,
+        fm_weight if fm_weight is not None else t1,
+        adr_weight if adr_weight is not None else t1,
     )
-
-    # pass 2: low-pass of the map with its sums (sum m, sum m e per row)
-    m, msums, w_out = empty(), empty(), empty()
-    q = _alloc((batch * cm,), f32, dev) if has_fc else empty()
-    if has_fc:
-        taps = _taps(fc_filter, fc_sigma, fc_size, dev) if n_axes else None
-        if taps is not None:
-            m, msums = _filter(m_raw, e_sq, taps, batch * cm * frames, h, w, n_axes)
-        else:
-            m = m_raw
-            if n_axes and fc_filter == "fft":
-                sizes = (frames, h, w) if n_axes == 2 else (w,)
-                m = ref._fft_lowpass(m_raw.view(batch * cm, *sizes), fc_cutoff, n_axes)
-                m = m.reshape(batch * cm, fp).contiguous()
-            msums = torch.stack([m.sum(dim=1), (m * e_sq).sum(dim=1)]).contiguous()
-
-    # pass 3: per-sample factors and the losses, one program
-    ab = _alloc((batch, 2), f32, dev) if has_v1 and direction else empty()
-    loss, fc_loss, adr_loss = (_alloc((), f32, dev) for _ in range(3))
+    outs = tuple(
+        x if use else _unused(dev) for x, use in ((g0, need_g0), (g1, write_g1), (w, write_w))
+    )
+    plan = sample_plan(lay, plans.SMALL_TILE_MAX) if filt != 3 else None
+    if plan is not None:
+        nblk = 1
+        part = _alloc((2, batch, 1), f32, dev)
+        filtered = has_fc and filt != 0
+        scratch = _alloc((batch * cm * lay.positions,), f32, dev) if filtered else _unused(dev)
+        wrap_triton(sample_kernel)[(triton.cdiv(batch, plan.rows),)](
+            *ins,
+            *outs,
+            part,
+            scratch,
+            batch,
+            lay.channels,
+            lay.positions,
+            lay.height,
+            lay.width,
+            float(lambda_fc),
+            c1,
+            float(norm_eps),
+            float(norm_floor),
+            ref.TINY,
+            **flags,
+            HAS_FCD=has_fcd,
+            FILT=filt,
+            NT=ntaps,
+            SIGMA=sigma,
+            N_AXES=lay.n_axes,
+            R=plan.rows,
+            CB=plan.cb,
+            SB=plan.sb,
+            MASKED=not (plan.rows == 1 and plan.cb == lay.channels and plan.sb == lay.positions),
+            num_warps=plan.num_warps,
+        )
+    else:
+        nblk = triton.cdiv(lay.positions, BLOCK)
+        part = _large_path(
+            ins,
+            outs,
+            batch,
+            lay,
+            flags,
+            cm,
+            filt,
+            ntaps,
+            sigma,
+            fc_cutoff,
+            fc_signed,
+            lambda_fc,
+            c1,
+            norm_eps,
+            norm_floor,
+            has_fcd,
+        )
     wrap_triton(finalize_kernel)[(1,)](
-        parts,
-        nblk,
-        msums if has_fc else parts,
-        msums.numel() // (2 * batch * cm) if has_fc else 1,
-        active,
-        q if has_fc else parts,
-        ab if has_v1 and direction else parts,
+        part,
+        ins[12],
+        ins[13],
+        per_sample,
         loss,
         fc_loss,
         adr_loss,
         batch,
-        cm,
-        fp,
-        1.0 / numel,
-        float(lambda_fc),
+        nblk,
+        lay.sample,
         float(lambda_adr),
-        float(norm_eps),
-        float(norm_floor),
-        ref.TINY,
-        HAS_FC=has_fc,
         HAS_V1=has_v1,
+        HAS_FMW=fm_weight is not None,
+        HAS_ADRW=adr_weight is not None,
         DIRECTION=direction,
-        BB=64,
-        BN=64,
+        BB=max(1, 1024 // min(64, next_pow2(nblk))),
+        BN=min(64, next_pow2(nblk)),
     )
+    return loss, fc_loss, adr_loss, per_sample, w, g0, g1
+
+
+def _large_path(
+    ins,
+    outs,
+    batch,
+    lay,
+    flags,
+    cm,
+    filt,
+    ntaps,
+    sigma,
+    fc_cutoff,
+    fc_signed,
+    lambda_fc,
+    c1,
+    norm_eps,
+    norm_floor,
+    has_fcd,
+) -> Tensor:
+    """stats_kernel, plane_kernel (or the torch fft of the map), grad_kernel for samples
+    that do not fit one program; returns the per-program sums part (2, B, NBLK)."""
+    v0, v1, x1, eps, x_hat, u0, v_adr, fcd, t0, t1, coef, act, fmw, adrw = ins
+    dev, f32 = x1.device, torch.float32
+    fp, nblk = lay.positions, triton.cdiv(lay.positions, BLOCK)
+    has_fc, has_va = flags["HAS_FC"], flags["HAS_VA"]
+    norms_needed = flags["HAS_V1"] and flags["DIRECTION"]
+    nplanes = batch * cm * lay.frames
+    map_raw = _alloc((batch * cm, fp), f32, dev) if has_fc else _unused(dev)
+    part3 = _alloc((3, batch, nblk), f32, dev) if norms_needed else _unused(dev)
+    if has_fc or norms_needed:
+        wrap_triton(stats_kernel)[(batch * nblk,)](
+            v0,
+            v1,
+            x1,
+            eps,
+            x_hat,
+            v_adr,
+            fcd,
+            t0,
+            t1,
+            coef,
+            map_raw,
+            part3,
+            batch,
+            lay.channels,
+            fp,
+            nblk,
+            PATH=flags["PATH"],
+            V_MODE=flags["V_MODE"],
+            HAS_VA=has_va,
+            HAS_FCD=has_fcd,
+            NEED_DELTA=(has_fc and not has_fcd) or (norms_needed and not has_va),
+            HAS_FC=has_fc,
+            MAP_MODE=flags["MAP_MODE"],
+            NORMS=norms_needed,
+            BLOCK=BLOCK,
+        )
+    norms = _alloc((batch, 3), f32, dev) if norms_needed else _unused(dev)
+    mapf, plane_sum = _unused(dev), _unused(dev)
     if has_fc:
-        w_rows = m.mul(q[:, None]).add_(1)
-        w_out = w_rows.view(batch, cm, *v0.shape[2:]) if v0.dim() > 2 else w_rows.view(batch, -1)
-    return loss, fc_loss, adr_loss, w_out, d0, r1, m, q, ab
-
-
-def _forward_fake(v0: Tensor, v1: Tensor | None, x1: Tensor, *args) -> tuple[Tensor, ...]:
-    """Shapes and dtypes of the outputs, for tracing (the interpreter's custom_op)."""
-    lambda_fc, direction, per_channel = args[7], args[8], args[9]
-    c, frames, h, w, _ = _layout(v0.shape)
-    cm = c if per_channel and v0.dim() > 2 else 1
-    has_fc, b = lambda_fc != 0, v0.shape[0]
-    w_shape = (b, cm, *v0.shape[2:]) if v0.dim() > 2 else tuple(v0.shape)
-    f32 = dict(dtype=torch.float32)
-    return (
-        v0.new_empty((), **f32),
-        v0.new_empty((), **f32),
-        v0.new_empty((), **f32),
-        v0.new_empty(w_shape if has_fc else (0,), **f32),
-        torch.empty_like(v0, dtype=torch.promote_types(v0.dtype, x1.dtype)),
-        torch.empty_like(v1, dtype=torch.promote_types(v1.dtype, x1.dtype))
-        if v1 is not None
-        else v0.new_empty((0,)),
-        v0.new_empty((b * cm, frames * h * w) if has_fc else (0,), **f32),
-        v0.new_empty((b * cm,) if has_fc else (0,), **f32),
-        v0.new_empty((b, 2) if v1 is not None and direction else (0,), **f32),
+        plane_sum = _alloc((nplanes,), f32, dev)
+    if has_fc and filt == 3:  # fft: torch on the map (N / C elements), then the norms
+        sizes = (lay.height, lay.width) if lay.n_axes == 2 else (lay.width,)
+        m = ref._fft_lowpass(map_raw.view(nplanes, *sizes), fc_cutoff, lay.n_axes, not fc_signed)
+        mapf = m.reshape(batch * cm, fp).contiguous()
+        plane_sum = (m.abs() if fc_signed else m).reshape(nplanes, -1).sum(dim=1)
+    run_planes = has_fc and filt != 3
+    if run_planes or norms_needed:
+        filtered = run_planes and filt != 0
+        if filtered:
+            mapf = _alloc((batch * cm, fp), f32, dev)
+        elif run_planes:
+            mapf = map_raw
+        tmp = _alloc((batch * cm, fp), f32, dev) if filtered and lay.n_axes == 2 else _unused(dev)
+        n_launch = nplanes if run_planes else 0
+        wrap_triton(plane_kernel)[(n_launch + (batch if norms_needed else 0),)](
+            map_raw,
+            tmp,
+            mapf,
+            plane_sum,
+            part3,
+            norms,
+            n_launch,
+            lay.plane,
+            lay.height,
+            lay.width,
+            batch,
+            nblk,
+            float(norm_eps),
+            float(norm_floor),
+            HAS_FC=run_planes,
+            FILT=filt if filtered else 0,
+            NT=ntaps,
+            SIGMA=sigma,
+            N_AXES=lay.n_axes,
+            SIGNED=fc_signed,
+            NORMS=norms_needed,
+            BLOCK=BLOCK,
+            BN=min(256, next_pow2(nblk)),
+        )
+    part = _alloc((2, batch, nblk), f32, dev)
+    need_delta = flags["HAS_V1"] and not has_va
+    grad_flags = dict(flags, NEED_DELTA=need_delta, NEED_X=need_delta or not flags["HAS_U0"])
+    wrap_triton(grad_kernel)[(batch * nblk,)](
+        v0,
+        v1,
+        x1,
+        eps,
+        x_hat,
+        u0,
+        v_adr,
+        t0,
+        t1,
+        coef,
+        act,
+        fmw,
+        adrw,
+        mapf,
+        plane_sum,
+        norms,
+        *outs,
+        part,
+        batch,
+        lay.channels,
+        lay.frames,
+        fp,
+        nblk,
+        float(lambda_fc),
+        c1,
+        ref.TINY,
+        **grad_flags,
+        BLOCK=BLOCK,
+        BN=min(64, next_pow2(lay.channels * lay.frames)),
     )
+    return part
 
 
 def _backward_impl(
-    v0_dtype: torch.dtype,
-    v1_dtype: torch.dtype,
-    d0: Tensor,
-    m: Tensor,
-    q: Tensor,
-    v1: Tensor | None,
-    r1: Tensor | None,
-    ab: Tensor,
+    src0: Tensor,
+    src1: Tensor | None,
     g_loss: Tensor | None,
-    g_fc: Tensor | None,
-    g_adr: Tensor | None,
-    lambda_adr: float,
-    direction: bool,
+    g_term0: Tensor | None,
+    g_term1: Tensor | None,
+    g_rows: Tensor | None,
+    batch: int,
+    joint: bool,
+    a0: float,
+    f0: float,
+    p0: float,
+    a1: float,
+    f1: float,
+    p1: float,
 ) -> tuple[Tensor, Tensor]:
-    """dL/dv0 = (g_loss + g_fc) 2/N (1 + q m) d0; dL/dv1 = (lambda_adr g_loss + g_adr) 2/N
-    r1 (mse) or (lambda_adr g_loss + g_adr) 2/B (ab0 v1 + ab1 r1) (direction); absent
-    incoming gradients count as 0."""
-    batch = d0.shape[0]
-    s = d0.numel() // batch
-    has_fc, has_v1 = m.numel() > 0, r1 is not None
-    cm = q.numel() // batch if has_fc else 1
-    fp = m.shape[1] if has_fc else s
-    block, warps = _block(s, batch)
-    g0 = _alloc(tuple(d0.shape), v0_dtype, d0.device)
-    g1 = _alloc(tuple(r1.shape), v1_dtype, d0.device) if has_v1 else d0.new_empty((0,))
-    wrap_triton(objective_grad_kernel)[(triton.cdiv(s, block), batch)](
-        d0,
-        m if has_fc else d0,
-        q if has_fc else d0,
-        v1 if v1 is not None else d0,
-        r1 if has_v1 else d0,
-        ab if ab.numel() else d0,
-        g_loss if g_loss is not None else d0,
-        g_fc if g_fc is not None else d0,
-        g_adr if g_adr is not None else d0,
-        g0,
-        g1 if has_v1 else g0,
-        s,
-        fp,
-        cm,
-        float(lambda_adr),
-        2.0 / d0.numel(),
-        2.0 / (batch if direction else d0.numel()),
-        HAS_FC=has_fc,
-        PER_CHANNEL=cm > 1,
-        HAS_V1=has_v1,
-        DIRECTION=direction,
+    """Functional backward (traced graphs): (s0 src0, s1 src1), per-sample factors
+    s = a g_loss + f g_term + p B g_rows[b] (scale_kernel). joint: src0 is the (2B, ...)
+    gradient, its halves scale with s0 and s1 (src1 None)."""
+    out0 = torch.empty_like(src0)
+    out1 = torch.empty_like(src1) if src1 is not None else src0.new_empty((0,))
+    _scale(
+        src0,
+        src1,
+        out0,
+        out1 if src1 is not None else None,
+        g_loss,
+        g_term0,
+        g_term1,
+        g_rows,
+        batch,
+        joint,
+        (a0, f0, p0, a1, f1, p1),
+        in_place=False,
+        traced=True,
+    )
+    return out0, out1
+
+
+def _scale(
+    src0,
+    src1,
+    dst0,
+    dst1,
+    g_loss,
+    g_term0,
+    g_term1,
+    g_rows,
+    batch,
+    joint,
+    factors,
+    in_place: bool,
+    traced: bool,
+) -> None:
+    """Launch scale_kernel over one or two stored gradients (see its docstring)."""
+    two = joint or src1 is not None
+    per_sample = src0.numel() // (2 * batch if joint else batch)
+    nblk = triton.cdiv(per_sample, SCALE_BLOCK)
+    items = (2 if two else 1) * batch * nblk
+    launch = wrap_triton(scale_kernel) if traced else scale_kernel
+    dev = src0.device
+    launch[(min(items, SCALE_PROGRAMS),)](
+        src0,
+        src1 if src1 is not None else _unused(dev),
+        dst0,
+        dst1 if dst1 is not None else _unused(dev),
+        g_loss if g_loss is not None else _unused(dev),
+        g_term0 if g_term0 is not None else _unused(dev),
+        g_term1 if g_term1 is not None else _unused(dev),
+        g_rows if g_rows is not None else _unused(dev),
+        g_rows.stride(0) if g_rows is not None else 0,
+        batch,
+        per_sample,
+        nblk,
+        *factors,
         HAS_GL=g_loss is not None,
-        HAS_GF=g_fc is not None,
-        HAS_GA=g_adr is not None,
-        BLOCK=block,
-        num_warps=warps,
+        HAS_G0=g_term0 is not None,
+        HAS_G1=g_term1 is not None,
+        HAS_GR=g_rows is not None,
+        TWO=two,
+        JOINT=joint,
+        IN_PLACE=in_place,
+        BLOCK=SCALE_BLOCK,
     )
-    return g0, g1
 
 
-def _backward_fake(v0_dtype, v1_dtype, d0, m, q, v1, r1, ab, gl, gf, ga, lambda_adr, direction):
-    g1 = torch.empty_like(r1, dtype=v1_dtype) if r1 is not None else d0.new_empty((0,))
-    return torch.empty_like(d0, dtype=v0_dtype), g1
+fused_objective_op = triton_op(_OP, mutates_args=())(_forward)
+fused_objective_backward_op = triton_op(_OP_BACKWARD, mutates_args=())(_backward_impl)
 
 
-if _INTERPRET:
-    # Under Triton's CPU interpreter wrap_triton cannot trace the kernels (it hands back
-    # the raw InterpretedFunction), so the ops are opaque custom_ops with fake kernels.
-    fused_objective_op = torch.library.custom_op(_OP, mutates_args=())(_forward)
-    fused_objective_op.register_fake(_forward_fake)
-    fused_objective_backward_op = torch.library.custom_op(_OP_BACKWARD, mutates_args=())(
-        _backward_impl
-    )
-    fused_objective_backward_op.register_fake(_backward_fake)
-else:
-    # triton_op: torch.compile traces through the bodies and sees each kernel launch.
-    fused_objective_op = triton_op(_OP, mutates_args=())(_forward)
-    fused_objective_backward_op = triton_op(_OP_BACKWARD, mutates_args=())(_backward_impl)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    v1, direction = inputs[1], inputs[11]
-    has_v1 = v1 is not None
-    ctx.save_for_backward(*output[4:9], v1 if has_v1 and direction else None)
-    ctx.set_materialize_grads(False)  # no N-sized zero gradients for d0, r1, ...
-    ctx.mark_non_differentiable(*output[3:9])
-    ctx.has_v1, ctx.direction, ctx.lambda_adr = has_v1, direction, inputs[9]
-    ctx.dtypes = (inputs[0].dtype, v1.dtype if has_v1 else inputs[0].dtype)
-
-
-def _scalar_grad(g: Tensor | None) -> Tensor | None:
-    """An incoming gradient of a 0-dim loss as a contiguous fp32 0-dim tensor (any
-    strides, including an expanded one), or None when that output was not used."""
-    return None if g is None else g.reshape(()).to(torch.float32).contiguous()
-
-
-def _backward(ctx, g_loss, g_fc, g_adr, *_unused):
-    """Gradients for v0 and v1 from dL/dloss, dL/dfc_loss, dL/dadr_loss."""
-    d0, r1, m, q, ab, v1 = ctx.saved_tensors
-    if g_loss is None and g_fc is None and g_adr is None:
-        return (None,) * 19
-    g0, g1 = fused_objective_backward_op(
-        *ctx.dtypes,
-        d0,
-        m,
-        q,
-        v1,
-        r1 if ctx.has_v1 else None,
-        ab,
-        _scalar_grad(g_loss),
-        _scalar_grad(g_fc),
-        _scalar_grad(g_adr),
-        ctx.lambda_adr,
-        ctx.direction,
-    )
-    return (g0, g1 if ctx.has_v1 else None) + (None,) * 17
-
-
-fused_objective_op.register_autograd(_backward, setup_context=_setup_context)
+def path_kind(path: ref.PathLike) -> int:
+    """1 for the linear path, 2 for GVP (coefficients computed in the kernels), else 0."""
+    return {LinearPath: 1, GVPPath: 2}.get(type(path), 0)
 
 
 def path_coefficients(path: ref.PathLike, t0: Tensor, t1: Tensor) -> Tensor:
-    """(B, 8) fp32: [a'(t0), s'(t0), a(t1), s(t1), a'(t1), s'(t1), s'(t1)/s(t1), 0]."""
-    ratio = path.ds(t1) / path.s(t1)
-    cols = [path.da(t0), path.ds(t0), path.a(t1), path.s(t1), path.da(t1), path.ds(t1), ratio]
-    cols = [torch.as_tensor(x, device=t0.device).to(torch.float32) for x in cols]
-    cols.append(torch.zeros_like(cols[0]))
+    """(B, 7) fp32: [a'(t0), s'(t0), a(t1), s(t1), a'(t1), s'(t1), s'(t1)/s(t1)], the last
+    0 where s(t1) = 0 (reference.adr_ratio)."""
+    cols = [path.da(t0), path.ds(t0), path.a(t1), path.s(t1), path.da(t1), path.ds(t1)]
+    cols.append(ref.adr_ratio(path, t1))
+    cols = [
+        torch.as_tensor(x, device=t0.device).to(torch.float32).expand(t0.shape[0]) for x in cols
+    ]
     return torch.stack(cols, dim=1).contiguous()
 
 
-def _coefficients(path: ref.PathLike, t0: Tensor, t1: Tensor) -> tuple[Tensor, int]:
-    """(coef, path_kind): (t0, t1) for the paths the kernel knows, else the (B, 8) table."""
-    kind = {LinearPath: 1, GVPPath: 2}.get(type(path), 0)
-    if kind:
-        return torch.stack([t0, t1], dim=1).to(torch.float32).contiguous(), kind
-    return path_coefficients(path, t0, t1), 0
+# autograd last: objective_autograd uses the ops and helpers above
+from .objective_autograd import backward as _backward  # noqa: E402
+from .objective_autograd import setup_context as _setup_context  # noqa: E402
 
-
-def fused_objective(
-    path: ref.PathLike,
-    *,
-    v0: Tensor,
-    v1: Tensor | None,
-    x1: Tensor,
-    eps: Tensor,
-    x_hat: Tensor,
-    t0: Tensor,
-    t1: Tensor,
-    k: Tensor,
-    lambda_adr: float = 10.0,
-    lambda_fc: float = 1.0,
-    adr_loss: str = "direction",
-    fc_active: Tensor | None = None,
-    fc_delta: Tensor | None = None,
-    per_channel: bool = False,
-    fc_filter: str = "gaussian",
-    fc_sigma: float = 2.0,
-    fc_size: int = 5,
-    fc_cutoff: float = 0.25,
-    norm_eps: float = ref.NORM_EPS,
-    norm_floor: float = ref.NORM_FLOOR,
-) -> dict[str, Tensor | None]:
-    """Triton twin of :func:`reflexflow.reference.objective`, same signature and keys.
-
-    L = L_FC + lambda_adr * L_ADR. delta and v_adr stay in registers: the returned
-    dict has them as None (the reference returns them); w is fp32. Any strides are
-    accepted (non-contiguous inputs are copied once); compute is fp32.
-    """
-    if adr_loss not in ("direction", "mse"):
-        raise ValueError(f"adr_loss must be 'direction' or 'mse', got {adr_loss!r}")
-    if fc_filter not in ref.FILTERS:
-        raise ValueError(f"fc_filter must be one of {ref.FILTERS}, got {fc_filter!r}")
-    shape = v0.shape
-    for name, x in (("v1", v1), ("x1", x1), ("eps", eps), ("x_hat", x_hat), ("fc_delta", fc_delta)):
-        if x is not None and x.shape != shape:
-            raise ValueError(f"{name} must have v0's shape {tuple(shape)}, got {tuple(x.shape)}")
-    for name, x in (("x1", x1), ("eps", eps), ("x_hat", x_hat)):
-        if x.requires_grad:
-            raise ValueError(
-                f"{name} requires grad: the fused objective differentiates v0 and v1 only "
-                "(use backend='torch')"
-            )
-    if v0.dim() < 2:
-        raise ValueError(f"v0 must have shape (B, ...) with ndim >= 2, got {tuple(shape)}")
-    active = (k > 0) if fc_active is None else fc_active
-    loss, fc, adr, w, *_ = fused_objective_op(
-        v0.contiguous(),
-        None if v1 is None else v1.contiguous(),
-        x1.contiguous(),
-        eps.contiguous(),
-        x_hat.contiguous(),
-        *_coefficients(path, t0, t1),
-        active.to(torch.float32).contiguous(),
-        None if fc_delta is None else fc_delta.detach().contiguous(),
-        float(lambda_adr),
-        float(lambda_fc),
-        adr_loss == "direction",
-        bool(per_channel),
-        fc_filter,
-        float(fc_sigma),
-        int(fc_size),
-        float(fc_cutoff),
-        float(norm_eps),
-        float(norm_floor),
-    )
-    dtype = torch.promote_types(v0.dtype, x1.dtype)
-    return {
-        "loss": loss.to(dtype),
-        "fc_loss": fc.to(dtype),
-        "adr_loss": None if v1 is None else adr.to(dtype),
-        "w": w if lambda_fc != 0 else None,
-        "v_adr": None,
-        "delta": None,
-    }
+fused_objective_op.register_autograd(_backward, setup_context=_setup_context)

@@ -303,7 +303,9 @@ def _stable(st: _Step, x: Tensor, t: Tensor) -> Tensor:
 
 
 def _weights(st: _Step, t: Tensor) -> Tensor | None:
-    return loss_weights(st.cfg.loss_weighting, t, st.cfg.convention)
+    """Per-sample loss weights at times t, in the state dtype (None: no weighting)."""
+    w = loss_weights(st.cfg.loss_weighting, t, st.cfg.convention)
+    return None if w is None else w.to(st.data.dtype)
 
 
 # -- methods without a rollout ---------------------------------------------------
@@ -514,41 +516,16 @@ def _rolled_out(st: _Step) -> dict:
     return terms
 
 
-_KERNEL_UNSUPPORTED = ("v_joint", "fm_weight", "adr_weight", "u0", "v_adr")
-_KERNEL_ONLY_DEFAULTS = {"fc_signed": False, "fc_form": "weight"}
-
-
-def _kernel_supports(knobs: dict | None) -> bool:
-    """Whether the Triton objective covers these arguments (else the reference runs)."""
-    if knobs is None:
-        return True
-    if any(knobs.get(name) is not None for name in _KERNEL_UNSUPPORTED):
-        return False
-    if knobs.get("fc_filter") == "none":
-        return False
-    return all(knobs.get(k, v) == v for k, v in _KERNEL_ONLY_DEFAULTS.items())
-
-
-def _kernel_call(fn: Callable[..., dict]) -> Callable[..., dict]:
-    """fn without the arguments the kernels do not take (at their default values)."""
-
-    def call(path: Any, **knobs: Any) -> dict:
-        for name in (*_KERNEL_UNSUPPORTED, *_KERNEL_ONLY_DEFAULTS):
-            knobs.pop(name, None)
-        return fn(path, **knobs)
-
-    return call
-
-
 def _objective_fn(
     cfg: ReflexFlowConfig, data: Tensor, knobs: dict | None = None
 ) -> Callable[..., dict]:
     """reference.objective, or its Triton twin kernels.fused_objective (docs/method.md).
 
     backend="triton" forces the kernels (CUDA, or CPU under TRITON_INTERPRET=1); "auto"
-    takes them for CUDA float32/16 data that needs no gradient when triton imports, and
-    falls back to the reference (one warning) if they fail to compile or launch.
-    Arguments the kernels do not cover run on the reference.
+    takes them for CUDA data when triton imports, and falls back to the reference (one
+    warning) if they fail to compile or launch. Arguments the kernels do not cover
+    (``kernels.supports(**knobs)`` False: float64, inputs that need a gradient) run on
+    the reference.
     """
     if cfg.backend == "torch":
         return ref.objective
@@ -561,17 +538,15 @@ def _objective_fn(
                 "the triton package and a CUDA device (or TRITON_INTERPRET=1 set before "
                 "triton is imported, for Triton's CPU interpreter)"
             )
-        if not _kernel_supports(knobs):
+        if knobs is not None and not kernels.supports(**knobs):
             return ref.objective
-        return _kernel_call(kernels.fused_objective)
+        return kernels.fused_objective
     fast = (
         data.device.type == "cuda"
-        and data.dtype != torch.float64
-        and not data.requires_grad
         and kernels.triton_available()
-        and _kernel_supports(knobs)
+        and (knobs is None or kernels.supports(**knobs))
     )
-    return _kernel_call(kernels.fused_objective_auto) if fast else ref.objective
+    return kernels.fused_objective_auto if fast else ref.objective
 
 
 class ReflexFlowLoss(nn.Module):

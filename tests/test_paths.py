@@ -81,3 +81,9 @@ def test_user_path_object_is_accepted_and_used():
         path, x1, torch.zeros_like(x1), torch.tensor([0.3], dtype=torch.float64)
     )
     assert torch.equal(u, 2 * x1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gvp_noise_scale_is_exactly_zero_at_t_one(dtype):
+    t = torch.tensor([1.0], dtype=dtype)
+    assert float(GVPPath().s(t)) == 0.0 and float(GVPPath().da(t)) == 0.0

@@ -88,6 +88,7 @@ CUDA_TESTS_FIRST = (
     "tests/test_rollout_cuda.py",
     "tests/test_sync_cuda.py",
     "tests/test_kernels_objective.py",
+    "tests/test_kernels_gpu_ready.py",
     "tests/test_kernels_loss_backend.py",
     "tests/test_autocast.py",
 )
@@ -103,12 +104,13 @@ SANITIZER_SELECTION = {
         "(fused_euler_matches_torch and torch.bfloat16) or "
         "(masked_euler_matches_torch_twin and torch.bfloat16) or "
         "masked_plan_with_zeros or engine_matches_per_sample or "
-        "(images and gaussian and direction and float32)"
+        "(images and gaussian and direction and float32) or "
+        "(joint_output_and_shared_v and mse) or large_sample_path"
     ),
     "racecheck": (
         "plan_matches_torch_twin or graph_takes_k or "
         "(masked_euler_matches_torch_twin and torch.bfloat16) or "
-        "(images and gaussian and direction and float32)"
+        "(images and gaussian and direction and float32) or large_sample_path"
     ),
 }
 

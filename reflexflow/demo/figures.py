@@ -65,8 +65,11 @@ def _methods(cfg: Any, results: dict[str, Any]) -> list[str]:
     return [m for m in cfg.methods if m in ran]
 
 
-def _legend(fig: Any, axes: list[Any], extra: list[tuple[Any, str]] = ()) -> None:
-    """One legend for the figure, right of every panel (never on the data)."""
+def _legend(
+    fig: Any, axes: list[Any], extra: list[tuple[Any, str]] = (), panel: Any = None
+) -> None:
+    """One legend for the figure: in ``panel`` (an empty axis) if given, else right of
+    every panel; never on the data."""
     handles, labels = [], []
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -76,6 +79,9 @@ def _legend(fig: Any, axes: list[Any], extra: list[tuple[Any, str]] = ()) -> Non
     for h, lab in extra:
         handles.append(h)
         labels.append(lab)
+    if panel is not None:
+        panel.legend(handles, labels, loc="center", fontsize=8, frameon=False)
+        return
     fig.legend(
         handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False
     )
@@ -196,8 +202,14 @@ def _loss_png(
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel("training loss (mean over seeds, log)")
-        ax.set_title("each method's whole objective", fontsize=9)
+        ax.set_title("each method's whole objective (no per-term record)", fontsize=9)
         fig.tight_layout()
+        if any(_adr_kind(results, m) == "mse" for m in methods if _has_adr(results, m)):
+            _note(
+                fig,
+                "With mse ADR the objective adds lambda_adr x the mse ADR term. " + MSE_ADR_NOTE,
+                width=95,
+            )
         _legend(fig, [ax])
         _save(fig, plt, path)
         return
@@ -230,11 +242,23 @@ def _loss_png(
     )
     fig.tight_layout()
     if any(kind == "mse" for _, kind, _ in panels):
-        import textwrap
-
-        fig.text(0.01, -0.01, "\n".join(textwrap.wrap(MSE_ADR_NOTE, 150)), fontsize=7.5, va="top")
+        _note(fig, MSE_ADR_NOTE, width=60 * len(panels))
     _legend(fig, list(axes.flat))
     _save(fig, plt, path)
+
+
+def _note(fig: Any, text: str, width: int) -> None:
+    """A wrapped note under the panels (bbox_inches='tight' keeps it in the picture)."""
+    import textwrap
+
+    fig.text(0.01, -0.01, "\n".join(textwrap.wrap(text, width)), fontsize=7.5, va="top")
+
+
+def _has_adr(results: dict[str, Any], method: str) -> bool:
+    """Whether the row's loss has an ADR term (lambda_adr > 0 in a reflexflow method)."""
+    run = next(r for r in results["runs"] if r["method"] == method)
+    lc = run.get("loss_config") or run.get("knobs") or {}
+    return lc.get("method") == "reflexflow" and float(lc.get("lambda_adr", 0) or 0) > 0
 
 
 def _line(style: dict[str, Any]) -> dict[str, Any]:
@@ -255,9 +279,11 @@ def _differences_png(
     metrics = [
         m for m in diff_metrics(cfg.dataset) if vs and m in next(iter(vs.values()))[str(steps[0])]
     ]
-    fig, axes = plt.subplots(
-        1, max(1, len(metrics)), figsize=(3.3 * max(1, len(metrics)), 3.2), squeeze=False
-    )
+    cols = min(3, max(1, len(metrics)))
+    rows = max(1, math.ceil(len(metrics) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows + 0.3), squeeze=False)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.set_axis_off()
     if not metrics:
         axes[0][0].text(0.5, 0.5, "needs fm and another method", ha="center", va="center")
         axes[0][0].set_axis_off()
@@ -265,7 +291,7 @@ def _differences_png(
         return
     others = [m for m in methods if m in vs]
     width = 0.8 / max(1, len(others))
-    for ax, metric in zip(axes[0], metrics, strict=True):
+    for ax, metric in zip(list(axes.flat)[: len(metrics)], metrics, strict=True):
         ax.axhline(0, color="black", lw=1, label="fm (0)")
         for i, m in enumerate(others):
             xs, ys, es = [], [], []
@@ -289,7 +315,8 @@ def _differences_png(
         fontsize=10,
     )
     fig.tight_layout()
-    _legend(fig, list(axes.flat))
+    spare = list(axes.flat)[len(metrics) :]
+    _legend(fig, list(axes.flat)[: len(metrics)], panel=spare[0] if spare else None)
     _save(fig, plt, path)
 
 
@@ -314,6 +341,8 @@ def _spectrum_png(
         1, len(steps) + 1, figsize=(3.4 * (len(steps) + 1), 3.3), squeeze=False
     )
     ax0 = axes[0][0]
+    ax0.axvspan(0, cut, color="0.9")
+    ax0.set_xlim(0, 0.52)
     ax0.plot(freq, data_t.numpy(), color="0.4", lw=2.5, label="held-out data")
 
     def mean_spec(m: str, n: str) -> Tensor:
@@ -322,19 +351,18 @@ def _spectrum_png(
 
     for m in methods:
         ax0.plot(freq, mean_spec(m, steps[0]).numpy(), lw=1, ms=3, label=m, **styles[m])
-    ax0.set_xscale("log")
     ax0.set_yscale("log")
-    ax0.set_xlabel("frequency (cycles / pixel, log)")
+    ax0.set_xlabel("frequency (cycles / pixel)")
     ax0.set_ylabel("power P(r) (log)")
     ax0.set_title(f"radial power spectrum, N = {steps[0]}", fontsize=9)
     for ax, n in zip(axes[0][1:], steps, strict=True):
-        ax.axvspan(freq[0] * 0.9, cut, color="0.92", label=f"low band (<= {LOW_CUTOFF:g} Nyquist)")
+        ax.axvspan(0, cut, color="0.9", label=f"low band (<= {LOW_CUTOFF:g} x Nyquist)")
         ax.axhline(1, color="0.4", lw=2.5)
         for m in methods:
             ax.plot(freq, (mean_spec(m, n) / data_t).numpy(), lw=1, ms=3, **styles[m])
-        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("frequency (cycles / pixel, log)")
+        ax.set_xlim(0, 0.52)
+        ax.set_xlabel("frequency (cycles / pixel)")
         ax.set_title(f"samples / data, N = {n}", fontsize=9)
     axes[0][1].set_ylabel("power ratio (log; 1 = data)")
     fig.suptitle(

@@ -59,22 +59,23 @@ class FeatureSettings:
 def train_photo_classifier(
     crops: P.PhotoCrops, settings: FeatureSettings, *, show_progress: bool = True
 ) -> PhotoClassifier:
-    """Train PhotoClassifier on ``settings.steps`` batches of fresh crops of one region."""
+    """Train PhotoClassifier on ``settings.steps`` batches of fresh crops of one region,
+    on the crops' device; returned on the CPU."""
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    clf = PhotoClassifier(crops.num_classes, settings.feature_dim)
+    clf = PhotoClassifier(crops.num_classes, settings.feature_dim).to(crops.device)
     opt = torch.optim.Adam(clf.parameters(), lr=settings.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
     clf.train()
     for _ in progress(range(settings.steps), desc="photo classifier", disable=not show_progress):
         x, y = crops.sample(settings.batch_size, settings.region, gen)
-        loss = F.cross_entropy(clf(x), y)
+        loss = F.cross_entropy(clf(x), y.to(x.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     clf.eval()
-    return clf
+    return clf.cpu()
 
 
 def load_or_train_photo_classifier(

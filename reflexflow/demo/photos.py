@@ -142,6 +142,11 @@ class PhotoCrops:
     def num_classes(self) -> int:
         return len(self.names)
 
+    @property
+    def device(self) -> torch.device:
+        """Where crops are cut and returned (see ``to``)."""
+        return self._atlases["train"][0].device
+
     def to(self, device: torch.device | str) -> PhotoCrops:
         """Keep the regions on ``device``: crops are then cut there (one grid_sample)."""
         self._atlases = {s: (a.to(device), g) for s, (a, g) in self._atlases.items()}
@@ -181,7 +186,7 @@ class PhotoCrops:
             split_idx = torch.where(use_val, REGIONS.index("val"), REGIONS.index("test"))
         else:
             split_idx = torch.full((n,), REGIONS.index(region))
-        out = torch.empty(n, 3, CROP, CROP, device=self._atlases["train"][0].device)
+        out = torch.empty(n, 3, CROP, CROP, device=self.device)
         windows = torch.empty(n, 5, dtype=torch.float64)
         for si, split in enumerate(REGIONS):
             sel = (split_idx == si).nonzero().flatten()

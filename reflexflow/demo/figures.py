@@ -387,8 +387,8 @@ def samples_png(plt: Any, path: Path, grid: dict[str, Tensor], title: str, datas
     """Sample grid: digits and photos one row per N (16 images), toys one scatter per N."""
     keys = list(grid)
     if dataset in ("digits", "photos"):
-        per_row = 0.55 if dataset == "digits" else 0.5
-        width = 6.4 if dataset == "digits" else 8.0
+        per_row = 0.55 if dataset == "digits" else 0.65
+        width = 6.4 if dataset == "digits" else 10.0
         fig, axes = plt.subplots(
             len(keys), 1, figsize=(width, per_row * len(keys) + 0.4), squeeze=False
         )

@@ -360,7 +360,7 @@ def _classifier_lines(clf: dict[str, Any] | None, cfg: Any) -> list[str]:
         f"trained once on crops of the held-out band (val and test regions), "
         f"{clf['settings']['steps']} steps; accuracy {clf['accuracy']:.3f} on crops of the "
         f"train regions, which it never saw ({clf['accuracy_eval_split']:.3f} on the "
-        f"{clf['eval_split']} crops it was trained near). Floor for reference ("
+        f"{clf['eval_split']} crops, from a region it was trained on). Floor for reference ("
         f"{cfg.num_samples} real train-region crops vs the {clf['eval_split']} crops, the "
         f"shift between regions of the same photographs): FD {_fmt(clf['fd_train_vs_eval'])}, "
         f"precision {pr[0]:.3f}, recall {pr[1]:.3f}, spectrum error low / high band "

@@ -57,7 +57,7 @@ DIGITS_QUICK: dict[str, Any] = {
 }
 PHOTOS_CPU: dict[str, Any] = {
     "methods": PHOTO_METHODS,
-    "steps": 400,
+    "steps": 350,
     "batch_size": 32,
     "lr": 2e-3,
     "channels": (24, 48),

@@ -213,7 +213,7 @@ def _loss_png(
         _legend(fig, [ax])
         _save(fig, plt, path)
         return
-    panels = [("fm_term", None, "FM-type term (fc_loss; the whole loss of fm, ip, ss)")]
+    panels = [("fm_term", None, "FM-type term (x (1 + lambda_fc) on average where FC is on)")]
     kinds = {
         m: _adr_kind(results, m)
         for m in methods

@@ -216,6 +216,7 @@ def test_method_rows_and_their_overrides():
     assert method_knobs("fm-stable") == {"method": "fm", "target": "stable", "stable_ref": 256}
     # ... the digits rows take them, and a row's own override wins
     assert method_knobs("reflexflow", lambda_adr=3.0)["lambda_adr"] == 3.0
+    assert method_knobs("reflexflow").get("preset", "grid-direction") == "grid-direction"
     assert method_knobs("reflexflow:lambda_adr=0.1", lambda_adr=3.0)["lambda_adr"] == 0.1
     assert set(PHOTO_METHODS) <= set(METHODS)
 

@@ -4,7 +4,10 @@ Two kinds of rows:
 
 * the digits study's rows (fm, ip, ss, reflexflow, reflexflow-mse and the ablations) take
   the demo's shared knobs (``--lambda-adr``, ``--lambda-fc``, ``--rollout-steps``,
-  ``--train-sampling-steps``) and then their own;
+  ``--train-sampling-steps``) and then their own. They were defined on the library's
+  earlier defaults, which are the ``grid-direction`` preset: on a reflexflow with presets
+  (whose default is ``defar``) they pin ``preset="grid-direction"`` so that they keep
+  their meaning;
 * preset rows (defar, arioso, simpletuner, grid-direction) and stable-target rows
   (fm-stable, defar-stable) are complete on their own: ReflexFlowLoss(preset=...) or
   ReflexFlowLoss(method=..., target="stable") with the library's values, untouched by the
@@ -29,12 +32,14 @@ __all__ = [
     "PHOTO_METHODS",
     "PHOTO_QUICK_METHODS",
     "STABLE_REF",
+    "LEGACY_PRESET",
     "method_knobs",
     "parse_method",
     "check_method",
 ]
 
-STABLE_REF = 256  # reference-set size of the stable-target rows (4 CPU batches of 64)
+STABLE_REF = 256  # stable-target rows: samples of recent batches kept as extra references
+LEGACY_PRESET = "grid-direction"  # the reading the digits rows were defined with
 
 # name -> knobs of ReflexFlowLoss (for SHARED_KNOB_METHODS on top of the shared ones)
 METHODS: dict[str, dict[str, Any]] = {
@@ -129,13 +134,16 @@ def method_knobs(
 ) -> dict[str, Any]:
     """ReflexFlowLoss knobs of method ``name`` (a row name, overrides allowed).
 
-    Digits rows: the shared rollout knobs and lambdas, then the row's own (the ablations
-    override one lambda: adr-only has lambda_fc = 0, fc-only lambda_adr = 0). Preset and
-    stable rows: their own knobs only. Then the row's ``:knob=value`` overrides.
+    Digits rows: LEGACY_PRESET where the loss has presets, the shared rollout knobs and
+    lambdas, then the row's own (the ablations override one lambda: adr-only has
+    lambda_fc = 0, fc-only lambda_adr = 0). Preset and stable rows: their own knobs only.
+    Then the row's ``:knob=value`` overrides.
     """
     base, overrides = parse_method(name)
     knobs: dict[str, Any] = {}
     if base in SHARED_KNOB_METHODS:
+        if _loss_has_presets():
+            knobs["preset"] = LEGACY_PRESET
         knobs.update(
             rollout_steps=rollout_steps,
             num_sampling_steps=num_sampling_steps,
@@ -145,6 +153,15 @@ def method_knobs(
     knobs.update(METHODS[base])
     knobs.update(overrides)
     return knobs
+
+
+def _loss_has_presets() -> bool:
+    """Whether the installed ReflexFlowConfig has a ``preset`` field."""
+    import dataclasses
+
+    from ..config import ReflexFlowConfig
+
+    return "preset" in {f.name for f in dataclasses.fields(ReflexFlowConfig)}
 
 
 def _accepted_knobs() -> set[str]:

@@ -254,12 +254,15 @@ def _rows_table(results: dict[str, Any], methods: tuple[str, ...]) -> list[str]:
     if not all("loss_config" in first.get(m, {}) for m in methods):
         return []
     cols = [
+        "preset",
         "method",
         "target",
+        "stable_ref",
         "adr_loss",
         "lambda_adr",
         "lambda_fc",
         "fc_source",
+        "fm_input",
         "step_schedule",
         "rollout_steps",
         "num_sampling_steps",

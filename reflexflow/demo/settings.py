@@ -57,11 +57,11 @@ DIGITS_QUICK: dict[str, Any] = {
 }
 PHOTOS_CPU: dict[str, Any] = {
     "methods": PHOTO_METHODS,
-    "steps": 350,
+    "steps": 280,
     "batch_size": 32,
     "lr": 2e-3,
     "channels": (24, 48),
-    "num_samples": 200,
+    "num_samples": 160,
     "bias_samples": 32,
     "bias_times": 4,
     "eval_size": 1024,

@@ -1,9 +1,13 @@
-"""``reflexflow demo``: a measured exposure-bias and sample-quality study on real digits.
+"""``reflexflow demo``: a measured exposure-bias and sample-quality study on real data.
 
-Modules: deps (optional imports), progress (progress bars), data (digits, toys), model
-(tiny UNet, MLP, feature classifier), metrics (Frechet distance, precision/recall, MMD),
-study (training and evaluation of every method), report (results.json/.md and figures).
-scikit-learn, matplotlib and tqdm are the optional ``demo`` extra, imported only here.
+Modules: deps (optional imports), progress (progress bars), data (digits, toys), photos
+(32x32x3 crops of scikit-image's photographs), model (UNets, MLP, classifiers), sit (SiT-S/2),
+metrics (Frechet distance, precision/recall, MMD, model cache), spectrum (radial power
+spectrum, band scores), photo_features (the photos feature network), methods (the rows and
+their loss knobs), settings (DemoConfig and its presets), scoring (scores, bias curves),
+study (training and evaluation of every method), report (results.json/.md), figures.
+scikit-learn, scikit-image, matplotlib and tqdm are the optional ``demo`` extra, imported
+only here.
 """
 
 from .methods import METHODS, method_knobs

@@ -9,24 +9,44 @@ from pathlib import Path
 from typing import Any
 
 from .deps import MissingExtraError
-from .methods import DEFAULT_METHODS, METHODS, QUICK_METHODS, TOY_METHODS
+from .methods import (
+    DEFAULT_METHODS,
+    METHODS,
+    PHOTO_METHODS,
+    PHOTO_QUICK_METHODS,
+    QUICK_METHODS,
+    TOY_METHODS,
+    parse_method,
+)
 
 __all__ = ["add_demo_arguments", "run_from_args", "config_from_args"]
 
 DESCRIPTION = """\
 The main job: a measured exposure-bias and sample-quality study on real data.
-Trains a small time-conditioned UNet on scikit-learn's handwritten digits (8x8, embedded
-in scikit-learn, nothing downloaded) with every method at the same step budget, seeds and
-data order: fm, ip, ss, reflexflow (direction ADR), reflexflow-mse, the ablations
-adr-only (lambda_fc = 0) and fc-only (lambda_adr = 0). Scores Euler samples
-at 10, 20 and 50 steps on the held-out split: Frechet distance in the features of a small
-digit classifier (trained once, cached), its confidence, k-NN precision/recall, and the
-exposure-bias curve (docs/method.md section 7). Writes results.json, results.md,
-samples-<method>.png, exposure-bias.png and loss-curves.png to --out.
-Needs the demo extra: pip install "reflexflow[demo]". Defaults take about 10 CPU-minutes
-(about 5 minutes on 2 quiet cores with the default 2 workers); --quick under a minute."""
+Every method trains at the same step budget, seeds and data order, and is scored on a
+held-out split at 10, 20 and 50 Euler steps, with differences from fm paired by seed.
 
-QUICK_HELP = "(default: %s; --quick: %s)"
+--dataset digits (default): a small time-conditioned UNet on scikit-learn's handwritten
+digits (8x8, embedded, nothing downloaded); rows fm, ip, ss, reflexflow (direction ADR),
+reflexflow-mse, adr-only, fc-only; scored by Frechet distance in the features of a small
+digit classifier (trained once, cached), its confidence, k-NN precision/recall and the
+exposure-bias curve (docs/method.md section 7). About 10 CPU-minutes (about 5 minutes with the
+default 2 workers on 2 cores); --quick under a minute.
+
+--dataset photos: 32x32x3 crops (3072 dimensions) of the colour photographs inside
+scikit-image's wheel, random crops with rescale and flip from a train region of each
+photograph, held-out crops from a band training never sees; rows fm, ip, ss, the presets
+defar, arioso, simpletuner, grid-direction, and stable targets without and with ADR
+(fm-stable, defar-stable). Adds the photographs' power spectrum (low and high band) to
+the scores; the feature network tells which photograph a crop comes from. On a CPU a
+PatchUNet sized for under 15 minutes with 2 workers on 2 cores; --device cuda: SiT-S/2,
+20K steps, bf16 autocast.
+
+Writes results.json, results.md, samples-<method>.png, exposure-bias.png, loss-curves.png,
+differences.png (and spectrum.png for photos) to --out. Needs the demo extra:
+pip install "reflexflow[demo]"."""
+
+QUICK_HELP = "(digits: %s, with --quick %s; photos: the presets of docs/demo.md)"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -52,12 +72,17 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def _methods(text: str) -> tuple[str, ...]:
+    """'fm,defar:lambda_adr=0.5' -> ('fm', 'defar:lambda_adr=0.5'); 'all' -> every row."""
     if text == "all":
         return tuple(METHODS)
     vals = tuple(v.strip() for v in text.split(",") if v.strip())
-    bad = [v for v in vals if v not in METHODS]
-    if bad or not vals:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {tuple(METHODS)}")
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected methods, choose from {tuple(METHODS)}")
+    for v in vals:
+        try:
+            parse_method(v)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
     return vals
 
 
@@ -68,8 +93,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a fast preset (fm, ss, reflexflow; 2 seeds, 40 steps, 10 and 20 sampling steps, 100 "
-        "samples) for smoke tests; options given explicitly still win",
+        help="a fast preset for smoke tests (digits: fm, ss, reflexflow; 2 seeds, 40 steps, "
+        "10 and 20 sampling steps, 100 samples; photos: fm, ss, reflexflow-mse, a narrow "
+        "PatchUNet, 2 seeds, 30 steps, 64 samples); options given explicitly still win",
     )
     p.add_argument(
         "--out",
@@ -79,9 +105,10 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dataset",
-        choices=("digits", "checkerboard", "8gaussians"),
+        choices=("digits", "photos", "checkerboard", "8gaussians"),
         default=None,
-        help="digits (default) or a 2-D toy for a fast ADR-only view (an MLP, "
+        help="digits (default); photos (32x32x3 crops of scikit-image's photographs, the "
+        "higher-dimensional study); or a 2-D toy for a fast ADR-only view (an MLP, "
         "scored by MMD^2 and precision/recall in data space)",
     )
     p.add_argument(
@@ -98,7 +125,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated methods, or 'all'; choices: "
         + ", ".join(METHODS)
         + f" (default: {','.join(DEFAULT_METHODS)} for digits, "
-        + f"{','.join(QUICK_METHODS)} with --quick, {','.join(TOY_METHODS)} for the toys)",
+        + f"{','.join(QUICK_METHODS)} with --quick, {','.join(TOY_METHODS)} for the toys, "
+        + f"{','.join(PHOTO_METHODS)} for photos, {','.join(PHOTO_QUICK_METHODS)} with "
+        + "--quick). A row takes overrides of its loss knobs as name:knob=value[:knob=value], "
+        + "e.g. defar:lambda_adr=0.5 (a row of its own: sweeps on --split val). --lambda-adr, "
+        + "--lambda-fc, --rollout-steps and --train-sampling-steps apply to the digits "
+        + "study's rows only; preset and stable rows keep the library's values",
     )
     p.add_argument(
         "--seeds",
@@ -112,18 +144,24 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="training steps per method and seed " + QUICK_HELP % ("400", "40"),
     )
-    p.add_argument("--batch-size", type=int, default=None, help="training batch (default: 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="training batch (default: 64; photos: 32 on a CPU, 128 on cuda)",
+    )
     p.add_argument(
         "--lr",
         type=float,
         default=None,
-        help="Adam learning rate, cosine-decayed to 0 (default: 0.002)",
+        help="Adam learning rate, cosine-decayed to 0 (default: 0.002; photos on cuda: 1e-4)",
     )
     p.add_argument(
         "--channels",
         type=_ints,
         default=None,
-        help="UNet widths per level, comma list (default: 16,32)",
+        help="UNet widths per level, comma list (default: 16,32 for digits; 24,48 for the "
+        "photos PatchUNet, 8,16 with --quick)",
     )
     p.add_argument(
         "--eval-steps",
@@ -179,7 +217,41 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         help="score on the held-out test split (default) or on the validation "
         "split, to choose knobs without touching the test split",
     )
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cpu or cuda (default: cpu); photos on cuda switch to the "
+        "SiT-S/2 preset (20K steps, batch 128, bf16 autocast)",
+    )
+    p.add_argument(
+        "--arch",
+        choices=("unet", "sit"),
+        default=None,
+        help="velocity model of the image datasets: unet (TinyUNet for digits, PatchUNet "
+        "for photos; the CPU default) or sit (SiT-S/2: patch 2, hidden 384, depth 12, "
+        "6 heads, adaLN-zero; the photos default on cuda)",
+    )
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast for training, sampling and bias curves (default: on for sit on "
+        "cuda, else off)",
+    )
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        default=None,
+        help="photos: held-out crops of the evaluation split, the reference set of every "
+        "score (default: 1024 on a CPU, 4096 on cuda, 256 with --quick)",
+    )
+    p.add_argument(
+        "--feature-steps",
+        type=int,
+        default=None,
+        help="photos: training steps of the photo classifier (cached by its settings; "
+        "default: 600, 100 with --quick)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -226,6 +298,10 @@ _FIELDS = {
     "device": "device",
     "threads": "threads",
     "workers": "workers",
+    "arch": "arch",
+    "amp": "amp",
+    "eval_size": "eval_size",
+    "feature_steps": "feature_steps",
 }
 
 
@@ -235,23 +311,18 @@ def default_cache_dir() -> Path:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """DemoConfig from parsed options: the preset (quick or default), then explicit options."""
-    from .study import DemoConfig, quick_config
+    """DemoConfig from parsed options: explicit options, the rest from the dataset's preset
+    (settings.preset_values: quick, CPU or cuda)."""
+    from .settings import DemoConfig
 
     given = {f: getattr(args, a) for a, f in _FIELDS.items() if getattr(args, a) is not None}
-    dataset = given.get("dataset", "digits")
-    if "methods" not in given:
-        if dataset != "digits":
-            given["methods"] = TOY_METHODS
-        elif not args.quick:
-            given["methods"] = DEFAULT_METHODS
     given["out"] = args.out or Path("reflexflow-demo-quick" if args.quick else "reflexflow-demo")
     given["cache_dir"] = args.cache_dir or default_cache_dir()
     given["show_progress"] = not args.no_progress
     if "workers" not in given:  # two processes on a 2-core CPU, except for --quick
         cpu = given.get("device", "cpu") == "cpu"
         given["workers"] = 1 if args.quick or not cpu else max(1, min(2, os.cpu_count() or 1))
-    return quick_config(**given) if args.quick else DemoConfig(**given)
+    return DemoConfig(quick=bool(args.quick), **given)
 
 
 def _command(args: argparse.Namespace) -> str:

@@ -1,4 +1,4 @@
-"""Sample-quality metrics of the demo, in the feature space of a small digit classifier.
+"""Sample-quality metrics of the demo, in the feature space of a small classifier.
 
 * Frechet distance between gaussians fitted to two feature sets:
   FD = ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2)
@@ -6,18 +6,20 @@
   inside the union of k-NN balls of the real ones, and vice versa;
 * confidence: the classifier's mean max-probability on generated samples;
 * MMD^2 with a gaussian kernel (2-D toys, in data space).
-The classifier is trained once on the train split and cached on disk.
+The digit classifier is trained once on the train split and cached on disk
+(load_or_train_model: the cache shared with the photo classifier of photo_features.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .model import DigitClassifier
 from .progress import progress
@@ -29,6 +31,7 @@ __all__ = [
     "mmd_rbf",
     "train_classifier",
     "load_or_train_classifier",
+    "load_or_train_model",
     "classifier_accuracy",
     "batched_features",
 ]
@@ -100,10 +103,9 @@ def mmd_rbf(x: Tensor, y: Tensor, scale: float = 0.5) -> float:
 
 
 @torch.no_grad()
-def batched_features(
-    clf: DigitClassifier, x: Tensor, batch_size: int = 512
-) -> tuple[Tensor, Tensor]:
-    """(features (N, D), logits (N, 10)) of x, on the classifier's device, returned on CPU."""
+def batched_features(clf: nn.Module, x: Tensor, batch_size: int = 512) -> tuple[Tensor, Tensor]:
+    """(features (N, D), logits (N, classes)) of x by a classifier with ``features`` and
+    ``head``, computed on the classifier's device and returned on CPU."""
     clf.eval()
     device = next(clf.parameters()).device
     feats, logits = [], []
@@ -114,7 +116,7 @@ def batched_features(
     return torch.cat(feats), torch.cat(logits)
 
 
-def classifier_accuracy(clf: DigitClassifier, x: Tensor, y: Tensor) -> float:
+def classifier_accuracy(clf: nn.Module, x: Tensor, y: Tensor) -> float:
     """Top-1 accuracy of clf on (x, y)."""
     _, logits = batched_features(clf, x)
     return float((logits.argmax(1) == y.cpu()).double().mean())
@@ -157,6 +159,39 @@ def _data_key(x: Tensor, y: Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def load_or_train_model(
+    key: str,
+    factory: Callable[[], nn.Module],
+    train: Callable[[], nn.Module],
+    cache_dir: Path | None,
+    meta: dict | None = None,
+) -> tuple[nn.Module, bool]:
+    """Model ``key`` from ``cache_dir`` (state dict ``<key>.pt``) if there, else train() it.
+
+    factory() builds an untrained model to load the cached weights into; a missing or
+    damaged file means training and (over)writing it, with ``meta`` beside it as JSON.
+    Returns (model in eval mode, from_cache).
+    """
+    path = None if cache_dir is None else Path(cache_dir) / f"{key}.pt"
+    if path is not None and path.is_file():
+        try:
+            model = factory()
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            model.eval()
+            return model, True
+        except (RuntimeError, OSError, ValueError):
+            pass  # a damaged cache file: train again and overwrite it
+    model = train()
+    model.eval()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+        path.with_suffix(".json").write_text(json.dumps({"key": key, **(meta or {})}))
+    return model, False
+
+
 def load_or_train_classifier(
     x: Tensor,
     y: Tensor,
@@ -169,20 +204,11 @@ def load_or_train_classifier(
     The cache key hashes the training data and CLASSIFIER_VERSION. Returns (clf, from_cache).
     """
     key = f"digits-classifier-v{CLASSIFIER_VERSION}-{x.shape[-1]}px-{_data_key(x, y)}"
-    path = None if cache_dir is None else Path(cache_dir) / f"{key}.pt"
-    if path is not None and path.is_file():
-        try:
-            clf = DigitClassifier(size=x.shape[-1])
-            clf.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            clf.eval()
-            return clf, True
-        except (RuntimeError, OSError, ValueError):
-            pass  # a damaged cache file: train again and overwrite it
-    clf = train_classifier(x, y, show_progress=show_progress)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(clf.state_dict(), tmp)
-        tmp.replace(path)
-        path.with_suffix(".json").write_text(json.dumps({"key": key, "n_train": x.shape[0]}))
-    return clf, False
+    clf, cached = load_or_train_model(
+        key,
+        lambda: DigitClassifier(size=x.shape[-1]),
+        lambda: train_classifier(x, y, show_progress=show_progress),
+        cache_dir,
+        {"n_train": x.shape[0]},
+    )
+    return clf, cached  # type: ignore[return-value]

@@ -1,4 +1,6 @@
-"""Networks of the demo: a compact time-conditioned UNet, a 2-D MLP, a digit classifier."""
+"""Networks of the demo: a compact time-conditioned UNet (and its patch variant for 32x32
+colour crops), a 2-D MLP, a digit classifier and a photo classifier (the SiT transformer
+lives in sit.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TinyUNet", "ToyMLP", "DigitClassifier", "time_embedding"]
+__all__ = [
+    "TinyUNet",
+    "PatchUNet",
+    "ToyMLP",
+    "DigitClassifier",
+    "PhotoClassifier",
+    "time_embedding",
+]
 
 
 def time_embedding(t: Tensor, dim: int, max_period: float = 1000.0) -> Tensor:
@@ -91,6 +100,47 @@ class TinyUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class PatchUNet(nn.Module):
+    """v(x, t) for (B, C, S, S) images: a TinyUNet on p x p patches folded into channels,
+    plus a time-gated linear skip from input to output patches.
+
+        u = pixel_unshuffle(x, p)                              (B, C p^2, S/p, S/p)
+        v = pixel_shuffle(TinyUNet(u, t) + g(t) * W u, p)      W: 1x1 conv, g: linear in
+                                                               a time embedding, zero at init
+
+    The CPU model of the photos study (p = 2: a 32x32x3 crop is a 16x16 grid of 12-d
+    patches). The skip carries what the velocity needs per pixel without passing through
+    the UNet's bottleneck (near t = 0 the target is about E[x1] - x, linear in x): in a
+    300-step pilot it lowered the FM loss from 0.69 to 0.46 (p = 4, widths 48, 96).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        patch: int = 2,
+        channels: tuple[int, ...] = (24, 48),
+        t_dim: int = 64,
+        gate_dim: int = 32,
+    ) -> None:
+        super().__init__()
+        if patch < 1:
+            raise ValueError(f"patch must be >= 1, got {patch}")
+        self.patch, self.gate_dim = patch, gate_dim
+        dim = in_channels * patch * patch
+        self.unet = TinyUNet(dim, channels, t_dim)
+        self.skip = nn.Conv2d(dim, dim, 1)
+        self.gate = nn.Linear(gate_dim, dim)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        if x.shape[-1] % self.patch or x.shape[-2] % self.patch:
+            raise ValueError(f"image sides {tuple(x.shape[-2:])} must be multiples of {self.patch}")
+        u = F.pixel_unshuffle(x, self.patch)
+        gate = self.gate(time_embedding(t, self.gate_dim).to(x.dtype))[:, :, None, None]
+        return F.pixel_shuffle(self.unet(u, t) + gate * self.skip(u), self.patch)
+
+
 class ToyMLP(nn.Module):
     """v(x, t) for 2-D points: an MLP on (x, time embedding)."""
 
@@ -130,6 +180,38 @@ class DigitClassifier(nn.Module):
         )
         self.head = nn.Linear(feature_dim, 10)
         self.size = size
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+class PhotoClassifier(nn.Module):
+    """A small CNN for (B, 3, 32, 32) crops -> which photograph; ``features``: 64-d.
+
+    The feature network of the photos study's Frechet distance and precision / recall.
+    """
+
+    def __init__(self, num_classes: int, feature_dim: int = 64) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(128 * 4, feature_dim),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.num_classes = num_classes
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)

@@ -1,4 +1,11 @@
-"""Writing the study's results: results.json, results.md and the figures (matplotlib)."""
+"""Writing the study's results: results.json, results.md and the figures (matplotlib).
+
+Every number in results.md and every figure except the sample grids is computed from
+results.json alone, so ``rerender(out)`` rebuilds them (figures.py draws the pictures).
+Differences from fm are paired by seed (seeds share data order, noise and initialisation):
+
+    d_s = score(method, seed s) - score(fm, seed s),   mean d +- t_{0.975, n-1} std(d) / sqrt(n)
+"""
 
 from __future__ import annotations
 
@@ -12,22 +19,63 @@ from torch import Tensor
 
 from .deps import require
 
-__all__ = ["check_plotting", "summarise", "write_all", "markdown", "rerender_markdown"]
+__all__ = [
+    "check_plotting",
+    "summarise",
+    "paired_differences",
+    "write_all",
+    "markdown",
+    "rerender_markdown",
+    "rerender",
+    "METRICS",
+    "T95",
+]
 
-# metric -> (label, lower is better)
-METRICS = {
-    "fd": ("Frechet distance (classifier features)", True),
-    "mmd": ("MMD^2 (data space)", True),
-    "confidence": ("classifier confidence (mean max-probability)", False),
-    "precision": ("precision (k-NN, k = 3)", False),
-    "recall": ("recall (k-NN, k = 3)", False),
-    "bias": ("exposure bias E||x^_t1 - x_t1||^2 (mean over t0)", True),
+# metric -> (label, goal): goal "min" lower is better, "max" higher, "zero" nearest 0
+METRICS: dict[str, tuple[str, str]] = {
+    "fd": ("Frechet distance (classifier features)", "min"),
+    "mmd": ("MMD^2 (data space)", "min"),
+    "confidence": ("classifier confidence (mean max-probability)", "max"),
+    "precision": ("precision (k-NN, k = 3)", "max"),
+    "recall": ("recall (k-NN, k = 3)", "max"),
+    "spec_low": ("spectrum error, low band: mean |log P_samples(r) / P_data(r)|", "min"),
+    "spec_high": ("spectrum error, high band: mean |log P_samples(r) / P_data(r)|", "min"),
+    "power_low": ("low-band power, log(samples / data), signed", "zero"),
+    "power_high": ("high-band power, log(samples / data), signed", "zero"),
+    "bias": ("exposure bias E||x^_t1 - x_t1||^2 (mean over t0)", "min"),
 }
+GOAL_WORDS = {"min": "lower is better", "max": "higher is better", "zero": "0 is ideal"}
+
+# two-sided 95% Student t quantiles by degrees of freedom (1.96 beyond 30)
+T95 = {
+    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+    9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
+    17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064,
+    25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042,
+}  # fmt: skip
 
 
 def check_plotting() -> None:
     """Fail early, before any training, if matplotlib is missing."""
     require("matplotlib")
+
+
+def table_metrics(dataset: str) -> list[str]:
+    """The metrics results.md tabulates for a dataset (the first one is the headline)."""
+    if dataset == "photos":
+        return ["fd", "spec_low", "spec_high", "power_low", "power_high", "precision", "recall"]
+    if dataset == "digits":
+        return ["fd", "confidence", "precision", "recall"]
+    return ["mmd", "precision", "recall"]
+
+
+def diff_metrics(dataset: str) -> list[str]:
+    """Metrics whose paired difference from fm results.md and differences.png show."""
+    if dataset == "photos":
+        return ["fd", "spec_low", "spec_high", "recall", "bias"]
+    if dataset == "digits":
+        return ["fd", "recall", "bias"]
+    return ["mmd", "bias"]
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -36,17 +84,20 @@ def _stats(values: list[float]) -> dict[str, Any]:
     return {"mean": float(t.mean()), "std": std, "n": len(values), "values": values}
 
 
+def _run_values(run: dict[str, Any], n: str) -> dict[str, float]:
+    vals = {k: v for k, v in run["scores"][n].items() if isinstance(v, (int, float))}
+    vals["bias"] = run["bias"][n]["mean_mse"]
+    return vals
+
+
 def summarise(runs: list[dict[str, Any]], eval_steps: tuple[int, ...]) -> dict[str, Any]:
     """summary[method][N][metric] = {mean, std (ddof 1), n, values over seeds}."""
     out: dict[str, Any] = {}
     for run in runs:
         per_method = out.setdefault(run["method"], {})
         for n in eval_steps:
-            key = str(n)
-            cell = per_method.setdefault(key, {})
-            vals = dict(run["scores"][key])
-            vals["bias"] = run["bias"][key]["mean_mse"]
-            for metric, v in vals.items():
+            cell = per_method.setdefault(str(n), {})
+            for metric, v in _run_values(run, str(n)).items():
                 cell.setdefault(metric, []).append(v)
     for per_method in out.values():
         for key, cell in per_method.items():
@@ -54,24 +105,80 @@ def summarise(runs: list[dict[str, Any]], eval_steps: tuple[int, ...]) -> dict[s
     return out
 
 
+def paired_differences(
+    runs: list[dict[str, Any]], eval_steps: tuple[int, ...], baseline: str = "fm"
+) -> dict[str, Any]:
+    """out[method][N][metric] = {mean, std, ci95, n, values} of d_s = method_s - baseline_s.
+
+    Only seeds present for both enter; ci95 = t_{0.975, n-1} std / sqrt(n) (NaN for n = 1).
+    Empty when the baseline did not run.
+    """
+    by_key = {(r["method"], r["seed"]): r for r in runs}
+    base_seeds = [r["seed"] for r in runs if r["method"] == baseline]
+    if not base_seeds:
+        return {}
+    out: dict[str, Any] = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        if method == baseline:
+            continue
+        seeds = [s for s in base_seeds if (method, s) in by_key]
+        if not seeds:
+            continue
+        per_n: dict[str, Any] = {}
+        for n in eval_steps:
+            key = str(n)
+            cells: dict[str, list[float]] = {}
+            for s in seeds:
+                a, b = (
+                    _run_values(by_key[(method, s)], key),
+                    _run_values(by_key[(baseline, s)], key),
+                )
+                for metric in a.keys() & b.keys():
+                    cells.setdefault(metric, []).append(a[metric] - b[metric])
+            per_n[key] = {m: _paired(v) for m, v in sorted(cells.items())}
+        out[method] = per_n
+    return out
+
+
+def _paired(diffs: list[float]) -> dict[str, Any]:
+    s = _stats(diffs)
+    n = s["n"]
+    s["ci95"] = T95.get(n - 1, 1.96) * s["std"] / math.sqrt(n) if n > 1 else float("nan")
+    return s
+
+
 def _fmt(x: float) -> str:
-    if not math.isfinite(x):
+    if x is None or not math.isfinite(x):
         return "nan"
     if x == 0:
         return "0"
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
+def _signed(x: float) -> str:
+    text = _fmt(x)
+    return text if text.startswith("-") or text == "nan" else "+" + text
+
+
+def _best(values: list[float], goal: str) -> float:
+    if goal == "min":
+        return min(values)
+    if goal == "max":
+        return max(values)
+    return min(values, key=abs)
+
+
 def _table(summary: dict[str, Any], metric: str, eval_steps: tuple[int, ...]) -> list[str]:
-    label, lower = METRICS[metric]
-    methods = list(summary)
+    label, goal = METRICS[metric]
+    methods = [m for m in summary if metric in summary[m][str(eval_steps[0])]]
+    if not methods:
+        return []
     head = f"| method | {' | '.join(f'{n} steps' for n in eval_steps)} |"
-    lines = [f"**{label}** ({'lower' if lower else 'higher'} is better)", "", head]
+    lines = [f"**{label}** ({GOAL_WORDS[goal]}; mean ± std over seeds)", "", head]
     lines.append("|---|" + "---|" * len(eval_steps))
-    best = {}
-    for n in eval_steps:
-        means = [summary[m][str(n)][metric]["mean"] for m in methods]
-        best[n] = min(means) if lower else max(means)
+    best = {
+        n: _best([summary[m][str(n)][metric]["mean"] for m in methods], goal) for n in eval_steps
+    }
     for m in methods:
         cells = []
         for n in eval_steps:
@@ -82,52 +189,112 @@ def _table(summary: dict[str, Any], metric: str, eval_steps: tuple[int, ...]) ->
     return lines + [""]
 
 
-def verdict(summary: dict[str, Any], eval_steps: tuple[int, ...], metric: str) -> list[str]:
-    """Per N: is each method's mean better or worse than fm's by more than the seeds' spread?
-
-    'within noise' when |mean - mean_fm| <= std + std_fm (one standard deviation each).
-    """
-    if "fm" not in summary:
+def _diff_table(vs_fm: dict[str, Any], metric: str, eval_steps: tuple[int, ...]) -> list[str]:
+    """method - fm per N: mean ± 95% CI half-width, bold when the interval excludes 0."""
+    if not vs_fm:
         return []
-    lower = METRICS[metric][1]
+    label, goal = METRICS[metric]
+    n_seeds = next(iter(vs_fm.values()))[str(eval_steps[0])].get(metric, {}).get("n", 0)
+    if not n_seeds:
+        return []
     lines = [
-        f"Against plain FM on {metric} (difference beyond one std of each = a clear call):",
+        f"*{metric}: method − fm, paired over seeds (mean ± 95% CI, n = {n_seeds}; "
+        f"**bold**: the interval excludes 0; {GOAL_WORDS[goal]})*",
         "",
+        f"| method | {' | '.join(f'{n} steps' for n in eval_steps)} |",
+        "|---|" + "---|" * len(eval_steps),
     ]
-    for m in summary:
-        if m == "fm":
-            continue
-        parts = []
+    for m, per_n in vs_fm.items():
+        cells = []
         for n in eval_steps:
-            a, b = summary[m][str(n)][metric], summary["fm"][str(n)][metric]
-            diff = a["mean"] - b["mean"]
-            if abs(diff) <= a["std"] + b["std"]:
-                word = "within noise"
-            else:
-                word = "better" if (diff < 0) == lower else "worse"
-            parts.append(f"{n} steps: {word} ({'+' if diff >= 0 else ''}{_fmt(diff)})")
-        lines.append(f"- {m}: " + "; ".join(parts))
+            d = per_n[str(n)].get(metric)
+            if d is None:
+                cells.append("n/a")
+                continue
+            text = f"{_signed(d['mean'])} ± {_fmt(d['ci95'])}"
+            clear = math.isfinite(d["ci95"]) and abs(d["mean"]) > d["ci95"]
+            cells.append(f"**{text}**" if clear else text)
+        lines.append(f"| {m} | {' | '.join(cells)} |")
     return lines + [""]
+
+
+def _config(results: dict[str, Any]) -> Any:
+    from .settings import DemoConfig
+
+    c = dict(results["config"])
+    for key in ("methods", "seeds", "eval_steps", "channels"):
+        if c.get(key) is not None:
+            c[key] = tuple(c[key])
+    return DemoConfig(**c)
 
 
 def rerender_markdown(out: Path) -> str:
     """Rewrite out/results.md from out/results.json (same numbers, current formatting)."""
-    from .study import DemoConfig
-
     results = json.loads((Path(out) / "results.json").read_text())
-    c = dict(results["config"])
-    for key in ("methods", "seeds", "eval_steps", "channels"):
-        c[key] = tuple(c[key])
-    text = markdown(DemoConfig(**c), results)
+    text = markdown(_config(results), results)
     (Path(out) / "results.md").write_text(text)
     return text
 
 
+def rerender(out: Path) -> str:
+    """Rewrite results.md and every figure but the sample grids from out/results.json."""
+    from . import figures
+
+    text = rerender_markdown(out)
+    results = json.loads((Path(out) / "results.json").read_text())
+    figures.write_curve_figures(_pyplot(), Path(out), _config(results), results)
+    return text
+
+
+def _rows_table(results: dict[str, Any], methods: tuple[str, ...]) -> list[str]:
+    """What each row's loss resolved to (a preset's values), from the runs' loss_config."""
+    first = {}
+    for r in results["runs"]:
+        first.setdefault(r["method"], r)
+    if not all("loss_config" in first.get(m, {}) for m in methods):
+        return []
+    cols = [
+        "preset",
+        "method",
+        "target",
+        "stable_ref",
+        "adr_loss",
+        "lambda_adr",
+        "lambda_fc",
+        "fc_source",
+        "fm_input",
+        "step_schedule",
+        "rollout_steps",
+        "num_sampling_steps",
+        "rollout_grad",
+    ]
+    lines = [
+        "Rows (the loss configuration each resolved to; a knob a row does not use is "
+        "listed all the same):",
+        "",
+        "| row | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for m in methods:
+        lc = first[m]["loss_config"]
+        lines.append(f"| {m} | " + " | ".join(str(lc.get(c, "—")) for c in cols) + " |")
+    return lines + [""]
+
+
 def markdown(cfg: Any, results: dict[str, Any]) -> str:
-    """results.md: the setting, then one table per metric (method x steps, mean ± std)."""
+    """results.md: the setting, one table per metric (method x steps, mean ± std) and
+    the paired differences from fm with their 95% intervals."""
     summary, steps = results["summary"], tuple(cfg.eval_steps)
+    vs_fm = paired_differences(results["runs"], steps)
     env = results["environment"]
     seeds = ", ".join(str(s) for s in cfg.seeds)
+    model = {
+        "unet": f"a {'PatchUNet (patch 2)' if cfg.dataset == 'photos' else 'TinyUNet'} "
+        f"of widths {', '.join(str(c) for c in cfg.channels)}",
+        "sit": "SiT-S/2 (patch 2, hidden 384, depth 12, 6 heads, adaLN-zero)",
+        "mlp": "an MLP",
+    }.get(getattr(cfg, "arch", "unet") or "unet", "a model")
+    amp = ", bf16 autocast" if getattr(cfg, "amp", False) else ""
     lines = [
         f"# reflexflow demo: {cfg.dataset}" + (" (quick)" if cfg.quick else ""),
         "",
@@ -135,32 +302,32 @@ def markdown(cfg: Any, results: dict[str, Any]) -> str:
         "",
         f"Wall time {results['wall_seconds']:.0f} s ({_cpu(results)}) on "
         f"{env.get('cpu_count')} CPU cores "
-        f"(device {cfg.device}, torch {env['torch']}, {env['torch_threads']} threads; "
+        f"(device {cfg.device}{' ' + env['cuda'] if env.get('cuda') else ''}, "
+        f"torch {env['torch']}, {env['torch_threads']} threads; "
         f"load average at start {_load(env.get('loadavg_start'))}, "
         f"at end {_load(env.get('loadavg_end'))}).",
         "",
-        f"Data: {_data_line(results['data'])}. Each method: {cfg.steps} Adam steps, "
-        f"batch {cfg.batch_size}, "
-        f"lr {cfg.lr} (cosine), the same seeds ({seeds}) and data order. Training rollouts: "
-        f"K = {cfg.rollout_steps}, h = 1/{cfg.train_sampling_steps}; lambda_adr = "
-        f"{cfg.lambda_adr}, lambda_fc = {cfg.lambda_fc} (library defaults unless stated). "
+        f"Data: {_data_line(results['data'])}. Each method: {model}{amp}, {cfg.steps} Adam "
+        f"steps, batch {cfg.batch_size}, "
+        f"lr {cfg.lr} (cosine), the same seeds ({seeds}) and data order. Training rollouts "
+        f"of the digits-study rows: K = {cfg.rollout_steps}, h = 1/{cfg.train_sampling_steps}; "
+        f"lambda_adr = {cfg.lambda_adr}, lambda_fc = {cfg.lambda_fc} (library defaults unless "
+        f"stated; preset and stable rows keep their own values). "
         f"Scores on the **{cfg.split}** split, {cfg.num_samples} Euler samples per model "
-        f"from the same noise for every method; mean ± std over {len(cfg.seeds)} seed(s).",
+        f"from the same noise for every method; mean ± std over {len(cfg.seeds)} seed(s); "
+        f"differences from fm paired by seed.",
         "",
     ]
-    clf = results.get("classifier")
-    if clf:
-        pr = clf["precision_recall_train_vs_eval"]
-        lines += [
-            f"Feature classifier: accuracy {clf['accuracy']:.3f} on the {clf['eval_split']} "
-            f"split. Floor for reference (real train digits vs the {clf['eval_split']} split): "
-            f"FD {_fmt(clf['fd_train_vs_eval'])}, precision {pr[0]:.3f}, recall {pr[1]:.3f}.",
-            "",
-        ]
-    metrics = ["fd", "confidence", "precision", "recall"] if clf else ["mmd", "precision", "recall"]
-    lines += _table(summary, metrics[0], steps)
-    lines += verdict(summary, steps, metrics[0])
+    lines += _rows_table(results, tuple(cfg.methods))
+    lines += _classifier_lines(results.get("classifier"), cfg)
+    metrics = table_metrics(cfg.dataset)
+    diffs = diff_metrics(cfg.dataset)
+    for m in metrics:
+        lines += _table(summary, m, steps)
+        if m in diffs:
+            lines += _diff_table(vs_fm, m, steps)
     lines += _table(summary, "bias", steps)
+    lines += _diff_table(vs_fm, "bias", steps)
     ks = ", ".join(f"k = {results['runs'][0]['bias'][str(n)]['k']} at {n}" for n in steps)
     lines += [
         f"Exposure bias: from clean x_t0 on {cfg.bias_samples} held-out samples, k Euler "
@@ -170,16 +337,46 @@ def markdown(cfg: Any, results: dict[str, Any]) -> str:
         + ".",
         "",
     ]
-    lines += verdict(summary, steps, "bias")
-    for m in metrics[1:]:
-        lines += _table(summary, m, steps)
-    lines += ["Figures: exposure-bias.png, loss-curves.png, samples-<method>.png.", ""]
+    figs = "exposure-bias.png, loss-curves.png, differences.png, samples-<method>.png"
+    if cfg.dataset == "photos":
+        figs += ", samples-data.png, spectrum.png"
+    elif cfg.dataset == "digits":
+        figs += ", samples-data.png"
+    lines += [f"Figures: {figs}.", ""]
     return "\n".join(lines)
+
+
+def _classifier_lines(clf: dict[str, Any] | None, cfg: Any) -> list[str]:
+    if not clf:
+        return []
+    pr = clf["precision_recall_train_vs_eval"]
+    if cfg.dataset != "photos":
+        return [
+            f"Feature classifier: accuracy {clf['accuracy']:.3f} on the {clf['eval_split']} "
+            f"split. Floor for reference (real train digits vs the {clf['eval_split']} split): "
+            f"FD {_fmt(clf['fd_train_vs_eval'])}, precision {pr[0]:.3f}, recall {pr[1]:.3f}.",
+            "",
+        ]
+    sp = clf["spectrum_train_vs_eval"]
+    return [
+        f"Feature network: a photo classifier (which of the photographs a crop comes from) "
+        f"trained once on crops of the held-out band (val and test regions), "
+        f"{clf['settings']['steps']} steps; accuracy {clf['accuracy']:.3f} on crops of the "
+        f"train regions, which it never saw ({clf['accuracy_eval_split']:.3f} on the "
+        f"{clf['eval_split']} crops, from a region it was trained on). Floor for reference ("
+        f"{cfg.num_samples} real train-region crops vs the {clf['eval_split']} crops, the "
+        f"shift between regions of the same photographs): FD {_fmt(clf['fd_train_vs_eval'])}, "
+        f"precision {pr[0]:.3f}, recall {pr[1]:.3f}, spectrum error low / high band "
+        f"{_fmt(sp['spec_low'])} / {_fmt(sp['spec_high'])}.",
+        "",
+    ]
 
 
 def _data_line(info: dict[str, Any]) -> str:
     sizes = " / ".join(f"{n} {k}" for k, n in info["sizes"].items())
     px = f" {info['image_size']}x{info['image_size']}" if "image_size" in info else ""
+    if info.get("photos"):
+        px += f"x3 crops of {len(info['photos'])} photographs ({', '.join(info['photos'])})"
     return f"{info['dataset']}{px}, {sizes}"
 
 
@@ -206,104 +403,24 @@ def _finite_json(obj: Any) -> Any:
 def write_all(
     cfg: Any, results: dict[str, Any], grids: dict[str, dict[str, Tensor]], real: Tensor
 ) -> None:
-    """results.json, results.md, samples-<method>.png, samples-data.png, exposure-bias.png,
-    loss-curves.png into cfg.out."""
+    """results.json, results.md, samples-<method>.png, samples-data.png and the curve
+    figures (figures.write_curve_figures) into cfg.out."""
+    from . import figures
+
     out = Path(cfg.out)
     (out / "results.json").write_text(json.dumps(_finite_json(results), indent=1) + "\n")
     (out / "results.md").write_text(markdown(cfg, results))
     plt = _pyplot()
     for method, g in grids.items():
-        _samples_png(plt, out / f"samples-{method}.png", g, method, cfg.dataset)
-    if cfg.dataset == "digits":
-        _samples_png(plt, out / "samples-data.png", {"data": real[:16]}, "held-out data", "digits")
-    _bias_png(plt, out / "exposure-bias.png", results, cfg)
-    _loss_png(plt, out / "loss-curves.png", results)
+        figures.samples_png(plt, out / f"samples-{method}.png", g, method, cfg.dataset)
+    if cfg.dataset in ("digits", "photos"):
+        figures.samples_png(
+            plt, out / "samples-data.png", {"data": real[:16]}, "held-out data", cfg.dataset
+        )
+    figures.write_curve_figures(plt, out, cfg, json.loads(json.dumps(_finite_json(results))))
 
 
 def _pyplot() -> Any:
     mpl = require("matplotlib")
     mpl.use("Agg", force=True)
     return require("matplotlib.pyplot")
-
-
-def _tile(x: Tensor, gap: int = 1) -> Tensor:
-    """(n, 1, S, S) in [-1, 1] -> one (S, n (S + gap) - gap) row of images in [0, 1]."""
-    x = ((x.clamp(-1, 1) + 1) / 2)[:, 0]
-    n, s = x.shape[0], x.shape[-1]
-    row = torch.ones(s, n * (s + gap) - gap)
-    for i in range(n):
-        row[:, i * (s + gap) : i * (s + gap) + s] = x[i]
-    return row
-
-
-def _samples_png(plt: Any, path: Path, grid: dict[str, Tensor], title: str, dataset: str) -> None:
-    keys = list(grid)
-    if dataset == "digits":
-        fig, axes = plt.subplots(
-            len(keys), 1, figsize=(6.4, 0.55 * len(keys) + 0.35), squeeze=False
-        )
-        for ax, key in zip(axes[:, 0], keys, strict=True):
-            ax.imshow(1 - _tile(grid[key]).numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_ylabel(
-                key if key == "data" else f"{key} st.", rotation=0, ha="right", va="center"
-            )
-    else:
-        fig, axes = plt.subplots(1, len(keys), figsize=(2.4 * len(keys), 2.6), squeeze=False)
-        for ax, key in zip(axes[0], keys, strict=True):
-            pts = grid[key].numpy()
-            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
-            ax.set_xlim(-3, 3)
-            ax.set_ylim(-3, 3)
-            ax.set_aspect("equal")
-            ax.set_title(f"{key} steps", fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def _bias_png(plt: Any, path: Path, results: dict[str, Any], cfg: Any) -> None:
-    steps = list(cfg.eval_steps)
-    fig, axes = plt.subplots(1, len(steps), figsize=(3.6 * len(steps), 3.2), squeeze=False)
-    for ax, n in zip(axes[0], steps, strict=True):
-        key = str(n)
-        for method in cfg.methods:
-            curves = [r["bias"][key] for r in results["runs"] if r["method"] == method]
-            if not curves:
-                continue
-            t0 = curves[0]["t0"]
-            mean = torch.tensor([c["mse"] for c in curves], dtype=torch.float64).mean(0)
-            ax.plot(t0, mean.numpy(), marker=".", label=method, lw=1.2)
-        ub = results["untrained_bias"][key]
-        ax.plot(ub["t0"], ub["mse"], "k--", lw=1, label="untrained")
-        ax.set_yscale("log")
-        ax.set_xlabel("rollout start t0")
-        ax.set_title(f"N = {n} (h = 1/{n}), k = {ub['k']}", fontsize=9)
-    axes[0][0].set_ylabel("E ||x^_t1 - x_t1||^2")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def _loss_png(plt: Any, path: Path, results: dict[str, Any]) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    by_method: dict[str, list[list[float]]] = {}
-    for r in results["runs"]:
-        by_method.setdefault(r["method"], []).append(r["loss_curve"])
-    steps = results["config"]["steps"]
-    for method, curves in by_method.items():
-        n = min(len(c) for c in curves)
-        mean = torch.tensor([c[:n] for c in curves], dtype=torch.float64).mean(0)
-        x = torch.linspace(0, steps, n).numpy()
-        ax.plot(x, mean.numpy(), lw=1, label=method)
-    ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss (mean over seeds)")
-    ax.set_title("loss curves (each method's own objective)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

@@ -88,6 +88,8 @@ def main() -> None:
         dist.all_reduce(loss)  # for logging only
         if rank == 0:
             print(f"step {step} loss {loss.item() / dist.get_world_size():.4f}", flush=True)
+    del model, opt  # DDP's reducer holds the process group: release it first
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 

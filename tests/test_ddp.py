@@ -9,8 +9,8 @@ the gradients of one process on the same global batch (same noise, t, k), to 1e-
 
 from __future__ import annotations
 
-import datetime
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,24 +37,42 @@ pytestmark = [
 ]
 
 
-def _launch(script: list[str], world: int = 2) -> list[subprocess.CompletedProcess]:
-    """Start ``world`` ranks of ``script`` as torchrun does, wait with a timeout.
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    Like torchrun's agent, this process hosts the rendezvous TCPStore (bound to a free
-    port by the kernel and held open) and the ranks join it as clients
-    (TORCHELASTIC_USE_AGENT_STORE=True). Probing a free port and letting rank 0 bind it
-    later is a race: another process on a busy machine can take the port in between, and
-    rank 0 then fails with EADDRINUSE. Output goes to files (a full pipe cannot stall a
-    rank); a rank that fails stops the others at once.
+
+PORT_TAKEN = ("EADDRINUSE", "Address already in use", "address already in use")
+
+
+def _launch(script: list[str], world: int = 2, attempts: int = 3) -> list:
+    """Start ``world`` ranks of ``script`` as torchrun does (env://), wait with a timeout.
+
+    The rendezvous port is probed free here and bound by rank 0 a moment later; on a busy
+    machine another process can take it in between, and rank 0 then fails with
+    EADDRINUSE: the launch is retried on a new port (up to ``attempts`` times). (Hosting
+    the store in this process and letting the ranks join it as torchrun's agent store
+    avoids the race but made a rank abort at exit now and then: 'terminate called without
+    an active exception'.) Output goes to files (a full pipe cannot stall a rank); a rank
+    that fails stops the others at once.
     """
-    store = dist.TCPStore(
-        "127.0.0.1",
-        0,
-        world,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
+    for attempt in range(attempts):
+        results = _launch_once(script, world, _free_port())
+        failed = [r for r in results if r.returncode != 0]
+        if not failed:
+            return results
+        taken = any(any(m in r.stdout for m in PORT_TAKEN) for r in failed)
+        if not taken or attempt + 1 == attempts:
+            report = "\n".join(
+                f"rank {rank} exited with {r.returncode}:\n{r.stdout[-3000:]}"
+                for rank, r in enumerate(results)
+            )
+            raise AssertionError(report)
+    raise AssertionError("unreachable")
+
+
+def _launch_once(script: list[str], world: int, port: int) -> list:
     procs, logs = [], []
     for rank in range(world):
         env = dict(
@@ -64,8 +82,7 @@ def _launch(script: list[str], world: int = 2) -> list[subprocess.CompletedProce
             WORLD_SIZE=str(world),
             LOCAL_WORLD_SIZE=str(world),
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(store.port),
-            TORCHELASTIC_USE_AGENT_STORE="True",
+            MASTER_PORT=str(port),
             OMP_NUM_THREADS="1",
         )
         logs.append(tempfile.TemporaryFile(mode="w+"))
@@ -96,9 +113,6 @@ def _launch(script: list[str], world: int = 2) -> list[subprocess.CompletedProce
         log.seek(0)
         results.append(subprocess.CompletedProcess(p.args, p.returncode, log.read()))
         log.close()
-    del store
-    for rank, r in enumerate(results):
-        assert r.returncode == 0, f"rank {rank} exited with {r.returncode}:\n{r.stdout[-3000:]}"
     return results
 
 

@@ -363,6 +363,13 @@ class SiTTransportAdapter:
         self.class_dropout_prob = class_dropout_prob
         self.label_key = label_key
         self.loss_fn = ReflexFlowLoss(path=path, **knobs)
+        if self.loss_fn.config.memory == "lean":
+            raise ValueError(
+                "memory='lean' does not fit SiT's contract: training_losses must return a "
+                "per-sample loss that train.py backpropagates with .mean().backward(), and "
+                "the lean step's ADR forward only runs inside out.backward() (outside the "
+                "adapter's label handling); use ReflexFlowLoss(memory='lean') directly"
+            )
 
     def label_dropout(self, model: Any) -> tuple[float, int | None, Any | None]:
         """(probability, null label, SiT LabelEmbedder or None) this adapter uses with model.

@@ -76,7 +76,9 @@ class ReflexFlowConfig:
     The knobs listed in :data:`reflexflow.presets.PRESET_FIELDS` default to the values
     of ``preset`` (default "defar"); a knob given explicitly overrides its preset value.
     ``explicit`` records which preset knobs were given. The forward mode is resolved into
-    ``shares_first_call`` and ``joint_call`` (see ``_resolve_forward_mode``).
+    ``shares_first_call`` and ``joint_call`` (see ``_resolve_forward_mode``), the time
+    sampler into ``sampler``. Copy a config with :meth:`replace` (``dataclasses.replace``
+    would keep the old preset's values of the knobs that follow the preset).
     """
 
     preset: str = DEFAULT_PRESET
@@ -128,6 +130,8 @@ class ReflexFlowConfig:
     explicit: frozenset = dataclasses.field(init=False, compare=False, repr=False)
     shares_first_call: bool = dataclasses.field(init=False, compare=False, repr=False)
     joint_call: bool = dataclasses.field(init=False, compare=False, repr=False)
+    # the time sampler built from time_sampler, logit_mean and logit_std
+    sampler: Any = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.preset, str) or self.preset not in PRESETS:
@@ -153,7 +157,7 @@ class ReflexFlowConfig:
         _check_number("t_eps", self.t_eps, low=0, high=0.5, low_open=True)
         object.__setattr__(
             self,
-            "time_sampler",
+            "sampler",
             get_time_sampler(
                 self.time_sampler, logit_mean=self.logit_mean, logit_std=self.logit_std
             ),
@@ -222,11 +226,8 @@ class ReflexFlowConfig:
         v(x_t0, t0) and v(x^_t1, t1) as one 2B call after a full no-grad rollout;
         share_first_call=False (joint_forward unset) for two separate calls after it.
         """
-        rolls = self.uses_rollout and (
-            self.method == "ss" or self.lambda_adr != 0 or self.lambda_fc != 0
-        )
         can_share = (
-            rolls and self.method == "reflexflow" and self.fm_input == "clean"
+            self.rolls_out and self.method == "reflexflow" and self.fm_input == "clean"
         ) and not self.rollout_grad
         two_calls = (
             self.method == "reflexflow" and self.lambda_adr != 0 and self.fm_input == "clean"
@@ -279,7 +280,21 @@ class ReflexFlowConfig:
 
     @property
     def uses_rollout(self) -> bool:
+        """The method has a rollout (ss, reflexflow): k may be > 0."""
         return self.method in ("ss", "reflexflow")
+
+    @property
+    def rolls_out(self) -> bool:
+        """A rollout runs: ss, or reflexflow with an ADR or FC term (with lambda_adr =
+        lambda_fc = 0 the loss is plain FM at t0, and k is 0)."""
+        return self.uses_rollout and (
+            self.method == "ss" or self.lambda_adr != 0 or self.lambda_fc != 0
+        )
+
+    @property
+    def max_rollout_steps(self) -> int:
+        """The longest rollout: 1 for the single-step schedule, else rollout_steps."""
+        return 1 if self.step_schedule == "single" else self.rollout_steps
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ReflexFlowConfig:

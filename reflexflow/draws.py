@@ -10,7 +10,8 @@ A user's own times t (their convention) are taken as they are: every t in [0, 1]
 valid for a sample that does not roll out (FM is defined there), and a sample whose t
 leaves no room for its drawn rollout (t0 + k h > 1 - t_eps) does not roll out (k_i = 0),
 so t from SiT's sampler (uniform on [0, 1)) is always accepted. Explicit k must fit its
-explicit t, and k <= rollout_steps.
+explicit t, and k <= rollout_steps. With lambda_adr = lambda_fc = 0 nothing rolls out
+(k = 0 for every sample, t0 = u (1 - t_eps)).
 """
 
 from __future__ import annotations
@@ -50,15 +51,11 @@ def state_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _max_k(cfg: ReflexFlowConfig) -> int:
-    return 1 if cfg.step_schedule == "single" else cfg.rollout_steps
-
-
 def _draw_k(
     cfg: ReflexFlowConfig, batch: int, device: torch.device, generator: torch.Generator | None
 ) -> Tensor:
     """k_i = 0 with probability 1 - ss_prob, else K (fixed) or U{1..K} (uniform)."""
-    kmax = _max_k(cfg)
+    kmax = cfg.max_rollout_steps
     rolled = torch.rand(batch, device=device, generator=generator) < cfg.ss_prob
     if cfg.k_draw == "fixed" or kmax == 1:
         lengths = torch.full((batch,), kmax, device=device, dtype=torch.int64)
@@ -69,8 +66,8 @@ def _draw_k(
 
 def static_k(cfg: ReflexFlowConfig) -> int | None:
     """The one rollout length every drawn k_i takes, when the config pins it."""
-    kmax = _max_k(cfg)
-    if cfg.uses_rollout and cfg.ss_prob == 1.0 and (cfg.k_draw == "fixed" or kmax == 1):
+    kmax = cfg.max_rollout_steps
+    if cfg.rolls_out and cfg.ss_prob == 1.0 and (cfg.k_draw == "fixed" or kmax == 1):
         return kmax
     return None
 
@@ -175,17 +172,19 @@ def draw(
     if k is None:
         k = (
             _draw_k(cfg, batch, device, generator)
-            if cfg.uses_rollout
+            if cfg.rolls_out
             else torch.zeros(batch, device=device, dtype=torch.int64)
         )
     else:
         k = _check_k(k, cfg, batch, device)
+        if not cfg.rolls_out:  # lambda_adr = lambda_fc = 0: plain FM, nothing rolls out
+            k = torch.zeros_like(k)
     h = cfg.step
     single = cfg.step_schedule == "single"
     room = (1 - cfg.t_eps) - (0 if single else h) * k.to(torch.float64)  # t0 <= room
     if t is None:
-        u = cfg.time_sampler(batch, device, generator)
-        if not isinstance(cfg.time_sampler, (UniformTime, LogitNormalTime)):
+        u = cfg.sampler(batch, device, generator)
+        if not isinstance(cfg.sampler, (UniformTime, LogitNormalTime)):
             u = _check_sampler_output(u, batch, device).to(torch.float64)
             if bool(((u < 0) | (u > 1) | u.isnan()).any()):  # one sync, user samplers only
                 raise ValueError("time_sampler must return values in [0, 1]")

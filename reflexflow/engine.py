@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import itertools
 import warnings
 from typing import Any
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 from . import native
 from .batching import index_batch, map_tensors, prefix_batch
 from .conventions import VelocityModel
+from .model_state import modules_of
 from .reference import VelocityFn
 from .rollout import (
     active_counts,
@@ -104,27 +104,9 @@ def _model_key(velocity: VelocityFn) -> tuple:
 
 
 def _modules_of(velocity: Any) -> list[nn.Module]:
-    """The nn.Modules a velocity function runs: itself, a VelocityModel's model, a bound
-    method's instance, a functools.partial's function and module arguments, and the
-    module-valued attributes of any other callable object (one level deep)."""
-    found: dict[int, nn.Module] = {}
-
-    def visit(obj: Any, depth: int) -> None:
-        if isinstance(obj, nn.Module):
-            found.setdefault(id(obj), obj)
-        elif isinstance(obj, VelocityModel):
-            visit(obj.model, depth)
-        elif hasattr(obj, "__self__") and hasattr(obj, "__func__"):
-            visit(obj.__self__, depth)
-        elif isinstance(obj, functools.partial):
-            for part in (obj.func, *obj.args, *obj.keywords.values()):
-                visit(part, depth)
-        elif depth > 0 and hasattr(obj, "__dict__"):
-            for val in vars(obj).values():
-                visit(val, depth - 1)
-
-    visit(velocity, 1)
-    return list(found.values())
+    """The nn.Modules a velocity function runs (a VelocityModel's through its model): see
+    :func:`reflexflow.model_state.modules_of`."""
+    return modules_of(velocity.model if isinstance(velocity, VelocityModel) else velocity)
 
 
 def _storage_ptr(t: Tensor) -> int:

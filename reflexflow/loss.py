@@ -33,7 +33,7 @@ from .config import ReflexFlowConfig
 from .conventions import VelocityModel, from_canonical_time
 from .draws import Draws, draw, state_dtype
 from .engine import rollout
-from .model_state import ddp_no_sync, fsdp2_sync, is_fsdp1
+from .model_state import ddp_no_sync, fsdp2_sync, is_fsdp1, mode_sensitive
 from .weighting import loss_weights
 
 __all__ = ["ReflexFlowLoss", "ReflexFlowOutput", "reflexflow_loss"]
@@ -220,6 +220,11 @@ def reflexflow_loss(
         raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
     if generator is not None and generator.device.type != x1.device.type:
         raise ValueError(f"generator is on {generator.device}, x1 on {x1.device}")
+    if cfg.target == "stable" and stable_bank is None and (cfg.stable_ref or cfg.stable_gather):
+        raise ValueError(
+            "stable_ref > 0 or stable_gather=True needs a reference bank across steps: use "
+            "ReflexFlowLoss (it keeps one) or pass stable_bank=StableReferenceBank(...)"
+        )
     if cfg.memory == "lean" and is_fsdp1(model):
         raise ValueError(
             "memory='lean' does not support FSDP1 (FullyShardedDataParallel): its no_sync "
@@ -238,9 +243,10 @@ def reflexflow_loss(
         model, cfg.convention, input_dtype=x1.dtype, timestep_scale=cfg.timestep_scale
     )
     step = _Step(cfg, model, velocity, data, d, kwargs, generator, stable_bank)
-    out = _fm_like(step) if not cfg.uses_rollout else _rolled_out(step)
-    if stable_bank is not None and cfg.target == "stable":
-        stable_bank.update(data)  # after its reference() of this step (the batch comes first)
+    out = _fm_like(step) if not cfg.rolls_out else _rolled_out(step)
+    if stable_bank is not None and cfg.target == "stable" and torch.is_grad_enabled():
+        # after this step's reference(); a validation pass (no grad) leaves the bank alone
+        stable_bank.update(data)
     if cfg.check_finite and out.get("loss") is not None:
         _check_finite("loss", out["loss"])
     return ReflexFlowOutput(
@@ -279,7 +285,13 @@ class _Step:
         self.data, self.d, self.kwargs, self.generator = data, d, kwargs, generator
         self.path, self.batch = cfg.path, data.shape[0]
         self.x_t0 = ref.interpolate(self.path, data, d.eps, d.t0)
-        self.lean = cfg.memory == "lean" and torch.is_grad_enabled()
+        # lean defers an ADR term: only then does the FM forward skip the gradient sync
+        self.lean = (
+            cfg.memory == "lean"
+            and cfg.method == "reflexflow"
+            and cfg.lambda_adr != 0
+            and torch.is_grad_enabled()
+        )
         self.reference_cache: Tensor | None = None
         self._stable_bank = stable_bank
 
@@ -356,8 +368,7 @@ def _rollout_state(st: _Step) -> tuple[Tensor, Tensor | None]:
     with ddp_no_sync(st.model) if st.lean else contextlib.nullcontext():
         v0 = st.velocity(x_t0, d.t0, st.kwargs)
     x_first = torch.where(rolled, x_t0 + ref.bcast(d.step, x_t0) * v0.detach(), x_t0)
-    kmax = 1 if cfg.step_schedule == "single" else cfg.rollout_steps
-    if kmax == 1 or d.fixed_k == 1:
+    if cfg.max_rollout_steps == 1:
         return x_first, v0
     rest = (d.k - 1).clamp_min(0)
     fixed = None if d.fixed_k is None else d.fixed_k - 1
@@ -423,12 +434,19 @@ def _gradient_calls(st: _Step, x_hat: Tensor, v0: Tensor | None) -> _Calls:
 
 
 def _velocity_bias(st: _Step, x_hat: Tensor, x_t1: Tensor, calls: _Calls) -> Tensor:
-    """v(x^_t1, t1) - v(x_t1, t1) without gradient: the velocity-space bias of FC."""
+    """v(x^_t1, t1) - v(x_t1, t1) without gradient: the velocity-space bias of FC.
+
+    Both calls run in ``rollout_mode`` (they measure inference, and must not update
+    BatchNorm statistics). The ADR call's own output v(x^_t1, t1) is reused for the
+    biased side when the model computes the same in both modes (no dropout or batch norm
+    in training mode), else the biased side costs one more no-grad forward.
+    """
+    velocity = st.velocity.with_mode(st.cfg.rollout_mode)
     with torch.no_grad():
-        clean = st.velocity(x_t1, st.d.t1, st.kwargs)
+        clean = velocity(x_t1, st.d.t1, st.kwargs)
         biased = calls.biased_output(st.batch)
-        if biased is None:
-            biased = st.velocity(x_hat, st.d.t1, st.kwargs)
+        if biased is None or (st.cfg.rollout_mode == "eval" and mode_sensitive(st.model)):
+            biased = velocity(x_hat, st.d.t1, st.kwargs)
         return biased - clean
 
 
@@ -448,9 +466,9 @@ def _rolled_out(st: _Step) -> dict:
     bias_norm = (x_hat - x_t1).detach().flatten(1).norm(dim=1)
     stable = cfg.target == "stable"
 
-    if cfg.method == "ss":
+    if cfg.method == "ss":  # the unrectified target: u_t1, or the stable target at x_t1
         v1 = st.velocity(x_hat, d.t1, st.kwargs)
-        u1 = _stable(st, x_hat, d.t1) if stable else ref.velocity_target(path, data, d.eps, d.t1)
+        u1 = _stable(st, x_t1, d.t1) if stable else ref.velocity_target(path, data, d.eps, d.t1)
         return {**_single_term(v1, u1, _weights(st, d.t1)), "bias_norm": bias_norm}
 
     calls = _gradient_calls(st, x_hat, v0)
@@ -461,6 +479,9 @@ def _rolled_out(st: _Step) -> dict:
     biased = cfg.fm_input == "biased"
     t_fm, x_fm = (d.t1, x_hat) if biased else (d.t0, st.x_t0)
     v_adr = _stable(st, x_hat, d.t1) if stable and need_adr else None
+    u_fm = None
+    if stable:  # with fm_input "biased" both terms' targets are v~(x^_t1, t1)
+        u_fm = v_adr if biased and v_adr is not None else _stable(st, x_fm, t_fm)
     if calls.deferred and v_adr is None:
         v_adr = ref.adr_target(path, data, d.eps, x_hat.detach(), d.t1)
     adr_weight = _weights(st, d.t1) if cfg.weight_adr and need_adr else None
@@ -485,7 +506,7 @@ def _rolled_out(st: _Step) -> dict:
         fc_cutoff=cfg.fc_cutoff,
         fm_weight=_weights(st, t_fm),
         adr_weight=None if calls.deferred else adr_weight,
-        u0=_stable(st, x_fm, t_fm) if stable else None,
+        u0=u_fm,
         v_adr=None if calls.deferred else v_adr,
         norm_eps=cfg.norm_eps,
         norm_floor=cfg.norm_floor,

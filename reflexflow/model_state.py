@@ -12,26 +12,81 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["rollout_mode", "ddp_no_sync", "fsdp2_sync", "is_fsdp1"]
+__all__ = [
+    "modules_of",
+    "rollout_mode",
+    "mode_sensitive",
+    "ddp_no_sync",
+    "fsdp2_sync",
+    "is_fsdp1",
+]
+
+
+def modules_of(fn: Any, depth: int = 1) -> list[nn.Module]:
+    """The nn.Modules a callable runs: itself, a bound method's instance, a
+    functools.partial's function and arguments, a closure's captured values (not while
+    torch.compile traces: dynamo cannot read the cells of a function made outside the
+    graph), and the module-valued attributes of any other callable object (``depth``
+    levels deep)."""
+    found: dict[int, nn.Module] = {}
+
+    def visit(obj: Any, depth: int) -> None:
+        if isinstance(obj, nn.Module):
+            found.setdefault(id(obj), obj)
+        elif hasattr(obj, "__self__") and hasattr(obj, "__func__"):
+            visit(obj.__self__, depth)
+        elif isinstance(obj, functools.partial):
+            for part in (obj.func, *obj.args, *obj.keywords.values()):
+                visit(part, depth)
+        elif getattr(obj, "__closure__", None) and not torch.compiler.is_compiling():
+            for cell in obj.__closure__:
+                try:
+                    visit(cell.cell_contents, depth)
+                except ValueError:  # an empty cell
+                    pass
+        elif depth > 0 and hasattr(obj, "__dict__"):
+            for val in vars(obj).values():
+                visit(val, depth - 1)
+
+    visit(fn, depth)
+    return list(found.values())
+
+
+_STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+
+def mode_sensitive(model: Any) -> bool:
+    """True when ``model`` computes differently in eval mode: a submodule in training mode
+    that is a dropout (p > 0) or a batch norm (batch statistics, running-stat updates)."""
+    for root in modules_of(model):
+        for m in root.modules():
+            if m.training and isinstance(m, _STOCHASTIC) and getattr(m, "p", 1) != 0:
+                return True
+    return False
 
 
 @contextlib.contextmanager
 def rollout_mode(model: Any, mode: str) -> Iterator[None]:
     """Run the block with ``model`` in eval mode (mode "eval") or as it is ("train").
 
-    Only nn.Modules have a mode; other callables run as they are. Each submodule's own
+    The modules are found through bound methods, partials, closures and attributes
+    (:func:`modules_of`); a callable that runs none has no mode. Each submodule's own
     ``training`` flag is restored on exit (a frozen submodule kept in eval stays in eval).
     """
-    if mode != "eval" or not isinstance(model, nn.Module) or not model.training:
+    roots = modules_of(model) if mode == "eval" else []
+    flags = [(m, m.training) for root in roots for m in root.modules()]
+    if not any(flag for _, flag in flags):
         yield
         return
-    flags = [(m, m.training) for m in model.modules()]
-    model.train(False)
+    for root in roots:
+        root.train(False)
     try:
         yield
     finally:
@@ -57,15 +112,24 @@ def is_fsdp1(model: Any) -> bool:
 
 
 def ddp_no_sync(model: Any) -> contextlib.AbstractContextManager:
-    """``model.no_sync()`` for a DistributedDataParallel model, else a no-op context.
+    """``no_sync()`` of the DistributedDataParallel a model runs (itself, or found through
+    ``torch.compile``'s ``_orig_mod`` and wrappers), else a no-op context.
 
     A DDP forward inside no_sync prepares no gradient reduction for its backward; the
     previous sync state is restored on exit (nested no_sync blocks of the user stay off).
     """
     ddp = _ddp_class()
-    if ddp is not None and isinstance(model, ddp):
-        return model.no_sync()
+    if ddp is not None:
+        candidates = [model, getattr(model, "_orig_mod", None), *modules_of(model)]
+        for root in candidates:
+            found = [m for m in _walk(root) if isinstance(m, ddp)]
+            if found:
+                return found[0].no_sync()
     return contextlib.nullcontext()
+
+
+def _walk(obj: Any) -> list[Any]:
+    return list(obj.modules()) if isinstance(obj, nn.Module) else []
 
 
 def _fsdp2_modules(model: Any) -> list[Any]:

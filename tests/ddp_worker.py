@@ -74,14 +74,31 @@ MODES = {
     "ddp-compiled": ("ddp-compiled", {}),
     "ddp-lean": ("ddp", {"memory": "lean"}),
     "ddp-lean-accum": ("ddp", {"memory": "lean"}),
+    "ddp-lean-wrapped": ("ddp-wrapped", {"memory": "lean"}),
+    "ddp-lean-fc-only": ("ddp", {"memory": "lean", "lambda_adr": 0.0}),
     "fsdp2": ("fsdp2", {}),
     "fsdp2-lean": ("fsdp2", {"memory": "lean"}),
 }
+# knobs of the forward and memory modes, which leave the gradients as they are
+MODE_ONLY = ("memory", "joint_forward", "share_first_call")
+
+
+class Wrapper(torch.nn.Module):
+    """A model that runs a DDP inside (as DiffusersModelAdapter(DDP(net)) would)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, t)
 
 
 def wrap(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     if kind == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
+    if kind == "ddp-wrapped":
+        return Wrapper(torch.nn.parallel.DistributedDataParallel(model))
     if kind == "ddp-compiled":  # torch.compile(DDP(model)): dynamo's DDPOptimizer path
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         return torch.compile(ddp, backend="aot_eager")
@@ -130,15 +147,18 @@ def main(outfile: str) -> None:
         counter = [0]
         if kind == "ddp":
             count_allreduces(wrapped, counter)
+        elif kind == "ddp-wrapped":
+            count_allreduces(wrapped.inner, counter)
         step(wrapped, kind, mode, mine, knobs)
-        scale = SCALE if mode in ("ddp-lean", "fsdp2-lean") else 1.0
+        scale = SCALE if knobs.get("memory") == "lean" and mode != "ddp-lean-accum" else 1.0
         grads = {}
         for name, p in model.named_parameters():
             g = p.grad
             if hasattr(g, "full_tensor"):  # FSDP2: a sharded DTensor
                 g = g.full_tensor()
             grads[name] = g.detach().clone() / scale
-        result[mode] = {"grads": grads, "allreduces": counter[0] if kind == "ddp" else None}
+        counted = kind in ("ddp", "ddp-wrapped")
+        result[mode] = {"grads": grads, "allreduces": counter[0] if counted else None}
     if rank == 0:
         torch.save(result, outfile)
     dist.barrier()

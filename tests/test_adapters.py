@@ -509,3 +509,8 @@ def test_sit_sample_ode_num_steps_is_num_sampling_steps_plus_one():
         sit = torchdiffeq.odeint(drift, z, torch.linspace(0, 1, M), method="euler")[-1]
         ours = rf.sample(model, z, steps=M - 1, model_kwargs={"y": y})
     torch.testing.assert_close(ours, sit, rtol=1e-5, atol=1e-6)
+
+
+def test_sit_adapter_refuses_the_lean_memory_mode():
+    with pytest.raises(ValueError, match="memory='lean' does not fit SiT's contract"):
+        adapters.SiTTransportAdapter("Linear", memory="lean")

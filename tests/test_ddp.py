@@ -121,10 +121,12 @@ def test_ddp_and_fsdp2_gradients_equal_single_process_in_every_forward_and_memor
     _launch([os.path.join(HERE, "ddp_worker.py"), str(out)])
     result = torch.load(out)
 
-    model = ddp_worker.make_model()
-    ddp_worker.loss_on(model, ddp_worker.global_batch()).loss.backward()
     assert set(result) == set(ddp_worker.MODES)
     for mode, got in result.items():
+        knobs = ddp_worker.MODES[mode][1]
+        single = {k: v for k, v in knobs.items() if k not in ddp_worker.MODE_ONLY}
+        model = ddp_worker.make_model()
+        ddp_worker.loss_on(model, ddp_worker.global_batch(), **single).loss.backward()
         for name, p in model.named_parameters():
             assert p.grad.abs().max() > 1e-3  # a real gradient, not zeros
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=0, atol=1e-10)

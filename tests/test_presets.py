@@ -121,3 +121,38 @@ def test_stable_fm_without_rollout_differs_from_fm_on_a_batch_of_neighbours():
     plain = rf.reflexflow_loss(net, x1, method="fm", **draws)
     stable = rf.reflexflow_loss(net, x1, method="fm", target="stable", **draws)
     assert not torch.allclose(stable.loss, plain.loss)
+
+
+def test_scheduled_sampling_with_stable_target_keeps_the_unrectified_target():
+    """ss + target="stable" uses the posterior-weighted target at the clean x_t1: with a
+    batch of one it is u_t1, as plain ss (not the rectified v_adr)."""
+    net = ConvVelocity().double()
+    x1 = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    draws = dict(
+        noise=torch.randn_like(x1),
+        t=torch.tensor([0.3], dtype=torch.float64),
+        k=torch.ones(1).long(),
+    )
+    plain = rf.reflexflow_loss(net, x1, method="ss", **draws)
+    stable = rf.reflexflow_loss(net, x1, method="ss", target="stable", **draws)
+    torch.testing.assert_close(stable.loss, plain.loss, rtol=1e-10, atol=1e-12)
+
+
+def test_replace_rebuilds_the_time_sampler_from_new_logit_knobs():
+    cfg = rf.ReflexFlowConfig(time_sampler="logit_normal").replace(logit_mean=1.0)
+    assert cfg.sampler.mean == 1.0 and cfg.time_sampler == "logit_normal"
+
+
+def test_the_stable_bank_is_not_updated_by_a_validation_pass():
+    net = ConvVelocity()
+    loss_fn = rf.ReflexFlowLoss(target="stable", stable_ref=8)
+    with torch.no_grad():
+        loss_fn(net, torch.randn(4, 3, 6, 6))
+    assert len(loss_fn.stable_bank) == 0
+    loss_fn(net, torch.randn(4, 3, 6, 6))
+    assert len(loss_fn.stable_bank) == 4
+
+
+def test_a_reference_bank_knob_without_a_bank_is_an_error():
+    with pytest.raises(ValueError, match="needs a reference bank"):
+        rf.reflexflow_loss(ConvVelocity(), torch.randn(2, 3, 6, 6), target="stable", stable_ref=8)

@@ -137,3 +137,51 @@ def test_dropped_rollouts_under_the_static_fixed_k_plan_leave_their_samples_unbi
     assert torch.equal(out.k, torch.where(dropped, 0, 3))
     assert torch.equal(out.bias_norm[dropped], torch.zeros(int(dropped.sum())))
     assert bool((out.bias_norm[~dropped] > 0).all())
+
+
+@pytest.mark.parametrize("preset", ["grid-direction", "defar"])
+def test_no_grad_calls_never_update_batch_norm_statistics(preset):
+    """The rollout and the velocity-space bias (defar) run in eval mode: only the two
+    gradient-carrying calls update BatchNorm's running statistics."""
+    model = DropoutBN().train()
+    before = model.bn.num_batches_tracked.item()
+    rf.reflexflow_loss(
+        model, torch.randn(B, 3, 4, 4), preset=preset, rollout_steps=3, k_draw="fixed"
+    )
+    assert model.bn.num_batches_tracked.item() - before == 2
+
+
+@pytest.mark.parametrize("wrap", ["bound method", "lambda"])
+def test_rollout_finds_the_module_behind_a_bound_method_or_a_closure(wrap):
+    model = DropoutBN().train()
+    call = model.forward if wrap == "bound method" else (lambda x, t: model(x, t))
+    rf.reflexflow_loss(
+        call,
+        torch.randn(B, 3, 4, 4),
+        preset="grid-direction",
+        rollout_steps=3,
+        k_draw="fixed",
+    )
+    rollout = [m for m in model.modes if not m[0]]
+    assert len(rollout) == 2 and not any(m[1] for m in rollout)
+    assert model.training
+
+
+def test_zero_lambdas_run_no_rollout_and_draw_times_on_the_whole_interval():
+    calls = []
+
+    def counting(x, t):
+        calls.append(t)
+        return -x
+
+    out = rf.reflexflow_loss(
+        counting,
+        torch.randn(512, 3),
+        lambda_adr=0.0,
+        lambda_fc=0.0,
+        rollout_steps=3,
+        k_draw="fixed",
+        num_sampling_steps=10,
+    )
+    assert len(calls) == 1 and torch.equal(out.k, torch.zeros(512, dtype=torch.long))
+    assert float(out.t0.max()) > 0.9  # not narrowed to 1 - t_eps - K h = 0.699

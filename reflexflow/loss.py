@@ -344,11 +344,16 @@ def _fm_like(st: _Step) -> dict:
 
 
 def _single_term(v: Tensor, u: Tensor, weight: Tensor | None) -> dict:
+    """One FM-type term (fm, ip, ss): the loss of :func:`reference.fm_loss` and its
+    per-sample rows, from one squared error."""
     with torch.autocast(v.device.type, enabled=False):
-        rows = ref.per_sample_mean((v - u).square())
-        if weight is not None:
+        sq = (v - u).square()
+        rows = ref.per_sample_mean(sq)
+        if weight is None:
+            loss = sq.mean()
+        else:
             rows = weight.to(rows.dtype) * rows
-        loss = ref.fm_loss(v, u, weight)
+            loss = rows.mean()
     return {"loss": loss, "fc_loss": loss, "per_sample": rows}
 
 

@@ -70,10 +70,6 @@ class RolloutEngine:
             )
         return TORCH_OPS
 
-    def uses_native(self, x: Tensor) -> bool:
-        """Whether a rollout of state x runs on the C++/CUDA ops."""
-        return self.ops_for(x) is native.NATIVE_OPS
-
     def uses_graph(self, x: Tensor) -> bool:
         """Whether a static-plan rollout of state x is captured as a CUDA graph."""
         return self.cuda_graph and x.is_cuda

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -39,6 +39,9 @@ from torch import Tensor
 from .batching import index_batch, prefix_batch
 from .conventions import VelocityModel
 from .reference import VelocityFn
+
+if TYPE_CHECKING:  # graphs imports this module
+    from .graphs import GraphCache
 
 __all__ = [
     "RolloutOps",
@@ -76,22 +79,6 @@ class RolloutOps:
     update: Callable[..., None]
     masked_update: Callable[..., None]
     fused: bool
-
-
-class GraphRunner(Protocol):
-    """Runs a static plan as a captured CUDA graph (:class:`reflexflow.graphs.GraphCache`)."""
-
-    def run(
-        self,
-        velocity: VelocityFn,
-        x: Tensor,
-        tau0: Tensor,
-        h: Tensor,
-        k: Tensor,
-        steps: int,
-        kwargs: Any,
-        ops: RolloutOps,
-    ) -> Tensor | None: ...
 
 
 def active_counts(ks: list[int]) -> list[int]:
@@ -154,7 +141,7 @@ def euler_rollout(
     *,
     fixed_k: int | None = None,
     ops: RolloutOps | None = None,
-    graphs: GraphRunner | None = None,
+    graphs: GraphCache | None = None,
 ) -> Tensor:
     """Roll each sample k_i Euler steps of size step_i from (x_t0, t0); returns x^_t1.
 
@@ -164,9 +151,9 @@ def euler_rollout(
     ``fixed_k=K``: the caller guarantees every k_i lies in {0, ..., K} (not checked:
     checking would read k; k_i is taken as min(max(k_i, 0), K)), so the masked static plan
     runs: K full-batch steps, no sort and no host read. ``ops``: :data:`TORCH_OPS`
-    (default) or :data:`reflexflow.native.NATIVE_OPS`. ``graphs``: a runner of static
-    plans as CUDA graphs (used for ``fixed_k`` and for per-sample k that are all equal;
-    when it returns None the plan runs eagerly).
+    (default) or :data:`reflexflow.native.NATIVE_OPS`. ``graphs``: the CUDA graphs that
+    run static plans (``fixed_k``, and per-sample k that are all equal; where a graph
+    cannot be captured the plan runs eagerly).
     """
     ops = TORCH_OPS if ops is None else ops
     steps = None if fixed_k is None else check_fixed_k(fixed_k)

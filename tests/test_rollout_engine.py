@@ -205,6 +205,18 @@ def test_clear_graphs_empties_the_engines_cache():
     assert len(eng.graphs) == 0 and not eng.graphs.uncapturable
 
 
+def test_a_copied_engine_leaves_the_captured_graphs_behind():
+    import copy
+    import pickle
+
+    eng = RolloutEngine("torch", cuda_graph=True)
+    eng.graphs.graphs[("fake",)] = object()
+    for twin in (copy.deepcopy(eng), pickle.loads(pickle.dumps(eng))):
+        assert len(twin.graphs) == 0 and twin.graphs is not eng.graphs
+        assert (twin.backend, twin.cuda_graph) == ("torch", True)
+    assert len(eng.graphs) == 1
+
+
 def test_each_loss_owns_its_engine_and_deleting_the_loss_frees_its_graphs(monkeypatch):
     """No process-wide registry: the graphs (and the model they keep alive) go with the
     ReflexFlowLoss that captured them; the functional form uses a fresh or a given engine."""

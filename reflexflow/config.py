@@ -12,13 +12,14 @@ import math
 from typing import Any
 
 from .conventions import check_convention
+from .engine import ROLLOUT_BACKENDS
 from .paths import get_path
 from .presets import DEFAULT_PRESET, PRESET_FIELDS, PRESETS, preset_knobs
 from .reference import FILTERS, NORM_EPS, NORM_FLOOR
 from .time_sampling import get_time_sampler
 from .weighting import check_loss_weighting
 
-__all__ = ["ReflexFlowConfig", "METHODS", "BACKENDS", "FROM_PRESET"]
+__all__ = ["ReflexFlowConfig", "METHODS", "BACKENDS", "ROLLOUT_BACKENDS", "FROM_PRESET"]
 
 METHODS = ("reflexflow", "fm", "ip", "ss")
 BACKENDS = ("auto", "torch", "triton")
@@ -123,6 +124,7 @@ class ReflexFlowConfig:
     unbatched_kwargs: tuple[str, ...] = ()
     ip_gamma: float = 0.1
     backend: str = "auto"
+    rollout_backend: str = "auto"  # the rollout's ops: native extension or PyTorch twins
     cuda_graph: bool = False  # capture fixed-k rollouts on CUDA as CUDA graphs
     check_finite: bool = False
     # resolved on construction (not arguments): the preset knobs given explicitly, and
@@ -185,6 +187,7 @@ class ReflexFlowConfig:
         _check_choice("memory", self.memory, MEMORY_MODES)
         _check_number("ip_gamma", self.ip_gamma, low=0)
         _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
         for name in (
             "fc_per_channel",
             "fc_signed",

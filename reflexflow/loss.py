@@ -32,7 +32,7 @@ from .batching import prepare_kwargs, repeat_batch
 from .config import ReflexFlowConfig
 from .conventions import VelocityModel, from_canonical_time
 from .draws import Draws, draw, state_dtype
-from .engine import rollout
+from .engine import RolloutEngine
 from .model_state import ddp_no_sync, fsdp2_sync, is_fsdp1, mode_sensitive
 from .weighting import loss_weights
 
@@ -200,6 +200,7 @@ def reflexflow_loss(
     generator: torch.Generator | None = None,
     config: ReflexFlowConfig | None = None,
     stable_bank: Any = None,
+    engine: RolloutEngine | None = None,
     **knobs: Any,
 ) -> ReflexFlowOutput:
     """Functional twin of :class:`ReflexFlowLoss`: L = L_FC + lambda_adr * L_ADR.
@@ -211,6 +212,10 @@ def reflexflow_loss(
     ``model(x, t, **model_kwargs)`` in the loss's convention; t (start times) and k (int64
     rollout lengths) may be given. ``stable_bank``: a
     :class:`reflexflow.stable.StableReferenceBank` for target="stable" (else the batch).
+    ``engine``: the :class:`reflexflow.engine.RolloutEngine` that runs the rollout (and
+    keeps its CUDA graphs); None builds a fresh one from rollout_backend and cuda_graph,
+    so graphs captured in this call are dropped after it (:class:`ReflexFlowLoss` keeps
+    one engine across calls).
     """
     cfg = config if config is not None else ReflexFlowConfig(**knobs)
     if config is not None and knobs:
@@ -242,7 +247,9 @@ def reflexflow_loss(
     velocity = VelocityModel(
         model, cfg.convention, input_dtype=x1.dtype, timestep_scale=cfg.timestep_scale
     )
-    step = _Step(cfg, model, velocity, data, d, kwargs, generator, stable_bank)
+    if engine is None:
+        engine = RolloutEngine(cfg.rollout_backend, cuda_graph=cfg.cuda_graph)
+    step = _Step(cfg, model, velocity, data, d, kwargs, generator, stable_bank, engine)
     out = _fm_like(step) if not cfg.rolls_out else _rolled_out(step)
     if stable_bank is not None and cfg.target == "stable" and torch.is_grad_enabled():
         # after this step's reference(); a validation pass (no grad) leaves the bank alone
@@ -280,6 +287,7 @@ class _Step:
         kwargs: Any,
         generator: torch.Generator | None,
         stable_bank: Any,
+        engine: RolloutEngine,
     ) -> None:
         self.cfg, self.model, self.velocity = cfg, model, velocity
         self.data, self.d, self.kwargs, self.generator = data, d, kwargs, generator
@@ -294,6 +302,7 @@ class _Step:
         )
         self.reference_cache: Tensor | None = None
         self._stable_bank = stable_bank
+        self.engine = engine
 
 
 # -- targets and weights ------------------------------------------------------------
@@ -381,18 +390,8 @@ def _rollout_state(st: _Step) -> tuple[Tensor, Tensor | None]:
 
 
 def _rollout(st: _Step, x: Tensor, t: Tensor, k: Tensor, fixed_k: int | None) -> Tensor:
-    cfg = st.cfg
-    return rollout(
-        st.velocity.with_mode(cfg.rollout_mode),
-        x,
-        t,
-        k,
-        st.d.step,
-        st.kwargs,
-        backend=cfg.backend,
-        cuda_graph=cfg.cuda_graph,
-        fixed_k=fixed_k,
-    )
+    velocity = st.velocity.with_mode(st.cfg.rollout_mode)
+    return st.engine(velocity, x, t, k, st.d.step, st.kwargs, fixed_k=fixed_k)
 
 
 class _Calls:
@@ -595,6 +594,8 @@ class ReflexFlowLoss(nn.Module):
             from .stable import StableReferenceBank
 
             self.stable_bank = StableReferenceBank(cfg.stable_ref, gather=cfg.stable_gather)
+        # the rollout's engine: its CUDA graphs (and the models they hold) live with the loss
+        self.engine = RolloutEngine(cfg.rollout_backend, cuda_graph=cfg.cuda_graph)
 
     def forward(
         self,
@@ -617,6 +618,7 @@ class ReflexFlowLoss(nn.Module):
             generator=generator,
             config=self.config,
             stable_bank=self.stable_bank,
+            engine=self.engine,
         )
 
     def extra_repr(self) -> str:

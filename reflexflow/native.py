@@ -10,8 +10,9 @@ Environment: REFLEXFLOW_NO_EXT=1 skips the extension (no warning);
 REFLEXFLOW_NO_JIT=1 skips step (2).
 The ops, once loaded: ``torch.ops.reflexflow.rollout_plan``,
 ``torch.ops.reflexflow.euler_update_`` and ``torch.ops.reflexflow.euler_update_masked_``;
-their fake kernels are registered here so torch.compile can trace them. Reference twins:
-:func:`reflexflow.rollout.plan_tensors`, :func:`reflexflow.rollout.euler_update`,
+their fake kernels are registered here so torch.compile can trace them; the rollout runs
+them as :data:`NATIVE_OPS`. Reference twins (:data:`reflexflow.rollout.TORCH_OPS`):
+:func:`reflexflow.rollout.rollout_plan`, :func:`reflexflow.rollout.euler_update`,
 :func:`reflexflow.rollout.euler_update_masked`.
 """
 
@@ -25,7 +26,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_extension", "extension_status", "has_kernel", "CSRC", "SOURCES", "OPS"]
+from .rollout import RolloutOps
+
+__all__ = [
+    "load_extension",
+    "extension_status",
+    "has_kernel",
+    "NATIVE_OPS",
+    "CSRC",
+    "SOURCES",
+    "OPS",
+]
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("ops.cpp", "rollout.cpp")
@@ -190,3 +201,21 @@ def has_kernel(device: torch.device | str) -> bool:
             stacklevel=2,
         )
     return found
+
+
+def _plan(k, t0, step, kmax=None):
+    return torch.ops.reflexflow.rollout_plan(k, t0, step, kmax)
+
+
+def _update(state, v, h, next_input=None) -> None:
+    torch.ops.reflexflow.euler_update_(state, v, h, next_input)
+
+
+def _masked_update(state, tau, v, h, k, j, next_input=None) -> None:
+    torch.ops.reflexflow.euler_update_masked_(state, tau, v, h, k, j, next_input)
+
+
+# The extension's ops as the rollout's ops (load the extension before running them).
+NATIVE_OPS = RolloutOps(
+    name="native", plan=_plan, update=_update, masked_update=_masked_update, fused=True
+)

@@ -1,47 +1,84 @@
-"""Batched scheduled-sampling rollout, pure PyTorch (the reference twin of the C++ engine).
+"""The batched scheduled-sampling rollout, written once over the ops it uses.
 
-Two plans, both exact twins of the per-sample loop
-(:func:`reflexflow.reference.euler_rollout_per_sample`):
+Each sample i is rolled k_i Euler steps (k_i = 0 allowed) from (x_t0, t0), exact twin of
+the per-sample loop (:func:`reflexflow.reference.euler_rollout_per_sample`). Two plans:
 
-* per-sample k (the sorted plan): the batch is sorted once by rollout length k, descending
-  (stable), so that at step j the samples still rolling out are a contiguous prefix: each
-  model call sees only the active samples (sum(k_i) sample-forwards in all, not
-  B * max k), through zero-copy prefix views, with one gather at the start and one
-  scatter at the end. It needs the prefix lengths on the host: one host read of k.
-  Per step: x[:n_j] += step[:n_j] * v(x[:n_j], tau[:n_j]); tau[:n_j] += step[:n_j].
-* ``fixed_k=K`` (the masked static plan): every k_i is known to lie in {0, ..., K} without
-  reading k. K full-batch steps; at step j only the rows with k_i > j move:
+* per-sample k (the prefix plan): one host read of k (``k.tolist()``) gives the active
+  counts n_j = #{i : k_i > j}; the batch is sorted once by k, descending and stable (on
+  k's device, by the plan op), so at step j the samples still rolling out are the prefix
+  of length n_j and the model sees only them (sum(k_i) sample-forwards), through
+  zero-copy views, with one gather at the start and one scatter at the end:
+
+      x[:n_j] += step[:n_j] * v(x[:n_j], tau_j[:n_j])          j = 0 .. max k - 1
+
+* ``fixed_k=K`` (the masked static plan): every k_i is known to lie in {0, ..., K}
+  without reading k. K full-batch steps; at step j only the rows with k_i > j move:
 
       x = where(k > j, x + step * v(x, tau), x);   tau = where(k > j, tau + step, tau)
 
   No sort, no host read (torch.compile traces it with fullgraph=True; CUDA graphs capture
-  it with k as an input buffer). Rows with k_i = 0 come back bit-identical to x_t0, and
-  with every k_i = K the result is bit-identical to K plain steps x += step * v.
+  it with k as an input buffer, :mod:`reflexflow.graphs`). Rows with k_i = 0 come back
+  bit-identical to x_t0, and with every k_i = K the result is bit-identical to K plain
+  steps x += step * v.
+
+The ops (:class:`RolloutOps`) are the PyTorch twins below (:data:`TORCH_OPS`) or the
+C++/CUDA ops ``torch.ops.reflexflow.*`` (:data:`reflexflow.native.NATIVE_OPS`), which give
+bit-identical results. The state, tau and step are in the state's dtype (float32, or
+float64), whatever the model's dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .batching import index_batch, prefix_batch
-from .reference import VelocityFn, bcast
+from .conventions import VelocityModel
+from .reference import VelocityFn
+
+if TYPE_CHECKING:  # graphs imports this module
+    from .graphs import GraphCache
 
 __all__ = [
-    "rollout_plan",
+    "RolloutOps",
+    "TORCH_OPS",
     "active_counts",
+    "check_fixed_k",
     "euler_rollout",
-    "plan_tensors",
+    "prefix_rollout",
+    "static_rollout",
+    "masked_euler_steps",
+    "rollout_plan",
     "euler_update",
     "euler_update_masked",
-    "masked_euler_steps",
     "call_velocity",
+    "input_cast",
 ]
 
-MaskedUpdate = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, "Tensor | None"], None]
+
+@dataclasses.dataclass(frozen=True)
+class RolloutOps:
+    """The ops a rollout plan runs on.
+
+    name: "torch" or "native" (part of a CUDA graph's key).
+    plan(k, t0, step, kmax) -> (order, counts, times, steps): :func:`rollout_plan`.
+    update(state, v, h, next_input): state += h * v in place: :func:`euler_update`.
+    masked_update(state, tau, v, h, k, j, next_input): the same on the rows with k > j,
+    and tau += h there: :func:`euler_update_masked`.
+    fused: the native ops' contract: the state buffers are contiguous, and the update
+    also writes the next model input, already cast to the model's dtype (a
+    :class:`VelocityModel` with an input_dtype), in the same pass over memory.
+    """
+
+    name: str
+    plan: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
+    update: Callable[..., None]
+    masked_update: Callable[..., None]
+    fused: bool
 
 
 def active_counts(ks: list[int]) -> list[int]:
@@ -62,14 +99,13 @@ def active_counts(ks: list[int]) -> list[int]:
     return counts
 
 
-def rollout_plan(k: Tensor) -> tuple[Tensor, list[int]]:
-    """Sort order (k descending, stable) and the active count at each step j < max k.
-
-    One host sync: the single transfer ``k.tolist()`` (the counts are needed on the host
-    to slice the prefixes); the sort stays on k's device.
-    """
-    order = torch.sort(k, descending=True, stable=True).indices
-    return order, active_counts(k.tolist())
+def check_fixed_k(fixed_k: Any) -> int:
+    """fixed_k as an int >= 0, else TypeError / ValueError."""
+    if isinstance(fixed_k, bool) or not isinstance(fixed_k, int):
+        raise TypeError(f"fixed_k must be an int or None, got {fixed_k!r}")
+    if fixed_k < 0:
+        raise ValueError(f"fixed_k must be >= 0, got {fixed_k}")
+    return fixed_k
 
 
 def call_velocity(
@@ -81,6 +117,20 @@ def call_velocity(
     return velocity(x, t, kwargs, model_input=model_input)
 
 
+def input_cast(velocity: VelocityFn, state: Tensor) -> torch.dtype | None:
+    """The model input dtype a fused update should write, or None (no cast needed)."""
+    if isinstance(velocity, VelocityModel) and velocity.input_dtype is not None:
+        if velocity.input_dtype != state.dtype:
+            return velocity.input_dtype
+    return None
+
+
+def _input_buffer(ops: RolloutOps, velocity: VelocityFn, state: Tensor) -> Tensor | None:
+    """state cast to the model's dtype, refreshed by a fused update; None otherwise."""
+    cast = input_cast(velocity, state) if ops.fused else None
+    return None if cast is None else state.to(cast)
+
+
 def euler_rollout(
     velocity: VelocityFn,
     x_t0: Tensor,
@@ -90,79 +140,119 @@ def euler_rollout(
     model_kwargs: Any = None,
     *,
     fixed_k: int | None = None,
+    ops: RolloutOps | None = None,
+    graphs: GraphCache | None = None,
 ) -> Tensor:
     """Roll each sample k_i Euler steps of size step_i from (x_t0, t0); returns x^_t1.
 
-    Runs under torch.no_grad. x_t0 is not modified. Samples with k_i = 0 come back
-    unchanged (bit for bit). ``fixed_k=K``: the caller guarantees every k_i lies in
-    {0, ..., K} (not checked: checking would read k; k_i is taken as min(max(k_i, 0), K)),
-    so the masked static plan runs: K full-batch steps, no sort and no host sync
-    (torch.compile traces it without a graph break).
+    x^_i = x_t0[i] after k_i steps x += step_i * v(x, tau), tau += step_i. Runs under
+    torch.no_grad; x_t0 is not modified; samples with k_i = 0 come back unchanged (bit
+    for bit). Per-sample k: the prefix plan, one host read (``k.tolist()``).
+    ``fixed_k=K``: the caller guarantees every k_i lies in {0, ..., K} (not checked:
+    checking would read k; k_i is taken as min(max(k_i, 0), K)), so the masked static plan
+    runs: K full-batch steps, no sort and no host read. ``ops``: :data:`TORCH_OPS`
+    (default) or :data:`reflexflow.native.NATIVE_OPS`. ``graphs``: the CUDA graphs that
+    run static plans (``fixed_k``, and per-sample k that are all equal; where a graph
+    cannot be captured the plan runs eagerly).
     """
-    if fixed_k is not None:
-        steps = check_fixed_k(fixed_k)
-        with torch.no_grad():
-            xs = x_t0.clone()
-            tau = t0.to(xs.dtype).clone()
-            masked_euler_steps(
-                velocity, xs, tau, step.to(xs.dtype), k, steps, model_kwargs, euler_update_masked
-            )
-        return xs
-    batch = x_t0.shape[0]
-    order, active = rollout_plan(k)
-    if not active:
-        return x_t0.clone()
+    ops = TORCH_OPS if ops is None else ops
+    steps = None if fixed_k is None else check_fixed_k(fixed_k)
     with torch.no_grad():
-        xs = x_t0.index_select(0, order)
-        ts = t0.index_select(0, order).clone()
-        hs = step.index_select(0, order)
-        kwargs = index_batch(model_kwargs, batch, order)
-        for n in active:
-            v = velocity(xs[:n], ts[:n], prefix_batch(kwargs, batch, n))
-            xs[:n] += bcast(hs[:n], xs) * v
-            ts[:n] += hs[:n]
-        out = torch.empty_like(x_t0)
-        out.index_copy_(0, order, xs)
+        dtype = x_t0.dtype
+        tau0, h = t0.to(dtype), step.to(dtype)
+        # per-sample k: the one host read, the prefix lengths (read before any move)
+        active = None if steps is not None else active_counts(k.tolist())
+        k = k.to(device=x_t0.device, dtype=torch.int64)
+        if active is not None:
+            if not active:
+                return x_t0.clone()
+            if graphs is None or active[-1] != x_t0.shape[0]:
+                return prefix_rollout(ops, velocity, x_t0, tau0, h, k, active, model_kwargs)
+            steps = len(active)  # every k_i equal: a static plan
+        if graphs is not None and steps > 0:
+            out = graphs.run(velocity, x_t0, tau0, h, k, steps, model_kwargs, ops)
+            if out is not None:
+                return out
+        return static_rollout(ops, velocity, x_t0, tau0, h, k, steps, model_kwargs)
+
+
+def prefix_rollout(
+    ops: RolloutOps,
+    velocity: VelocityFn,
+    x: Tensor,
+    tau0: Tensor,
+    h: Tensor,
+    k: Tensor,
+    active: list[int],
+    kwargs: Any,
+) -> Tensor:
+    """The prefix plan: x[:n_j] += h[:n_j] * v(x[:n_j], tau_j[:n_j]) on the batch sorted
+    by k (``ops.plan`` sorts it, once; given the step count it reads nothing)."""
+    batch = x.shape[0]
+    order, _, times, steps = ops.plan(k, tau0, h, len(active))
+    xs = x.index_select(0, order)
+    kwargs = index_batch(kwargs, batch, order)
+    xin = _input_buffer(ops, velocity, xs)
+    for j, n in enumerate(active):
+        v = call_velocity(
+            velocity,
+            xs[:n],
+            times[j, :n],
+            prefix_batch(kwargs, batch, n),
+            None if xin is None else xin[:n],
+        )
+        nxt = None if xin is None or j + 1 == len(active) else xin[:n]
+        ops.update(xs[:n], v, steps[:n], nxt)
+    out = torch.empty_like(x)
+    out.index_copy_(0, order, xs)
     return out
 
 
-def check_fixed_k(fixed_k: Any) -> int:
-    """fixed_k as an int >= 0, else TypeError / ValueError."""
-    if isinstance(fixed_k, bool) or not isinstance(fixed_k, int):
-        raise TypeError(f"fixed_k must be an int or None, got {fixed_k!r}")
-    if fixed_k < 0:
-        raise ValueError(f"fixed_k must be >= 0, got {fixed_k}")
-    return fixed_k
+def static_rollout(
+    ops: RolloutOps,
+    velocity: VelocityFn,
+    x: Tensor,
+    tau0: Tensor,
+    h: Tensor,
+    k: Tensor,
+    steps: int,
+    kwargs: Any,
+) -> Tensor:
+    """The masked static plan, eagerly, on copies of x and tau0; no host read."""
+    state = x.clone(memory_format=torch.contiguous_format) if ops.fused else x.clone()
+    tau = tau0.clone(memory_format=torch.contiguous_format)  # updated in place
+    xin = _input_buffer(ops, velocity, state)
+    masked_euler_steps(ops, velocity, state, tau, h, k, steps, kwargs, xin)
+    return state
 
 
 def masked_euler_steps(
+    ops: RolloutOps,
     velocity: VelocityFn,
     state: Tensor,
     tau: Tensor,
     h: Tensor,
     k: Tensor,
     steps: int,
-    model_kwargs: Any,
-    update: MaskedUpdate,
+    kwargs: Any,
     model_input: Tensor | None = None,
 ) -> None:
-    """The masked static plan, in place on (state, tau): for j < steps,
-    v = v(state, tau); update(state, tau, v, h, k, j, next input), which moves only the
-    rows with k > j (:func:`euler_update_masked` or its C++/CUDA op).
+    """The masked static plan's loop, in place on (state, tau): for j < steps,
+    v = v(state, tau); ``ops.masked_update`` moves the rows with k > j.
 
     ``model_input``: a buffer holding state cast to the model's dtype, refreshed by the
-    update (fused) and passed to the model; None lets the velocity cast itself.
+    (fused) update and passed to the model; None lets the velocity cast itself.
     """
     for j in range(steps):
-        v = call_velocity(velocity, state, tau, model_kwargs, model_input)
+        v = call_velocity(velocity, state, tau, kwargs, model_input)
         nxt = None if model_input is None or j + 1 == steps else model_input
-        update(state, tau, v, h, k, j, nxt)
+        ops.masked_update(state, tau, v, h, k, j, nxt)
 
 
-def plan_tensors(
+def rollout_plan(
     k: Tensor, t0: Tensor, step: Tensor, kmax: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Reference twin of ``torch.ops.reflexflow.rollout_plan``: (order, counts, times, steps).
+    """Twin of ``torch.ops.reflexflow.rollout_plan``: (order, counts, times, steps).
 
     order = stable sort of k, descending; the plan has K = kmax steps if given (no host
     read of k), else max k (one host read); counts[j] = #{i : k_i > j} for j < K;
@@ -183,7 +273,7 @@ def plan_tensors(
 
 
 def euler_update(state: Tensor, v: Tensor, h: Tensor, next_input: Tensor | None = None) -> None:
-    """Reference twin of ``torch.ops.reflexflow.euler_update_``, in place.
+    """Twin of ``torch.ops.reflexflow.euler_update_``, in place.
 
     state += h * v (v cast to state's dtype; h of shape (n,) per sample, or one value);
     next_input, when given, receives the new state cast to its own dtype.
@@ -203,7 +293,7 @@ def euler_update_masked(
     j: int,
     next_input: Tensor | None = None,
 ) -> None:
-    """Reference twin of ``torch.ops.reflexflow.euler_update_masked_``, in place.
+    """Twin of ``torch.ops.reflexflow.euler_update_masked_``, in place.
 
     On the rows r with k[r] > j only: state[r] += h[r] * v[r]; tau[r] += h[r];
     next_input[r] = state[r] cast to next_input's dtype. The other rows are left bit for
@@ -218,3 +308,12 @@ def euler_update_masked(
     tau.copy_(torch.where(live, tau + hs, tau))
     if next_input is not None:
         next_input.copy_(torch.where(rows, state.to(next_input.dtype), next_input))
+
+
+TORCH_OPS = RolloutOps(
+    name="torch",
+    plan=rollout_plan,
+    update=euler_update,
+    masked_update=euler_update_masked,
+    fused=False,
+)

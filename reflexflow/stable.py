@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .paths import PathLike
+from .paths import PathLike, get_path
 from .reference import STABLE_S_FLOOR, check_stable_inputs
 
 __all__ = ["stable_target", "StableReferenceBank", "STABLE_S_FLOOR"]
@@ -68,8 +68,8 @@ def stable_target(
         # float32 would lose digits that 1 / s amplifies
         cdt = torch.float32 if x.device.type == "mps" else torch.float64
         tt = t.detach().to(cdt)
-        a, da, ds = path.a(tt).to(cdt), path.da(tt).to(cdt), path.ds(tt).to(cdt)
-        s = path.s(tt).to(cdt).clamp_min(s_floor)
+        c = get_path(path).coefficients(tt).to(cdt)
+        a, da, ds, s = c.a, c.da, c.ds, c.s.clamp_min(s_floor)
         scale = a / (s * s)  # per-query inverse temperature times a
 
         def col(c: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import reflexflow as rf
 from reflexflow import native
 from reflexflow.engine import RolloutEngine
 from reflexflow.reference import euler_rollout_per_sample
-from reflexflow.rollout import euler_update, euler_update_masked, plan_tensors
+from reflexflow.rollout import euler_update, euler_update_masked, rollout_plan
 from tests._rollout_models import TinyNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -75,7 +75,7 @@ def test_cuda_plan_matches_torch_twin(ops):
         step = torch.rand(batch, generator=gen).cuda() * 0.1
         for given in (None, 0, kmax, kmax + 2):
             got = ops.rollout_plan(k, t0, step, given)
-            want = plan_tensors(k, t0, step, given)
+            want = rollout_plan(k, t0, step, given)
             for g, w in zip(got, want, strict=True):
                 assert g.shape == w.shape and torch.equal(g, w), (batch, kmax, given)
     with pytest.raises(RuntimeError, match="k must be >= 0"):
@@ -178,7 +178,7 @@ def test_cuda_graph_fixed_k_matches_reference(ops, backend, model_dtype):
         want = RolloutEngine("torch")(vm, x, t0, k, h, kwargs)
         tol = 1e-5 if model_dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    assert len(engine._graphs) == 1
+    assert len(engine.graphs) == 1
     vm2 = rf.VelocityModel(net, input_dtype=model_dtype)
     engine(vm2, x, t0, k, h, kwargs)
     assert vm2.sample_forwards == int(k.sum()) and vm2.calls == int(k.max())
@@ -189,7 +189,8 @@ def test_cuda_loss_with_graph_matches_torch_backend(ops):
     x1 = torch.randn(8, 3, 8, 8, device="cuda")
     kw = dict(rollout_steps=3, num_sampling_steps=20, k_draw="fixed")
     out = {}
-    for name, extra in (("graph", dict(cuda_graph=True)), ("torch", dict(backend="torch"))):
+    torch_only = dict(backend="torch", rollout_backend="torch")
+    for name, extra in (("graph", dict(cuda_graph=True)), ("torch", torch_only)):
         gen = torch.Generator(device="cuda").manual_seed(0)
         out[name] = rf.ReflexFlowLoss(**kw, **extra)(net, x1, generator=gen)
     torch.testing.assert_close(out["graph"].loss, out["torch"].loss, rtol=1e-5, atol=1e-6)
@@ -310,7 +311,7 @@ def test_cuda_graph_takes_k_as_an_input_buffer(ops, backend):
         want = RolloutEngine(backend)(vm, x, t0, k, h, fixed_k=3)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert torch.equal(got[k == 0], x[k == 0])
-    assert len(engine._graphs) == 1
+    assert len(engine.graphs) == 1
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
@@ -342,7 +343,7 @@ def test_cuda_graph_replays_read_live_weights_under_bf16_autocast(ops, backend):
         opt.step()
         opt.zero_grad(set_to_none=True)
         del junk
-    assert len(graph._graphs) == 1  # in-place steps and one autocast state: one capture
+    assert len(graph.graphs) == 1  # in-place steps and one autocast state: one capture
 
 
 class _ModeNet(nn.Module):
@@ -366,7 +367,7 @@ def test_cuda_graph_is_recaptured_for_train_and_eval_mode(ops):
         got = graph(vm, x, t0, k, h, fixed_k=2)
         want = RolloutEngine("native")(vm, x, t0, k, h, fixed_k=2)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert len(graph._graphs) == 2
+    assert len(graph.graphs) == 2
 
 
 @pytest.mark.parametrize("change", ["load_state_dict_assign", "ema_swap"])
@@ -390,7 +391,7 @@ def test_cuda_graph_is_recaptured_when_the_weights_move(ops, change):
     want = RolloutEngine("native")(vm, x, t0, k, h, fixed_k=2)
     del junk
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert (got - before).abs().max() > 1e-3 and len(graph._graphs) == 2
+    assert (got - before).abs().max() > 1e-3 and len(graph.graphs) == 2
 
 
 class _HostTensorNet(nn.Module):
@@ -425,7 +426,7 @@ def test_cuda_graph_capture_failure_falls_back_to_eager_and_leaves_cuda_usable(o
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert not torch.cuda.is_current_stream_capturing()
     assert torch.cuda.current_stream() == stream
-    assert len(graph._graphs) == 0 and len(graph._uncapturable) == 1
+    assert len(graph.graphs) == 0 and len(graph.graphs.uncapturable) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # remembered: no second attempt, no second warning
         again = graph(vm, x, t0, k, h, fixed_k=2)
@@ -441,7 +442,7 @@ def test_cuda_graph_capture_failure_falls_back_to_eager_and_leaves_cuda_usable(o
             rtol=1e-5,
             atol=1e-6,
         )
-    assert len(fresh._graphs) == 1
+    assert len(fresh.graphs) == 1
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import reflexflow as rf
+from reflexflow import graphs as graphs_mod
 from reflexflow import native
-from reflexflow.engine import RolloutEngine, rollout
+from reflexflow.engine import RolloutEngine
 from reflexflow.reference import euler_rollout_per_sample
 from tests._rollout_models import Counting, TinyNet
 
@@ -139,6 +140,8 @@ def test_all_zero_k_makes_no_model_call(backend):
 def test_engine_rejects_unknown_backend_and_non_bool_graph():
     with pytest.raises(ValueError, match="backend"):
         RolloutEngine("cuda")
+    with pytest.raises(ValueError, match="backend"):  # the objective's choice, not the rollout's
+        RolloutEngine("triton")
     with pytest.raises(TypeError, match="cuda_graph"):
         RolloutEngine("auto", cuda_graph=1)
 
@@ -151,8 +154,10 @@ def test_torch_backend_never_touches_the_extension(monkeypatch):
     vm = rf.VelocityModel(TinyNet())
     x, t0, k, h = _inputs()
     torch.testing.assert_close(
-        rollout(vm, x, t0, k, h, backend="torch"), euler_rollout_per_sample(vm, x, t0, k, h)
+        RolloutEngine("torch")(vm, x, t0, k, h), euler_rollout_per_sample(vm, x, t0, k, h)
     )
+    loss_fn = rf.ReflexFlowLoss(rollout_steps=2, num_sampling_steps=20, rollout_backend="torch")
+    assert torch.isfinite(loss_fn(TinyNet(), x).loss)
 
 
 def test_loss_backends_agree():
@@ -192,16 +197,90 @@ def test_autocast_bf16_model_keeps_a_float32_state(backend):
     torch.testing.assert_close(got, want, rtol=0, atol=3e-2)
 
 
-def test_clear_graph_cache_empties_every_engine():
-    from reflexflow import engine as engine_mod
+def test_clear_graphs_empties_the_engines_cache():
+    eng = RolloutEngine("torch", cuda_graph=True)
+    eng.graphs.graphs[("fake",)] = object()
+    eng.graphs.uncapturable.add(("other",))
+    eng.clear_graphs()
+    assert len(eng.graphs) == 0 and not eng.graphs.uncapturable
+
+
+def test_a_copied_engine_leaves_the_captured_graphs_behind():
+    import copy
+    import pickle
 
     eng = RolloutEngine("torch", cuda_graph=True)
-    eng._graphs[("fake",)] = object()
-    eng.clear_graphs()
-    assert eng._graphs == {}
-    rollout(rf.VelocityModel(TinyNet()), *_inputs(), backend="torch", cuda_graph=True)
-    engine_mod.clear_graph_cache()
-    assert all(not e._graphs for e in engine_mod._ENGINES.values())
+    eng.graphs.graphs[("fake",)] = object()
+    for twin in (copy.deepcopy(eng), pickle.loads(pickle.dumps(eng))):
+        assert len(twin.graphs) == 0 and twin.graphs is not eng.graphs
+        assert (twin.backend, twin.cuda_graph) == ("torch", True)
+    assert len(eng.graphs) == 1
+
+
+def test_each_loss_owns_its_engine_and_deleting_the_loss_frees_its_graphs(monkeypatch):
+    """No process-wide registry: the graphs (and the model they keep alive) go with the
+    ReflexFlowLoss that captured them; the functional form uses a fresh or a given engine."""
+    import gc
+    import weakref
+
+    _patch_graphs(monkeypatch, fail=False)
+    monkeypatch.setattr(RolloutEngine, "uses_graph", lambda self, x: self.cuda_graph)
+    kw = dict(rollout_steps=2, num_sampling_steps=20, k_draw="fixed", cuda_graph=True)
+    x1 = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(19))
+    net = TinyNet()
+    loss_fn = rf.ReflexFlowLoss(**kw)
+    assert loss_fn.engine is not rf.ReflexFlowLoss(**kw).engine
+    loss_fn(net, x1, generator=torch.Generator().manual_seed(0))
+    assert len(loss_fn.engine.graphs) == 1 and len(_FakeGraph.made) == 1
+    loss_fn(net, x1, generator=torch.Generator().manual_seed(1))
+    assert len(_FakeGraph.made) == 1  # replayed from the loss's own cache
+    given = RolloutEngine(cuda_graph=True)
+    for seed in (2, 3):
+        rf.reflexflow_loss(net, x1, generator=torch.Generator().manual_seed(seed), **kw)
+        rf.reflexflow_loss(
+            net, x1, generator=torch.Generator().manual_seed(seed), engine=given, **kw
+        )
+    assert len(_FakeGraph.made) == 4  # a fresh engine per call without engine=
+    assert len(given.graphs) == 1
+    alive = weakref.ref(net)
+    _FakeGraph.made.clear()
+    del net, given
+    gc.collect()
+    assert alive() is not None  # loss_fn's graph still holds the model
+    del loss_fn
+    gc.collect()
+    assert alive() is None
+
+
+def test_rollout_backend_is_the_rollouts_knob_and_backend_the_objectives(monkeypatch):
+    from reflexflow.native import NATIVE_OPS
+    from reflexflow.rollout import TORCH_OPS
+
+    with pytest.raises(ValueError, match="rollout_backend must be one of"):
+        rf.ReflexFlowConfig(rollout_backend="triton")
+    x = torch.zeros(2, 3, 6, 6)
+    assert rf.ReflexFlowLoss(rollout_backend="torch").engine.ops_for(x) is TORCH_OPS
+    monkeypatch.setattr(native, "has_kernel", lambda device: True)
+    for backend in ("torch", "auto"):  # the objective's backend leaves the rollout alone
+        engine = rf.ReflexFlowLoss(backend=backend).engine
+        assert engine.backend == "auto" and engine.ops_for(x) is NATIVE_OPS
+    assert rf.ReflexFlowLoss(rollout_backend="native").engine.ops_for(x) is NATIVE_OPS
+    assert RolloutEngine("auto").ops_for(x.half()) is TORCH_OPS  # no half-precision op
+
+
+def test_native_rollout_backend_without_the_extension_is_a_clear_value_error(monkeypatch):
+    monkeypatch.setattr(native, "has_kernel", lambda device: False)
+    monkeypatch.setitem(native._state, "reason", "REFLEXFLOW_NO_EXT=1")
+    vm = rf.VelocityModel(TinyNet())
+    x, t0, k, h = _inputs()
+    with pytest.raises(ValueError, match="rollout_backend='native'.*REFLEXFLOW_NO_EXT=1"):
+        RolloutEngine("native")(vm, x, t0, k, h)
+    loss_fn = rf.ReflexFlowLoss(rollout_steps=2, num_sampling_steps=20, rollout_backend="native")
+    with pytest.raises(ValueError, match="rollout_backend='native'"):
+        loss_fn(TinyNet(), x)
+    torch.testing.assert_close(  # "auto" falls back to the PyTorch twins
+        RolloutEngine("auto")(vm, x, t0, k, h), euler_rollout_per_sample(vm, x, t0, k, h)
+    )
 
 
 def _old_static_plan(velocity, x, t0, step, kwargs, steps):
@@ -298,9 +377,7 @@ class _Wrapper:
 
 
 def _key(velocity, x):
-    from reflexflow.engine import graph_key
-
-    return graph_key(velocity, x, 2, None, False, {})
+    return graphs_mod.graph_key(velocity, x, 2, None, "torch", {})
 
 
 @pytest.mark.parametrize("form", ["velocity_model", "module", "bound_method", "wrapper"])
@@ -350,19 +427,18 @@ def test_graph_key_follows_mode_storage_and_autocast(form):
 
 
 def test_graph_key_separates_models_shapes_steps_and_kwargs():
-    from reflexflow.engine import graph_key
-
+    graph_key = graphs_mod.graph_key
     a, b = rf.VelocityModel(TinyNet()), rf.VelocityModel(TinyNet())
     x = torch.zeros(2, 3, 6, 6)
     y = {"y": torch.zeros(2, dtype=torch.int64)}
     keys = {
-        graph_key(a, x, 2, None, False, y),
-        graph_key(b, x, 2, None, False, y),
-        graph_key(a, x[:1], 2, None, False, y),
-        graph_key(a, x, 3, None, False, y),
-        graph_key(a, x, 2, torch.bfloat16, True, y),
-        graph_key(a, x, 2, None, False, {"y": torch.zeros(2, 4)}),
-        graph_key(a, x.double(), 2, None, False, y),
+        graph_key(a, x, 2, None, "torch", y),
+        graph_key(b, x, 2, None, "torch", y),
+        graph_key(a, x[:1], 2, None, "torch", y),
+        graph_key(a, x, 3, None, "torch", y),
+        graph_key(a, x, 2, torch.bfloat16, "native", y),
+        graph_key(a, x, 2, None, "torch", {"y": torch.zeros(2, 4)}),
+        graph_key(a, x.double(), 2, None, "torch", y),
     }
     assert len(keys) == 7
 
@@ -373,24 +449,26 @@ class _FakeGraph:
     made: list = []
     fail: bool = False
 
-    def __init__(self, velocity, x, tau, h, k, steps, kwargs, use_native, cast) -> None:
-        from reflexflow.engine import CaptureError
-
+    def __init__(self, velocity, x, tau, h, k, steps, kwargs, ops, cast) -> None:
         type(self).made.append(velocity)
         if type(self).fail:
-            raise CaptureError("RuntimeError: operation not permitted when stream is capturing")
+            raise graphs_mod.CaptureError(
+                "RuntimeError: operation not permitted when stream is capturing"
+            )
         self.velocity, self.steps = velocity, steps
 
     def run(self, x, tau, h, k, kwargs):
         return RolloutEngine("torch")(self.velocity, x, tau, k, h, kwargs, fixed_k=self.steps)
 
 
-def _graph_engine(monkeypatch, fail: bool) -> RolloutEngine:
-    from reflexflow import engine as engine_mod
-
-    monkeypatch.setattr(engine_mod, "_Graph", _FakeGraph)
+def _patch_graphs(monkeypatch, fail: bool) -> None:
+    monkeypatch.setattr(graphs_mod, "CapturedRollout", _FakeGraph)
     monkeypatch.setattr(_FakeGraph, "made", [])
     monkeypatch.setattr(_FakeGraph, "fail", fail)
+
+
+def _graph_engine(monkeypatch, fail: bool) -> RolloutEngine:
+    _patch_graphs(monkeypatch, fail)
     engine = RolloutEngine("torch", cuda_graph=True)
     monkeypatch.setattr(engine, "uses_graph", lambda x: True)
     return engine
@@ -418,24 +496,22 @@ def test_failed_capture_warns_once_remembers_the_key_and_runs_eagerly(monkeypatc
 
 
 def test_graph_cache_is_least_recently_used_and_keyed_by_model_state(monkeypatch):
-    from reflexflow import engine as engine_mod
-
     engine = _graph_engine(monkeypatch, fail=False)
     x, t0, k, h = _inputs(batch=4, kmax=2, seed=16)
-    models = [rf.VelocityModel(TinyNet()) for _ in range(engine_mod._MAX_GRAPHS + 1)]
+    models = [rf.VelocityModel(TinyNet()) for _ in range(graphs_mod.MAX_GRAPHS + 1)]
     for vm in models[:-1]:
         engine(vm, x, t0, k, h, fixed_k=2)
     engine(models[0], x, t0, k, h, fixed_k=2)  # a hit: now the most recent
-    assert len(_FakeGraph.made) == engine_mod._MAX_GRAPHS
+    assert len(_FakeGraph.made) == graphs_mod.MAX_GRAPHS
     engine(models[-1], x, t0, k, h, fixed_k=2)  # evicts models[1], the least recent
-    assert len(engine._graphs) == engine_mod._MAX_GRAPHS
+    assert len(engine.graphs) == graphs_mod.MAX_GRAPHS
     engine(models[0], x, t0, k, h, fixed_k=2)
-    assert len(_FakeGraph.made) == engine_mod._MAX_GRAPHS + 1
+    assert len(_FakeGraph.made) == graphs_mod.MAX_GRAPHS + 1
     engine(models[1], x, t0, k, h, fixed_k=2)
-    assert len(_FakeGraph.made) == engine_mod._MAX_GRAPHS + 2
+    assert len(_FakeGraph.made) == graphs_mod.MAX_GRAPHS + 2
     models[0].model.eval()  # a new key: captured again
     engine(models[0], x, t0, k, h, fixed_k=2)
-    assert len(_FakeGraph.made) == engine_mod._MAX_GRAPHS + 3
+    assert len(_FakeGraph.made) == graphs_mod.MAX_GRAPHS + 3
 
 
 def test_per_sample_k_all_equal_takes_the_graph_and_mixed_k_does_not(monkeypatch):

@@ -4,15 +4,19 @@ import torch
 
 import reflexflow as rf
 from reflexflow import reference as ref
-from reflexflow.rollout import euler_rollout, rollout_plan
+from reflexflow.rollout import active_counts, euler_rollout, rollout_plan
 from tests.helpers import ConvVelocity
 
 
 def test_rollout_plan_sorts_by_k_and_counts_active_samples_per_step():
     k = torch.tensor([0, 3, 1, 3, 2, 0])
-    order, active = rollout_plan(k)
+    t0, step = torch.zeros(6), torch.full((6,), 0.25)
+    order, counts, times, steps = rollout_plan(k, t0, step)
     assert order.tolist() == [1, 3, 4, 2, 0, 5]  # stable, descending
-    assert active == [4, 3, 2]
+    assert counts.tolist() == active_counts(k.tolist()) == [4, 3, 2]
+    assert times[:, 0].tolist() == [0.0, 0.25, 0.5] and torch.equal(steps, step)
+    given = rollout_plan(k, t0, step, 2)  # a given step count: no read of k
+    assert given[1].tolist() == [4, 3] and given[2].shape == (2, 6)
 
 
 def test_rollout_together_equals_one_by_one_for_per_sample_k():

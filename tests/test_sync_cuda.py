@@ -67,6 +67,7 @@ def test_fixed_k_loss_step_makes_no_host_sync(backend, cuda_graph, amp):
         k_draw="fixed",
         num_sampling_steps=20,
         backend=backend,
+        rollout_backend=backend,  # "torch": the PyTorch rollout too, as before the split
         cuda_graph=cuda_graph,
     )
     x1 = torch.randn(8, 4, 16, 16, device="cuda")

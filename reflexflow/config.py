@@ -24,6 +24,8 @@ __all__ = ["ReflexFlowConfig", "METHODS", "BACKENDS", "ROLLOUT_BACKENDS", "FROM_
 METHODS = ("reflexflow", "fm", "ip", "ss")
 BACKENDS = ("auto", "torch", "triton")
 K_DRAWS = ("fixed", "uniform")
+K_MINS = (0, 1)
+TIME_DRAWS = ("start", "end")
 SCHEDULES = ("grid", "single")
 FC_SOURCES = ("state", "velocity")
 ADR_LOSSES = ("direction", "mse")
@@ -90,6 +92,8 @@ class ReflexFlowConfig:
     rollout_steps: int = FROM_PRESET  # K
     num_sampling_steps: int = FROM_PRESET  # N, inference steps: h = 1 / N
     k_draw: str = FROM_PRESET
+    k_min: int = FROM_PRESET  # k ~ U{k_min..K}: 1, or 0 as SimpleTuner (some samples not rolled)
+    time_draw: str = FROM_PRESET  # "start": t0 is drawn; "end": t1 is drawn (SimpleTuner)
     step_schedule: str = FROM_PRESET
     ss_prob: float = FROM_PRESET
     t_eps: float = 1e-3
@@ -154,6 +158,9 @@ class ReflexFlowConfig:
         _check_number("rollout_steps", self.rollout_steps, low=1, integer=True)
         _check_number("num_sampling_steps", self.num_sampling_steps, low=1, integer=True)
         _check_choice("k_draw", self.k_draw, K_DRAWS)
+        if isinstance(self.k_min, bool) or self.k_min not in K_MINS:
+            raise ValueError(f"k_min must be one of {K_MINS}, got {self.k_min!r}")
+        _check_choice("time_draw", self.time_draw, TIME_DRAWS)
         _check_choice("step_schedule", self.step_schedule, SCHEDULES)
         _check_number("ss_prob", self.ss_prob, low=0, high=1)
         _check_number("t_eps", self.t_eps, low=0, high=0.5, low_open=True)
@@ -210,6 +217,11 @@ class ReflexFlowConfig:
             raise ValueError(
                 f"rollout_steps={self.rollout_steps} Euler steps of h = 1/num_sampling_steps = "
                 f"{self.step:.4g} do not fit before t = 1 - t_eps = {1 - self.t_eps}"
+            )
+        if self.time_draw == "end" and self.step_schedule != "grid":
+            raise ValueError(
+                "time_draw='end' draws where a rollout of k grid steps ends: it needs "
+                "step_schedule='grid'"
             )
         if self.rollout_grad and self.step_schedule == "grid" and self.rollout_steps != 1:
             raise ValueError(

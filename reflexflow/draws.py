@@ -3,19 +3,27 @@
 Canonical convention (data at t = 1). For each sample i:
 
     eps_i ~ N(0, I);  k_i = 0 with probability 1 - ss_prob, else K (k_draw "fixed") or
-    U{1..K} ("uniform");  t0_i = u_i * room_i,  room_i = 1 - t_eps - k_i h  (grid)
-    or 1 - t_eps (single step, where t1_i = t0_i + (1 - t_eps - t0_i) U(0, 1)).
+    U{k_min..K} ("uniform", k_min 1 by default, 0 as SimpleTuner);
+    time_draw "start" (default): t0_i = u_i * room_i,  room_i = 1 - t_eps - k_i h  (grid)
+    or 1 - t_eps (single step, where t1_i = t0_i + (1 - t_eps - t0_i) U(0, 1));
+    time_draw "end" (SimpleTuner, grid only): the drawn u_i is the END time t_e; a sample
+    that rolls out ends on the 1/N grid, n_i = floor(N (1 - t_e)) (SimpleTuner's
+    int(1000 sigma)), t1_i = 1 - n_i / N, and starts k_i steps earlier, t0_i = t1_i - k_i h,
+    with k_i cut to N - 1 - n_i (SimpleTuner clamps its source index to N - 1); a sample
+    that does not roll out keeps t0_i = t1_i = t_e.
 
 A user's own times t (their convention) are taken as they are: every t in [0, 1] is
 valid for a sample that does not roll out (FM is defined there), and a sample whose t
 leaves no room for its drawn rollout (t0 + k h > 1 - t_eps) does not roll out (k_i = 0),
 so t from SiT's sampler (uniform on [0, 1)) is always accepted. Explicit k must fit its
-explicit t, and k <= rollout_steps. With lambda_adr = lambda_fc = 0 nothing rolls out
-(k = 0 for every sample, t0 = u (1 - t_eps)).
+explicit t, and k <= rollout_steps. With time_draw "end" the user's t is the end time.
+With lambda_adr = lambda_fc = 0 nothing rolls out (k = 0 for every sample,
+t0 = u (1 - t_eps)).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -23,10 +31,12 @@ from torch import Tensor
 
 from .config import ReflexFlowConfig
 from .conventions import to_canonical_time
-from .time_sampling import LogitNormalTime, UniformTime
+from .time_sampling import LogitNormalTime, ShiftedLogitNormalTime, UniformTime
 
-__all__ = ["Draws", "draw", "static_k", "T_TOL"]
+__all__ = ["Draws", "draw", "static_k", "end_grid_times", "T_TOL"]
 
+# samplers whose output is in [0, 1] by construction (no check, no host sync)
+_BUILTIN_SAMPLERS = (UniformTime, LogitNormalTime, ShiftedLogitNormalTime)
 T_TOL = 1e-6  # slack for explicit times against 1 - t_eps - k h (float rounding)
 
 
@@ -54,20 +64,23 @@ def state_dtype(x: Tensor) -> torch.dtype:
 def _draw_k(
     cfg: ReflexFlowConfig, batch: int, device: torch.device, generator: torch.Generator | None
 ) -> Tensor:
-    """k_i = 0 with probability 1 - ss_prob, else K (fixed) or U{1..K} (uniform)."""
+    """k_i = 0 with probability 1 - ss_prob, else K (fixed) or U{k_min..K} (uniform)."""
     kmax = cfg.max_rollout_steps
     rolled = torch.rand(batch, device=device, generator=generator) < cfg.ss_prob
-    if cfg.k_draw == "fixed" or kmax == 1:
+    if cfg.k_draw == "fixed" or (kmax == 1 and cfg.k_min == 1):
         lengths = torch.full((batch,), kmax, device=device, dtype=torch.int64)
     else:
-        lengths = torch.randint(1, kmax + 1, (batch,), device=device, generator=generator)
+        lengths = torch.randint(cfg.k_min, kmax + 1, (batch,), device=device, generator=generator)
     return torch.where(rolled, lengths, torch.zeros_like(lengths))
 
 
 def static_k(cfg: ReflexFlowConfig) -> int | None:
     """The one rollout length every drawn k_i takes, when the config pins it."""
     kmax = cfg.max_rollout_steps
-    if cfg.rolls_out and cfg.ss_prob == 1.0 and (cfg.k_draw == "fixed" or kmax == 1):
+    if cfg.time_draw == "end":  # k is cut where the start would pass t = 0: read it
+        return None
+    pinned = cfg.k_draw == "fixed" or (kmax == 1 and cfg.k_min == 1)
+    if cfg.rolls_out and cfg.ss_prob == 1.0 and pinned:
         return kmax
     return None
 
@@ -150,6 +163,48 @@ def _user_times(
     return t0.clamp(0, None).minimum(room), k
 
 
+def end_grid_times(
+    sigma_end: Tensor, k: Tensor, n: int, t_eps: float, k_given: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SimpleTuner's end-time draw on the 1/n grid: (t0, t1, k), canonical, float64.
+
+    sigma_end = 1 - t_e is the drawn end in noise-ward form (SimpleTuner's sigma). A sample
+    with k > 0 ends at index n_e = floor(n sigma_end) (its ``int(1000 sigma)``), t1 =
+    1 - n_e / n, and starts at index min(n_e + k, n - 1) (its source clamp), so k becomes
+    min(k, n - 1 - n_e) and t0 = 1 - (n_e + k) / n. A sample with k = 0 keeps t0 = t1 =
+    t_e. Rollouts must end at t1 <= 1 - t_eps (n_e >= t_eps n): a drawn k that does not fit
+    becomes 0, an explicit one (k_given) that does not fit, or that the clamp would cut, is
+    refused. SimpleTuner puts the states on a 1/(n - 1) grid while its model sees t / n; the
+    library keeps both on 1/n (docs/peer-readings.md).
+    """
+    index = torch.floor(n * sigma_end)
+    lowest = math.ceil(t_eps * n - 1e-9)  # the smallest end index with t1 <= 1 - t_eps
+    room = (n - 1) - index  # steps before the source index reaches n - 1
+    fits = (index >= lowest) & (room >= 1)
+    if k_given:
+        bad = (k > 0) & ~(fits & (k.to(index.dtype) <= room))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"t[{i}] (end time, sigma = {float(sigma_end[i]):.6g}) with k[{i}] = "
+                f"{int(k[i])} does not fit the 1/{n} grid: the end index floor({n} sigma) = "
+                f"{int(index[i])} must be >= {lowest} (t1 <= 1 - t_eps) and the start index "
+                f"end + k <= {n - 1}"
+            )
+    k = torch.where(fits, torch.minimum(k, room.clamp_min(0).to(k.dtype)), torch.zeros_like(k))
+    rolled = k > 0
+    t_end = 1 - sigma_end
+    t1 = torch.where(rolled, 1 - index / n, t_end)
+    t0 = torch.where(rolled, 1 - (index + k.to(index.dtype)) / n, t_end)
+    return t0, t1, k
+
+
+def _noise_ward(u: Tensor, convention: str) -> Tensor:
+    """sigma = 1 - t (canonical t) from a value in the user's convention, without the
+    rounding of 1 - (1 - sigma) when the user's convention is noise-ward already."""
+    return u if convention == "noise_at_1" else 1 - u
+
+
 def draw(
     cfg: ReflexFlowConfig,
     x1: Tensor,
@@ -180,11 +235,13 @@ def draw(
         if not cfg.rolls_out:  # lambda_adr = lambda_fc = 0: plain FM, nothing rolls out
             k = torch.zeros_like(k)
     h = cfg.step
+    if cfg.time_draw == "end":
+        return _draw_end(cfg, x1, eps, t, k, k_given, generator, dtype)
     single = cfg.step_schedule == "single"
     room = (1 - cfg.t_eps) - (0 if single else h) * k.to(torch.float64)  # t0 <= room
     if t is None:
         u = cfg.sampler(batch, device, generator)
-        if not isinstance(cfg.sampler, (UniformTime, LogitNormalTime)):
+        if not isinstance(cfg.sampler, _BUILTIN_SAMPLERS):
             u = _check_sampler_output(u, batch, device).to(torch.float64)
             if bool(((u < 0) | (u > 1) | u.isnan()).any()):  # one sync, user samplers only
                 raise ValueError("time_sampler must return values in [0, 1]")
@@ -200,3 +257,36 @@ def draw(
         t1 = t0 + h * k.to(torch.float64)
         step = torch.full_like(t0, h)
     return Draws(eps, k, t0.to(dtype), t1.to(dtype), step.to(dtype), fixed_k)
+
+
+def _draw_end(
+    cfg: ReflexFlowConfig,
+    x1: Tensor,
+    eps: Tensor,
+    t: Tensor | None,
+    k: Tensor,
+    k_given: bool,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+) -> Draws:
+    """time_draw "end": the drawn (or given) time is where the rollout ends; see
+    :func:`end_grid_times`."""
+    batch, device = x1.shape[0], x1.device
+    if t is None:
+        u = cfg.sampler(batch, device, generator)
+        if not isinstance(cfg.sampler, _BUILTIN_SAMPLERS):
+            u = _check_sampler_output(u, batch, device).to(torch.float64)
+            if bool(((u < 0) | (u > 1) | u.isnan()).any()):
+                raise ValueError("time_sampler must return values in [0, 1]")
+        sigma_end = _noise_ward(u.to(torch.float64), cfg.convention)
+    else:
+        _check_t(t, batch, device)
+        tt = t.to(torch.float64)
+        bad = ~((tt >= -T_TOL) & (tt <= 1 + T_TOL))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"t[{i}] = {float(t[i]):.6g} ({cfg.convention}) must lie in [0, 1]")
+        sigma_end = _noise_ward(tt, cfg.convention).clamp(0, 1)
+    t0, t1, k = end_grid_times(sigma_end, k, cfg.num_sampling_steps, cfg.t_eps, k_given)
+    step = torch.full_like(t0, cfg.step)
+    return Draws(eps, k, t0.to(dtype), t1.to(dtype), step.to(dtype), None)

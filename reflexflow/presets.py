@@ -26,6 +26,8 @@ PRESET_FIELDS = (
     "rollout_steps",
     "num_sampling_steps",
     "k_draw",
+    "k_min",
+    "time_draw",
     "step_schedule",
     "ss_prob",
     "rollout_grad",
@@ -46,6 +48,8 @@ PRESET_FIELDS = (
 _COMMON: dict[str, Any] = {
     "method": "reflexflow",
     "k_draw": "uniform",
+    "k_min": 1,
+    "time_draw": "start",
     "ss_prob": 1.0,
     "rollout_grad": False,
     "fm_input": "clean",
@@ -135,21 +139,44 @@ SOURCES: MappingProxyType = MappingProxyType(
             "at x_t1 per step."
         ),
         "arioso": (
-            "Arioso's reimplementation of DEFAR's Algorithm 1: one Euler step t0 -> t1 = t0 "
-            "+ (1 - t0) U(0, 1) whose gradient flows through v(x_t0, t0) (rollout_grad); "
-            "direction ADR with weight 1 (its notes call 10 'a different scale' and sweep "
-            "0.5 to 10); plain FM at t0; no FC."
+            "Arioso (escapeprograms/Arioso@1af393b), DEFAR's Algorithm 1 in Arioso/augment.py "
+            "(sample_t1, adr_per_sample), Arioso/train.py (the step) and "
+            "Arioso/configs/7-9-adr.yaml: t0 ~ U(0, 1) (torch.rand), t1 = t0 + (1 - t0) U(0, 1) "
+            "(the library: t0 = u (1 - t_eps), t1 <= 1 - t_eps, within t_eps of Arioso's on the "
+            "same uniforms); one Euler step x^ = x_t0 + (t1 - t0) v(x_t0, t0) whose graph is "
+            "kept (rollout_grad); direction ADR on v(x^, t1), fp32 norms clamped at 1e-8 and no "
+            "floor, weight adr_beta = 1 (its default 0 is off; its notes sweep 0.5 to 10); "
+            "plain FM at t0; no FC. Its ADR target x1 - (1 - sigma) x^ (the library's v_adr "
+            "times s(t1) on its path x_t = (1 - (1 - 1e-4) t) x0 + t x1: the same direction) "
+            "is NOT detached, so the ADR gradient also flows through the target into "
+            "v(x_t0, t0). As shipped this preset detaches the target and floors |v1| at "
+            "0.01 |v_adr|: on the fixture (tests/data/peers/arioso.json) the loss agrees to "
+            "6e-8 where the floor does not bind, the gradients differ by 29%; the knobs that "
+            "close the gap (adr_target_grad, norm_floor 0) are listed in docs/peer-readings.md."
         ),
         "simpletuner": (
-            "SimpleTuner's scheduled sampling with ReflexFlow (reads ReflexFlow v1): Euler "
-            "over a few training timesteps without gradient, direction ADR with beta1 = 10, "
-            "FM on the biased input against u_t1 with the same prediction, FC from the "
-            "velocity-space bias (biased vs clean prediction) normalised over all elements, "
-            "no filter, applied as (w r)^2, alpha = beta2 = 1. Open in the source (its "
-            "max_step_offset is the user's choice; its docs' example is 10): the library "
-            "takes up to 4 training timesteps of 1/1000 (num_sampling_steps = 1000, "
-            "rollout_steps = 4, k ~ U{1..4}, span <= 0.004) and the signed map. SimpleTuner "
-            "rolls out with Heun or UniPC by default; the library rolls out with Euler."
+            "SimpleTuner (bghira/SimpleTuner@bc8e6ab, which contains PR 2156's ADR sign fix). "
+            "Draws (helpers/scheduled_sampling/plan.py:build_rollout_schedule, "
+            "models/common.py:sample_flow_sigmas): the END sigma = sigmoid(N(0, 1)) (then "
+            "flow_schedule_shift), end index int(1000 sigma), k ~ U{0..M} per sample "
+            "(max_step_offset M, the user's; its docs' example 10; each sample rolls out with "
+            "scheduled_sampling_probability, default 0.0, so by default nothing rolls out), "
+            "start index min(end + k, 999). Rollout (scheduled_sampling/rollout.py:"
+            "_apply_flow_matching_rollout): plain Euler for flow-matching models (its "
+            "unipc/euler/dpm sampler setting serves eps and v models only), batch-1 calls "
+            "without gradient, states on a 1/999 grid while the model is called with "
+            "timestep t (t/1000): a slip the library does not copy; one more no-grad call at "
+            "the end state (biased prediction) and one at the original noisy input (clean "
+            "prediction, at the continuous drawn sigma). Loss (models/common.py:"
+            "ModelFoundation.loss): the FM mse on the biased input against noise - latents, "
+            "computed in float32, times w = 1 + alpha e / sum|e| per element (e = clean - "
+            "biased prediction = the library's velocity-space bias, signed, sum over C, H, W: "
+            "a weight of size 1/N, alpha = 1, beta2 = 1), plus direction ADR x beta1 = 10 "
+            "against biased - latents (norms clamped at 1e-6, no floor). This preset as "
+            "shipped: k ~ U{1..4} from a drawn start time and FC as (w r)^2 with w normalised "
+            "by the mean (takenoko's form), norm_floor 0.01: its FC term is not SimpleTuner's. "
+            "The knobs that reproduce it (k_min 0, time_draw 'end', a 1/1000 grid, "
+            "fc_normalize 'sum', fc_form 'weight', norm_floor 0) are in docs/peer-readings.md."
         ),
         "grid-direction": (
             "reflexflow's default before DEFAR's figure was public (a third party's reading "

@@ -6,12 +6,19 @@ t0 = u * t_max_i with t_max_i = 1 - t_eps - k_i h (canonical convention).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["TimeSampler", "UniformTime", "LogitNormalTime", "get_time_sampler"]
+__all__ = [
+    "TimeSampler",
+    "UniformTime",
+    "LogitNormalTime",
+    "ShiftedLogitNormalTime",
+    "get_time_sampler",
+]
 
 TimeSampler = Callable[[int, torch.device, "torch.Generator | None"], Tensor]
 
@@ -45,6 +52,58 @@ class LogitNormalTime:
 
     def __repr__(self) -> str:
         return f"LogitNormalTime(mean={self.mean}, std={self.std})"
+
+
+class ShiftedLogitNormalTime:
+    """u = clamp(shift b / (1 + (shift - 1) b), low, high),  b = sigmoid(mean + std z).
+
+    A logit-normal draw through the SD3 time shift, then clamped. With shift 0.6, low 0.05,
+    high 0.95 it is takenoko's ReflexFlow re-noise time (ReflexFlowHelper.
+    _sample_shifted_logit_normal, seruva19/takenoko@72c42ad; there a noise-ward sigma); with
+    low 0, high 1 and SimpleTuner's flow_schedule_shift it is SimpleTuner's flow sigma
+    (sample_flow_sigmas + apply_flow_schedule_shift, bghira/SimpleTuner@bc8e6ab). The value
+    is in the user's convention like every time sampler's.
+    """
+
+    def __init__(
+        self,
+        shift: float = 1.0,
+        low: float = 0.0,
+        high: float = 1.0,
+        mean: float = 0.0,
+        std: float = 1.0,
+    ) -> None:
+        for name, value in (("shift", shift), ("low", low), ("high", high), ("mean", mean)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        if not 0 <= low < high <= 1:
+            raise ValueError(f"low and high must satisfy 0 <= low < high <= 1, got {low}, {high}")
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0:
+            raise ValueError(f"std must be a number > 0, got {std!r}")
+        self.shift, self.low, self.high = float(shift), float(low), float(high)
+        self.mean, self.std = float(mean), float(std)
+
+    def __call__(
+        self, batch: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> Tensor:
+        z = torch.randn(batch, device=device, generator=generator, dtype=torch.float64)
+        return self.transform(z)
+
+    def transform(self, z: Tensor) -> Tensor:
+        """The deterministic part: standard normal z to the clamped shifted value."""
+        b = torch.sigmoid(self.mean + self.std * z)
+        shifted = self.shift * b / (1.0 + (self.shift - 1.0) * b)
+        return shifted.clamp(self.low, self.high)
+
+    def __repr__(self) -> str:
+        return (
+            f"ShiftedLogitNormalTime(shift={self.shift}, low={self.low}, high={self.high}, "
+            f"mean={self.mean}, std={self.std})"
+        )
 
 
 def get_time_sampler(

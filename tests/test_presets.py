@@ -156,3 +156,33 @@ def test_the_stable_bank_is_not_updated_by_a_validation_pass():
 def test_a_reference_bank_knob_without_a_bank_is_an_error():
     with pytest.raises(ValueError, match="needs a reference bank"):
         rf.reflexflow_loss(ConvVelocity(), torch.randn(2, 3, 6, 6), target="stable", stable_ref=8)
+
+
+def test_draw_knobs_default_to_the_drawn_start_and_k_from_one_in_every_preset():
+    for name in presets.PRESETS:
+        cfg = rf.ReflexFlowConfig(preset=name)
+        assert (cfg.k_min, cfg.time_draw) == (1, "start"), name
+
+
+@pytest.mark.parametrize(
+    "knobs, error, match",
+    [
+        ({"k_min": 2}, ValueError, "k_min must be one of"),
+        ({"k_min": True}, ValueError, "k_min must be one of"),
+        ({"time_draw": "middle"}, ValueError, "time_draw must be one of"),
+        ({"time_draw": "end", "step_schedule": "single"}, ValueError, "needs step_schedule='grid'"),
+    ],
+)
+def test_draw_knobs_are_validated(knobs, error, match):
+    with pytest.raises(error, match=match):
+        rf.ReflexFlowConfig(**knobs)
+
+
+def test_an_end_time_draw_with_unrolled_samples_trains_a_step():
+    net = ConvVelocity()
+    out = rf.ReflexFlowLoss(
+        preset="simpletuner", time_draw="end", k_min=0, rollout_steps=3, num_sampling_steps=1000
+    )(net, torch.randn(8, 3, 8, 8), generator=torch.Generator().manual_seed(1))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())

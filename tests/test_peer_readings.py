@@ -1,0 +1,239 @@
+"""The presets' draws against what the peers' own code drew (fixtures in tests/data/peers/).
+
+Each fixture was produced by running the peer's own functions (SimpleTuner's
+build_rollout_schedule and _apply_flow_matching_rollout, takenoko's ReflexFlowHelper,
+Arioso's sample_t1) on fixed inputs; the file records the repository, commit, functions,
+what was stubbed, and the command. See docs/peer-readings.md. The losses and gradients in
+the same fixtures are held against the library by phase 2 of the peer-readings issue.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import reflexflow as rf
+from reflexflow.draws import draw, end_grid_times
+from reflexflow.time_sampling import LogitNormalTime, ShiftedLogitNormalTime
+
+DATA = Path(__file__).parent / "data" / "peers"
+
+
+def _fixture(name: str) -> dict:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["simpletuner", "takenoko", "arioso"])
+def test_every_fixture_names_its_source_commit_command_and_stand_ins(name):
+    fixture = _fixture(name)
+    assert len(fixture["source"]["commit"]) == 40
+    assert fixture["source"]["files"] and fixture["stubbed"]
+    assert fixture["command"].endswith(f"tests/data/peers/{name}.json")
+    assert (DATA / f"{name}.json").stat().st_size < 200 * 1024
+
+
+# --------------------------------------------------------------------------- SimpleTuner
+
+
+def _simpletuner_indices(sigmas, k, n=1000, t_eps=1e-3):
+    sigma = torch.tensor(sigmas, dtype=torch.float64)
+    t0, t1, k_eff = end_grid_times(sigma, torch.tensor(k), n, t_eps, k_given=False)
+    return (
+        torch.round(n * (1 - t1)).long(),  # end index (SimpleTuner's target timestep)
+        torch.round(n * (1 - t0)).long(),  # start index (its source timestep)
+        k_eff,
+    )
+
+
+@pytest.mark.parametrize("label", ["grid_1000_sigma_on_grid", "as_shipped"])
+def test_end_time_draw_puts_the_rollout_where_simpletuners_plan_does(label):
+    case = next(c for c in _fixture("simpletuner")["cases"] if c["label"] == label)
+    plan = case["plan"]
+    target, source, k = _simpletuner_indices(case["sigmas"], plan["rollout_steps"])
+    rolled = k > 0
+    assert torch.equal(k, torch.tensor(plan["rollout_steps"]))  # k = 0 included
+    assert torch.equal(target[rolled], torch.tensor(plan["target_timesteps"])[rolled])
+    assert torch.equal(source[rolled], torch.tensor(plan["source_timesteps"])[rolled])
+    # a sample that does not roll out keeps its drawn (continuous) time, as SimpleTuner's
+    # unchanged noisy input and timesteps do
+    t0, t1, _ = end_grid_times(
+        torch.tensor(case["sigmas"], dtype=torch.float64), k, 1000, 1e-3, k_given=True
+    )
+    stays = ~rolled
+    want = 1 - torch.tensor(case["biased_timesteps"], dtype=torch.float64) / 1000
+    torch.testing.assert_close(t1[stays], want[stays], rtol=0, atol=1e-15)
+    torch.testing.assert_close(t0[stays], t1[stays], rtol=0, atol=0)
+
+
+def test_end_time_draw_cuts_k_where_simpletuner_clamps_the_source_index():
+    draws = _fixture("simpletuner")["draws"]
+    target, source, k = _simpletuner_indices(draws["sigmas"], draws["rollout_steps"])
+    steps_run = torch.tensor(draws["model_calls_in_rollout"])  # SimpleTuner's own step count
+    ends_at_data = torch.tensor(draws["target_timesteps"]) == 0
+    # where SimpleTuner's end index is >= 1 the library runs the same number of steps...
+    assert torch.equal(k[~ends_at_data], steps_run[~ends_at_data])
+    assert torch.equal(target[k > 0], torch.tensor(draws["target_timesteps"])[k > 0])
+    assert torch.equal(source[k > 0], torch.tensor(draws["source_timesteps"])[k > 0])
+    # ...and where it ends at index 0 (t = 1, pure data: s(t1) = 0) the library does not
+    # roll out (t1 <= 1 - t_eps); SimpleTuner rolls out onto the data there
+    assert bool(ends_at_data.any()) and bool((steps_run[ends_at_data] > 0).all())
+    assert bool((k[ends_at_data] == 0).all())
+
+
+def test_end_time_draw_through_the_config_matches_the_plan_in_noise_at_1():
+    case = next(
+        c for c in _fixture("simpletuner")["cases"] if c["label"] == "grid_1000_sigma_on_grid"
+    )
+    cfg = rf.ReflexFlowConfig(
+        preset="simpletuner",
+        time_draw="end",
+        k_min=0,
+        rollout_steps=3,
+        num_sampling_steps=1000,
+        convention="noise_at_1",
+    )
+    x1 = torch.zeros(6, 2, 4, 4, dtype=torch.float64)
+    sigmas = torch.tensor(case["sigmas"], dtype=torch.float64)
+    k = torch.tensor(case["plan"]["rollout_steps"])
+    d = draw(cfg, x1, torch.zeros_like(x1), sigmas, k, None)
+    rolled = k > 0
+    source = torch.tensor(case["plan"]["source_timesteps"], dtype=torch.float64)
+    target = torch.tensor(case["plan"]["target_timesteps"], dtype=torch.float64)
+    torch.testing.assert_close(d.t1[rolled], (1 - target / 1000)[rolled], rtol=0, atol=1e-15)
+    torch.testing.assert_close(d.t0[rolled], (1 - source / 1000)[rolled], rtol=0, atol=1e-15)
+    torch.testing.assert_close(d.t1[~rolled], (1 - sigmas)[~rolled], rtol=0, atol=1e-15)
+    assert torch.equal(d.k, k) and d.fixed_k is None
+    torch.testing.assert_close(d.step, torch.full_like(d.t0, 1e-3))
+
+
+def test_end_time_draw_refuses_an_explicit_k_that_does_not_fit_the_grid():
+    cfg = rf.ReflexFlowConfig(
+        preset="simpletuner", time_draw="end", k_min=0, rollout_steps=3, num_sampling_steps=1000
+    )
+    x1 = torch.zeros(2, 3, dtype=torch.float64)
+    k = torch.tensor([2, 1])
+    with pytest.raises(ValueError, match="does not fit the 1/1000 grid"):
+        draw(cfg, x1, None, torch.tensor([0.5, 0.9995], dtype=torch.float64), k, None)
+    with pytest.raises(ValueError, match="does not fit the 1/1000 grid"):  # start past t = 0
+        draw(cfg, x1, None, torch.tensor([0.5, 0.0015], dtype=torch.float64), k + 1, None)
+
+
+def test_k_min_zero_draws_every_length_from_zero_to_k_like_simpletuners_offsets():
+    # SimpleTuner: offsets = torch.randint(0, max_step_offset + 1, (B,)) (plan.py)
+    cfg = rf.ReflexFlowConfig(preset="simpletuner", k_min=0, rollout_steps=3)
+    d = draw(cfg, torch.zeros(8000, 2), None, None, None, torch.Generator().manual_seed(0))
+    counts = torch.bincount(d.k, minlength=4).double() / 8000
+    assert counts.shape == (4,)
+    torch.testing.assert_close(
+        counts, torch.full((4,), 0.25, dtype=torch.float64), atol=0.02, rtol=0
+    )
+    assert rf.draws.static_k(cfg) is None
+
+
+def test_end_time_draw_from_the_logit_normal_sampler_follows_simpletuners_sigma():
+    # SimpleTuner's sigma = sigmoid(N(0, 1)); the end of a rolled-out sample is floored
+    # onto the grid, so 1 - t1 <= sigma < 1 - t1 + 1/1000 where it rolls out
+    cfg = rf.ReflexFlowConfig(
+        preset="simpletuner",
+        time_draw="end",
+        k_min=0,
+        rollout_steps=3,
+        num_sampling_steps=1000,
+        convention="noise_at_1",
+        time_sampler="logit_normal",
+    )
+    g = torch.Generator().manual_seed(3)
+    d = draw(cfg, torch.zeros(4000, 2, dtype=torch.float64), None, None, None, g)
+    # the draw consumes the generator as eps, k, then the sampler: replay it
+    g2 = torch.Generator().manual_seed(3)
+    torch.randn(4000, 2, generator=g2, dtype=torch.float64)
+    torch.rand(4000, generator=g2)
+    torch.randint(0, 4, (4000,), generator=g2)
+    sigma = LogitNormalTime()(4000, torch.device("cpu"), g2)
+    rolled = d.k > 0
+    end = 1 - d.t1.double()
+    assert bool((end[rolled] <= sigma[rolled] + 1e-12).all())
+    assert bool((sigma[rolled] - end[rolled] < 1e-3).all())
+    torch.testing.assert_close(end[~rolled], sigma[~rolled], rtol=0, atol=1e-15)
+    assert 0.7 < float(rolled.double().mean()) < 0.8  # k ~ U{0..3}: 3/4 roll out
+
+
+# --------------------------------------------------------------------------- takenoko
+
+
+def test_shifted_logit_normal_is_takenokos_renoise_time():
+    fixture = _fixture("takenoko")
+    sampler = ShiftedLogitNormalTime(shift=0.6, low=0.05, high=0.95)
+    for case in fixture["cases"]:
+        base = torch.tensor(case["logit_normal_base"], dtype=torch.float64)
+        z = torch.log(base / (1 - base))  # the helper's randn, recovered from sigmoid(randn)
+        want = torch.tensor(case["ts"], dtype=torch.float64)
+        # takenoko computes in float32: agreement to its rounding
+        torch.testing.assert_close(sampler.transform(z), want, rtol=1e-6, atol=1e-7)
+        # and the state the helper fed the model is the path at ts with the same noise
+        got = torch.tensor(case["ts_from_helper_input"], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_shifted_logit_normal_draws_stay_in_takenokos_clamp_and_shift_moves_them_low():
+    sampler = ShiftedLogitNormalTime(shift=0.6, low=0.05, high=0.95)
+    u = sampler(20000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert u.dtype == torch.float64
+    assert float(u.min()) >= 0.05 and float(u.max()) <= 0.95
+    # shift 0.6 < 1 pulls the logit-normal (median 0.5) towards 0: median 0.6 / 1.6
+    assert abs(float(u.median()) - 0.375) < 0.01
+    plain = ShiftedLogitNormalTime()(20000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        plain, LogitNormalTime()(20000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"shift": 0.0}, "shift must be > 0"),
+        ({"low": 0.6, "high": 0.5}, "0 <= low < high <= 1"),
+        ({"std": -1.0}, "std must be a number > 0"),
+        ({"mean": float("nan")}, "mean must be finite"),
+    ],
+)
+def test_shifted_logit_normal_refuses_bad_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ShiftedLogitNormalTime(**kwargs)
+
+
+def test_shifted_logit_normal_is_accepted_as_a_time_sampler_without_a_range_check():
+    sampler = ShiftedLogitNormalTime(shift=3.0)
+    out = rf.reflexflow_loss(
+        lambda x, t: x * 0 + t[:, None],
+        torch.randn(4, 2),
+        method="fm",
+        time_sampler=sampler,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert math.isfinite(float(out.loss))
+
+
+# --------------------------------------------------------------------------- Arioso
+
+
+def test_arioso_single_step_end_is_within_t_eps_of_arioso_on_the_same_uniform():
+    # Arioso: t1 = t0 + (1 - t0) U (sample_t1); the library: t1 = t0 + (1 - t_eps - t0) U
+    fixture = _fixture("arioso")
+    t0 = torch.tensor(fixture["inputs"]["t0"], dtype=torch.float64)
+    t1 = torch.tensor(fixture["inputs"]["t1"], dtype=torch.float64)
+    frac = (t1 - t0) / (1 - t0)
+    assert bool(((frac >= 0) & (frac <= 1)).all())
+    cfg = rf.ReflexFlowConfig(preset="arioso")
+    gen = torch.Generator().manual_seed(0)
+    replay = torch.Generator().manual_seed(0)
+    x1 = torch.zeros(6, 4, 8, dtype=torch.float64)
+    d = draw(cfg, x1, torch.zeros_like(x1), t0, torch.ones(6, dtype=torch.long), gen)
+    ours = torch.rand(6, generator=replay, dtype=torch.float64)  # the library's own U
+    torch.testing.assert_close(d.t1, t0 + (1 - cfg.t_eps - t0) * ours, rtol=0, atol=1e-15)
+    # on Arioso's U the two ends differ by at most t_eps
+    assert float(((t0 + (1 - cfg.t_eps - t0) * frac) - t1).abs().max()) <= cfg.t_eps

@@ -9,7 +9,7 @@ from .bench.run import add_bench_parser
 
 
 def _example(args: argparse.Namespace) -> int:
-    from .example import run_example
+    from .demo.example import run_example
 
     run_example(steps=args.steps, seed=args.seed)
     return 0

@@ -5,7 +5,7 @@ from reflexflow.cli import build_parser
 
 
 def test_example_command_trains_both_methods_and_reports_finite_mmd():
-    from reflexflow.example import run_example
+    from reflexflow.demo.example import run_example
 
     results = run_example(steps=20, seed=0)
     assert set(results) == {"fm", "reflexflow"}

@@ -9,7 +9,7 @@ import reflexflow as rf
 from reflexflow import native
 from reflexflow.engine import RolloutEngine, rollout
 from reflexflow.reference import euler_rollout_per_sample
-from tests._rollout_models import Counting, TinyNet
+from tests.helpers import Counting, TinyNet
 
 BACKENDS = ["torch", "native"]
 

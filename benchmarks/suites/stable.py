@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from ..paths import get_path
-from ..stable import stable_target
-from .models import build_model
+from reflexflow.demo.toy_models import build_model
+from reflexflow.paths import get_path
+from reflexflow.stable import stable_target
 
 __all__ = ["stable_inputs", "time_median", "run_stable_benchmark"]
 

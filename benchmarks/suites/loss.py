@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .. import reference as ref
-from ..paths import get_path
+from reflexflow import reference as ref
+from reflexflow.paths import get_path
 
 __all__ = ["objective_inputs", "floor_bytes", "copy_bandwidth", "run_loss_benchmark"]
 
@@ -95,7 +95,7 @@ def _implementations(device: str) -> dict[str, Callable[..., dict] | None]:
     impls["compiled"] = torch.compile(ref.objective, fullgraph=True)
     impls["triton"] = None  # not measured without CUDA
     if device == "cuda":
-        from ..kernels import fused_objective, triton_usable
+        from reflexflow.kernels import fused_objective, triton_usable
 
         if triton_usable("cuda"):
             impls["triton"] = fused_objective

@@ -2,6 +2,7 @@
 C++/CUDA sources for the JIT build and no support code (benchmarks, CI drivers)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,9 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    """A wheel built (without the compiled extension) from a copy of the checkout's
+    packaging files, so that the build writes nothing into the checkout."""
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, src / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc")
+    for folder in ("reflexflow", "csrc", "benchmarks", "tools"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=skip)
     env = dict(os.environ, REFLEXFLOW_NO_EXT="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    cmd = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-build-isolation", "--no-deps"]
+    cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-build-isolation", "--no-deps"]
     done = subprocess.run(
         [*cmd, "-w", str(out), "-q"], capture_output=True, text=True, env=env, timeout=300
     )

@@ -113,7 +113,7 @@ def run_loss_benchmark(device: str, quick: bool) -> list[dict[str, Any]]:
         shapes, v_dtype = GPU_SHAPES, torch.bfloat16
     else:
         shapes, v_dtype = (CPU_SHAPE,), torch.float32
-    reps, warmup = (2, 1) if quick else ((50, 5) if dev == "cuda" else (5, 2))
+    reps, warmup = (3, 1) if quick else ((50, 5) if dev == "cuda" else (5, 2))
     copy_n = (2**26 if dev == "cuda" else 2**24) if not quick else 2**16
     copy_gbps = copy_bandwidth(dev, copy_n, reps=max(reps, 10))
     rows: list[dict[str, Any]] = [

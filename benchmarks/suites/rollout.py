@@ -227,5 +227,5 @@ def bench_fused_update(
 def run_rollout_benchmark(device: str = "cpu", quick: bool = False) -> list[dict]:
     """The ``reflexflow bench`` suite: :func:`bench_rollouts` rows (tiny sizes if quick)."""
     if quick:
-        return bench_rollouts(device, batch=4, size=8, rollout_steps=2, repeats=1, verbose=False)
+        return bench_rollouts(device, batch=4, size=8, rollout_steps=2, repeats=3, verbose=False)
     return bench_rollouts(device, verbose=False)

@@ -73,7 +73,7 @@ def run_stable_benchmark(device: str, quick: bool) -> list[dict[str, Any]]:
     model forward on the same batch (quick: a tiny DiT, not SiT-S/2)."""
     dev = torch.device(device).type
     batch, refs, shape, size = QUICK if quick else (GPU if dev == "cuda" else CPU)
-    reps, warmup = (2, 3) if quick else ((20, 3) if dev == "cuda" else (3, 1))
+    reps, warmup = (3, 3) if quick else ((20, 3) if dev == "cuda" else (3, 1))
     kw = stable_inputs(batch, refs, shape, dev)
     model, _ = build_model("dit", size)
     model = model.to(dev).eval()

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.suites.loss import copy_bandwidth, floor_bytes, objective_inputs
 from reflexflow import reference as ref
-from reflexflow.bench.loss import copy_bandwidth, floor_bytes, objective_inputs
 from reflexflow.kernels import triton_usable
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

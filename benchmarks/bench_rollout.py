@@ -21,7 +21,7 @@ against plain PyTorch (state += h * v; xin.copy_(state)).
 
 Writes benchmarks/results/rollout-<device>.json (cpu, h100, h200, ...; with the device,
 torch version, date and load).
-The measuring code lives in reflexflow.bench.rollout (``reflexflow bench`` runs its
+The measuring code lives in benchmarks/suites/rollout.py (``reflexflow bench`` runs its
 rollout rows as the "rollout" suite); this script adds the fused-update rows and the file.
 """
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import os
 import platform
@@ -39,12 +38,12 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, "") and importlib.util.find_spec("reflexflow") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a source checkout
+if __package__ in (None, ""):  # run as a script: the checkout's root holds benchmarks/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.machinery.report import device_slug  # noqa: E402
+from benchmarks.suites.rollout import bench_fused_update, bench_rollouts  # noqa: E402
 from reflexflow import native  # noqa: E402
-from reflexflow.bench.report import device_slug  # noqa: E402
-from reflexflow.bench.rollout import bench_fused_update, bench_rollouts  # noqa: E402
 
 
 def load_average() -> list[float] | None:

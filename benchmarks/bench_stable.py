@@ -30,8 +30,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reflexflow.bench.models import build_model
-from reflexflow.bench.stable import stable_inputs
+from benchmarks.suites.stable import stable_inputs
+from reflexflow.demo.toy_models import build_model
 from reflexflow.stable import stable_target
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

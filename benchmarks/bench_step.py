@@ -4,7 +4,7 @@
 
 Plain FM and ReflexFlowLoss (K = 1, 2, 4; joint 2B forward and two calls; every backend
 the installed config accepts and the device runs) on the small DiT and UNet of
-reflexflow.bench.models. Each benchmark's extra_info carries the model FLOPs of the
+reflexflow.demo.toy_models. Each benchmark's extra_info carries the model FLOPs of the
 step and its FLOP ratio to plain FM; ``reflexflow bench`` computes the FLOP ideal.
 Environment: REFLEXFLOW_BENCH_DEVICE (default cuda when available), REFLEXFLOW_BENCH_SIZE
 (quick / small / gpu), REFLEXFLOW_BENCH_BATCH, REFLEXFLOW_BENCH_THREADS (torch CPU threads;
@@ -16,15 +16,15 @@ import os
 import pytest
 import torch
 
-from reflexflow.bench.models import build_model
-from reflexflow.bench.run import DEFAULT_CPU, DEFAULT_GPU
-from reflexflow.bench.step import (
+from benchmarks.machinery.run import DEFAULT_CPU, DEFAULT_GPU
+from benchmarks.machinery.step import (
     available_backends,
     count_step_flops,
     make_loss_fn,
     make_train_step,
     step_specs,
 )
+from reflexflow.demo.toy_models import build_model
 
 DEVICE = torch.device(
     os.environ.get("REFLEXFLOW_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,7 @@ import torch
 
 import reflexflow as rf
 from reflexflow import native
-from reflexflow.bench.rollout import SmallUNet
+from reflexflow.demo.toy_models import SmallUNet
 from reflexflow.engine import RolloutEngine
 from reflexflow.reference import euler_rollout_per_sample
 

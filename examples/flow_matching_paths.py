@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import reflexflow as rf  # noqa: E402
 from reflexflow.adapters import path_from_scheduler, torchcfm_path  # noqa: E402
+from reflexflow.demo.toy_models import MLPVelocity  # noqa: E402
 
 try:
     from flow_matching.path.scheduler import PolynomialConvexScheduler
@@ -47,26 +48,9 @@ except ImportError as err:  # the example is about the real packages
 N = 20  # sampling steps: the loss's rollout step is h = 1 / N
 
 
-class MLP(nn.Module):
+def toy_mlp(classes: int = 0) -> nn.Module:
     """v(x, t[, y]) for 2-D points; t may be a scalar (flow_matching's ODE solver)."""
-
-    def __init__(self, classes: int = 0, width: int = 128) -> None:
-        super().__init__()
-        self.classes = classes
-        self.net = nn.Sequential(
-            nn.Linear(3 + classes, width),
-            nn.SiLU(),
-            nn.Linear(width, width),
-            nn.SiLU(),
-            nn.Linear(width, 2),
-        )
-
-    def forward(self, x, t, y=None):
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        h = [x, t[:, None].to(x.dtype)]
-        if self.classes:
-            h.append(nn.functional.one_hot(y, self.classes).to(x.dtype))
-        return self.net(torch.cat(h, 1))
+    return MLPVelocity(dim=2, hidden=128, layers=2, activation="silu", classes=classes, seed=None)
 
 
 def ring(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +62,7 @@ def ring(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_flow_matching_path(steps: int, method: str) -> None:
     torch.manual_seed(0)
-    model = MLP()
+    model = toy_mlp()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     path = path_from_scheduler(PolynomialConvexScheduler(n=2.0))  # alpha = t^2
     loss_fn = rf.ReflexFlowLoss(method=method, path=path, num_sampling_steps=N, rollout_steps=2)
@@ -100,7 +84,7 @@ def train_flow_matching_path(steps: int, method: str) -> None:
 
 def train_torchcfm_exact_ot(steps: int, method: str) -> None:
     torch.manual_seed(0)
-    model = MLP(classes=2)
+    model = toy_mlp(classes=2)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     matcher = ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
     loss_fn = rf.ReflexFlowLoss(method=method, path=torchcfm_path(matcher), num_sampling_steps=N)

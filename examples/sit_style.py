@@ -2,9 +2,9 @@
 
     python examples/sit_style.py --steps 100
 
-TinySiT below follows SiT's contract (willisma/SiT models.py): its ``y_embedder`` has a
-null-class row only when its ``class_dropout_prob`` > 0, and drops labels itself in train
-mode. In SiT's train.py the one-line change is the transport:
+TinySiT (reflexflow.demo.toy_models) follows SiT's contract (willisma/SiT models.py):
+its ``y_embedder`` has a null-class row only when its ``class_dropout_prob`` > 0, and
+drops labels itself in train mode. In SiT's train.py the one-line change is the transport:
 
     transport = create_transport(args.path_type, ...)                # before
     transport = SiTTransportAdapter(args.path_type)                  # after
@@ -25,56 +25,12 @@ import os
 import sys
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import reflexflow as rf  # noqa: E402
-from reflexflow.adapters import SiTTransportAdapter, drop_labels  # noqa: E402
-
-
-class LabelEmbedder(nn.Module):
-    """As SiT's: num_classes + 1 rows (the null class) only when dropout_prob > 0."""
-
-    def __init__(self, num_classes, dim, dropout_prob):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
-        self.num_classes, self.dropout_prob = num_classes, dropout_prob
-
-    def forward(self, y, train):
-        if train and self.dropout_prob > 0:
-            y = drop_labels(y, self.dropout_prob, self.num_classes)
-        return self.embedding_table(y)
-
-
-class TinySiT(nn.Module):
-    """A SiT-shaped toy: patch tokens + time and label embeddings + an MLP block.
-
-    forward(x, t, y): x (B, C, H, W), t (B,) in [0, 1], y (B,) int labels, where label
-    num_classes is the null class used for classifier-free guidance.
-    """
-
-    def __init__(self, channels=4, size=8, patch=2, dim=32, num_classes=10, class_dropout_prob=0.1):
-        super().__init__()
-        self.patch, self.size, self.channels = patch, size, channels
-        pdim = channels * patch * patch
-        self.embed = nn.Linear(pdim, dim)
-        self.t_embed = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.y_embedder = LabelEmbedder(num_classes, dim, class_dropout_prob)
-        self.block = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
-        )
-        self.out = nn.Linear(dim, pdim)
-
-    def forward(self, x, t, y):
-        B, C, H, W = x.shape
-        p = self.patch
-        tok = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
-        c = self.t_embed(t.view(-1, 1).to(x.dtype)) + self.y_embedder(y, self.training)
-        h = self.embed(tok) + c[:, None]
-        h = h + self.block(h)
-        out = self.out(h).view(B, H // p, W // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
-        return out.reshape(B, C, H, W)
+from reflexflow.adapters import SiTTransportAdapter  # noqa: E402
+from reflexflow.demo.toy_models import TinySiT  # noqa: E402
 
 
 def main() -> None:

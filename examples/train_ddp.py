@@ -25,24 +25,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import reflexflow as rf  # noqa: E402
-
-
-class TinyVelocityNet(nn.Module):
-    """Conv velocity model v(x, t) for (B, C, H, W) data; t enters as an extra channel."""
-
-    def __init__(self, channels: int = 3, width: int = 32) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(channels + 1, width, 3, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(width, channels, 3, padding=1),
-        )
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tt = t.view(-1, 1, 1, 1).to(x.dtype).expand(-1, 1, *x.shape[2:])
-        return self.net(torch.cat([x, tt], dim=1))
+from reflexflow.demo.toy_models import TimeChannelConv  # noqa: E402
 
 
 def toy_batch(batch: int, size: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -69,7 +52,7 @@ def main() -> None:
         torch.cuda.set_device(device)
 
     torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts them)
-    model = nn.parallel.DistributedDataParallel(TinyVelocityNet().to(device))
+    model = nn.parallel.DistributedDataParallel(TimeChannelConv().to(device))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = rf.ReflexFlowLoss(
         num_sampling_steps=20, rollout_steps=2, memory="lean" if args.lean else "default"

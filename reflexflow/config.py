@@ -1,8 +1,9 @@
 """Validated configuration of the ReflexFlow loss: every knob, its default and its source.
 
 Knobs that define what is trained come from a named preset (:mod:`reflexflow.presets`;
-default "defar") unless given; the rest have fixed defaults. See the README's knob
-table for where each default comes from.
+default "defar") unless given; the rest have fixed defaults. Every knob is declared with
+:func:`knob` (its default, what it does and where the default comes from); docs/knobs.md
+is generated from those declarations (``python -m tools.knobs``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ FC_FORMS = ("weight", "squared")
 TARGETS = ("conditional", "stable")
 ROLLOUT_MODES = ("eval", "train")
 MEMORY_MODES = ("default", "lean")
+
+
+def knob(default: Any, doc: str, source: str = "") -> Any:
+    """A knob of :class:`ReflexFlowConfig`: ``dataclasses.field(default=default)`` with
+    ``metadata={"doc": doc, "source": source}`` (docs/knobs.md is generated from these by
+    tools/knobs.py). ``source``: where the default comes from ("" for a preset knob, whose
+    values come with their sources from :mod:`reflexflow.presets`, or when nothing needs
+    saying)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "source": source})
 
 
 # Default of a knob that the preset sets (see :data:`reflexflow.presets.PRESETS`): the
@@ -84,53 +94,169 @@ class ReflexFlowConfig:
     would keep the old preset's values of the knobs that follow the preset).
     """
 
-    preset: str = DEFAULT_PRESET
-    method: str = FROM_PRESET
-    path: Any = "linear"
-    convention: str = "data_at_1"
-    timestep_scale: float = 1.0
-    rollout_steps: int = FROM_PRESET  # K
-    num_sampling_steps: int = FROM_PRESET  # N, inference steps: h = 1 / N
-    k_draw: str = FROM_PRESET
-    k_min: int = FROM_PRESET  # k ~ U{k_min..K}: 1, or 0 as SimpleTuner (some samples not rolled)
-    time_draw: str = FROM_PRESET  # "start": t0 is drawn; "end": t1 is drawn (SimpleTuner)
-    step_schedule: str = FROM_PRESET
-    ss_prob: float = FROM_PRESET
-    t_eps: float = 1e-3
-    time_sampler: Any = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    fm_input: str = FROM_PRESET
-    adr_loss: str = FROM_PRESET
-    lambda_adr: float = FROM_PRESET
-    lambda_fc: float = FROM_PRESET
-    fc_filter: str = FROM_PRESET
-    fc_sigma: float = FROM_PRESET
-    fc_size: int = 5
-    fc_cutoff: float = 0.25
-    fc_per_channel: bool = FROM_PRESET
-    fc_signed: bool = FROM_PRESET
-    fc_form: str = FROM_PRESET
-    fc_t_max: float | None = FROM_PRESET
-    fc_source: str = FROM_PRESET
-    target: str = FROM_PRESET
-    stable_ref: int = 0  # extra reference samples kept from recent batches (target="stable")
-    stable_gather: bool = False  # all-gather the batch across ranks for the reference set
-    loss_weighting: Any = None  # None, "none", "sigma_sqrt", "cosmap" or a callable of t
-    weight_adr: bool = False  # also weight the ADR term (at t1) by loss_weighting
-    norm_eps: float = NORM_EPS
-    norm_floor: float = NORM_FLOOR
-    rollout_grad: bool = FROM_PRESET
-    rollout_mode: str = "eval"
-    share_first_call: bool | None = None
-    joint_forward: bool | None = None
-    memory: str = "default"
-    unbatched_kwargs: tuple[str, ...] = ()
-    ip_gamma: float = 0.1
-    backend: str = "auto"
-    rollout_backend: str = "auto"  # the rollout's ops: native extension or PyTorch twins
-    cuda_graph: bool = False  # capture fixed-k rollouts on CUDA as CUDA graphs
-    check_finite: bool = False
+    # Each knob: knob(default, doc, source) (docs/knobs.md is generated from these; see
+    # tools/knobs.py). A preset knob's default is FROM_PRESET: its value comes from the preset.
+    preset: str = knob(
+        DEFAULT_PRESET, "the reading whose values the *preset* knobs take (docs/method.md)"
+    )
+    method: str = knob(
+        FROM_PRESET,
+        '`"reflexflow"`; also `"fm"` (plain flow matching), `"ip"` (input perturbation), '
+        '`"ss"` (scheduled sampling, unrectified target u_t1)',
+    )
+    path: Any = knob(
+        "linear",
+        'rectified flow / CondOT; `"gvp"`, `"vp"` (SiT, beta 0.1 to 20), or an object with '
+        "`a, s, da, ds`",
+        "the papers (linear path)",
+    )
+    convention: str = knob(
+        "data_at_1", '`"noise_at_1"` for diffusers (sigma = 1 - t)', "SiT, the papers"
+    )
+    timestep_scale: float = knob(1.0, "the model sees t (or sigma) times this (1000 for SD3)")
+    rollout_steps: int = knob(FROM_PRESET, "K: the longest rollout (k <= K Euler steps)")
+    num_sampling_steps: int = knob(
+        FROM_PRESET, "N, the inference steps: the rollout's Euler step is h = 1/N"
+    )
+    k_draw: str = knob(
+        FROM_PRESET,
+        '`"uniform"`: k ~ U{1..K} per sample; `"fixed"`: k = K (static shapes, no host sync)',
+    )
+    k_min: int = knob(
+        FROM_PRESET,
+        "k ~ U{k_min..K}: 1, or 0 as SimpleTuner (some samples are not rolled out)",
+    )
+    time_draw: str = knob(
+        FROM_PRESET,
+        '`"start"`: t0 is drawn; `"end"`: the rollout\'s end t1 is drawn on the 1/N grid '
+        "(SimpleTuner; grid schedule only)",
+    )
+    step_schedule: str = knob(
+        FROM_PRESET,
+        '`"grid"`: k steps of h; `"single"`: one step t0 -> t0 + (1 - t_eps - t0) U',
+    )
+    ss_prob: float = knob(
+        FROM_PRESET,
+        "fraction of samples rolled out; the rest get k = 0 (w = 1, v_adr = u_t1)",
+    )
+    t_eps: float = knob(1e-3, "rolled-out samples keep t1 <= 1 - t_eps, so s(t1) > 0", "ours")
+    time_sampler: Any = knob(
+        "uniform",
+        'or `"logit_normal"` (SD3) or a callable; draws u in [0, 1] (your convention), '
+        "scaled to t0 = u (1 - t_eps - k h)",
+        "the papers (uniform)",
+    )
+    logit_mean: float = knob(0.0, 'mean of `"logit_normal"` time sampling', "SD3")
+    logit_std: float = knob(1.0, 'std of `"logit_normal"` time sampling', "SD3")
+    fm_input: str = knob(
+        FROM_PRESET,
+        '`"clean"`: FM at v(x_t0, t0); `"biased"`: the FM term is v(x^_t1, t1) against '
+        "u_t1, the same call as ADR (SimpleTuner)",
+    )
+    adr_loss: str = knob(
+        FROM_PRESET,
+        '`"mse"` (DEFAR) or `"direction"` (per sample ||v/|v| - v_adr/|v_adr|||^2)',
+    )
+    lambda_adr: float = knob(FROM_PRESET, "weight of the ADR term")
+    lambda_fc: float = knob(FROM_PRESET, "strength of FC: per-sample mean weight 1 + lambda_fc")
+    fc_filter: str = knob(
+        FROM_PRESET,
+        '`"gaussian"` (`fc_sigma`), `"box"` (`fc_size`), `"fft"` ideal low-pass '
+        '(`fc_cutoff`), `"none"`',
+    )
+    fc_sigma: float = knob(FROM_PRESET, "gaussian low-pass sigma in pixels (truncated at 3 sigma)")
+    fc_size: int = knob(5, 'box filter size (odd) for `fc_filter="box"`', "ours")
+    fc_cutoff: float = knob(
+        0.25, 'ideal low-pass cutoff, share of Nyquist, for `fc_filter="fft"`', "ours"
+    )
+    fc_per_channel: bool = knob(FROM_PRESET, "one FC map per channel instead of the channel mean")
+    fc_signed: bool = knob(
+        FROM_PRESET, "signed element-wise map normalised by mean |m| (SimpleTuner)"
+    )
+    fc_form: str = knob(FROM_PRESET, '`"weight"`: w r^2; `"squared"`: (w r)^2 (SimpleTuner)')
+    fc_t_max: float | None = knob(
+        FROM_PRESET, "a float applies FC only where canonical t0 < fc_t_max (high noise)"
+    )
+    fc_source: str = knob(
+        FROM_PRESET,
+        '`"state"`: delta = x^_t1 - x_t1; `"velocity"`: v(x^_t1, t1) - v(x_t1, t1) (one '
+        "extra no-grad forward; two when the model has dropout or batch norm in training "
+        'mode and `rollout_mode="eval"`)',
+    )
+    target: str = knob(
+        FROM_PRESET,
+        '`"conditional"`; `"stable"`: posterior-weighted targets over the batch '
+        "(docs/stable-targets.md), beyond the papers",
+    )
+    stable_ref: int = knob(
+        0, 'extra reference samples kept from recent batches (`target="stable"`)', "ours"
+    )
+    stable_gather: bool = knob(
+        False, "all-gather the batch across ranks for the stable reference set", "ours"
+    )
+    loss_weighting: Any = knob(
+        None,
+        'per-sample weight of the FM term: `"none"`, `"sigma_sqrt"`, `"cosmap"` (SD3/Flux '
+        "scripts' schemes, functions of sigma = 1 - t) or a callable of t in your convention",
+        "diffusers' training scripts",
+    )
+    weight_adr: bool = knob(False, "also weight the ADR term (at t1) by `loss_weighting`", "ours")
+    norm_eps: float = knob(NORM_EPS, "absolute lower bound of the norms in the direction loss")
+    norm_floor: float = knob(
+        NORM_FLOOR,
+        "the direction loss also bounds |v1| below by `norm_floor * |v_adr|`, "
+        "so a zero-initialised output layer (SiT, DiT) does not get ~1/norm_eps gradients; "
+        "0 turns it off",
+        "ours: 0.01 left the demo's direction-ADR rows unchanged, 0.1 made them worse "
+        "(docs/demo.md)",
+    )
+    rollout_grad: bool = knob(
+        FROM_PRESET,
+        "`True` lets the ADR gradient flow through the one Euler step into v(x_t0, t0) (Arioso)",
+    )
+    rollout_mode: str = knob(
+        "eval",
+        "the no-grad calls (rollout, velocity-space bias) simulate inference: eval mode (no "
+        "dropout; BatchNorm uses its running statistics), each submodule's flag restored "
+        'after; `"train"` runs them as they are',
+        "ours (inference has no dropout)",
+    )
+    share_first_call: bool | None = knob(
+        None,
+        "auto: the FM term's call v(x_t0, t0) is also the rollout's first step, computed "
+        "once with grad, wherever exact (no rollout_grad, fm_input clean)",
+        "ours",
+    )
+    joint_forward: bool | None = knob(
+        None,
+        "`True`: v(x_t0, t0) and v(x^_t1, t1) as one 2B call after a full no-grad rollout "
+        "(no sharing; BatchNorm statistics then mix both halves)",
+        "ours (off)",
+    )
+    memory: str = knob(
+        "default",
+        '`"lean"`: the FM backward runs (and frees its graph) before the ADR forward, so the '
+        "step's peak activation memory is FM's; call `out.backward()`",
+        "ours",
+    )
+    unbatched_kwargs: tuple[str, ...] = knob(
+        (),
+        "top-level `model_kwargs` keys that are not batch-shaped (Flux's `img_ids`); every "
+        "other tensor must have first axis B",
+    )
+    ip_gamma: float = knob(0.1, 'input perturbation strength (`method="ip"`)', "Ning et al. 2023")
+    backend: str = knob(
+        "auto",
+        "Triton kernels for CUDA data when triton imports, else the reference; "
+        '`"triton"` forces the kernels, `"torch"` the reference',
+    )
+    rollout_backend: str = knob(
+        "auto",
+        'the rollout\'s ops: `"auto"` the C++/CUDA extension when it loaded, else PyTorch; '
+        '`"native"` requires the extension; `"torch"` the PyTorch twins',
+    )
+    cuda_graph: bool = knob(False, "capture fixed-k rollouts on CUDA as CUDA graphs")
+    check_finite: bool = knob(False, "opt-in NaN/Inf checks (a host sync)")
     # resolved on construction (not arguments): the preset knobs given explicitly, and
     # the forward mode (see _resolve_forward_mode)
     explicit: frozenset = dataclasses.field(init=False, compare=False, repr=False)

@@ -2,8 +2,9 @@
 
 Order: (1) the module built by ``pip install`` (setup.py), loaded with
 torch.ops.load_library; (2) a JIT build of csrc/ with torch.utils.cpp_extension.load,
-cached in torch's extensions directory (one line on stderr while it compiles; a source
-checkout only); (3) nothing: a warning that says why, and the pure-PyTorch engine
+cached in torch's extensions directory (one line on stderr while it compiles; from the
+checkout's csrc/, or the copy a wheel ships in reflexflow/_csrc; needs ninja and a C++
+compiler); (3) nothing: a warning that says why, and the pure-PyTorch engine
 (:mod:`reflexflow.rollout`) runs instead. Never raises.
 
 Environment: REFLEXFLOW_NO_EXT=1 skips the extension (no warning);
@@ -38,7 +39,9 @@ __all__ = [
     "OPS",
 ]
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# the checkout's csrc/ (editable install), else the copy a wheel ships in reflexflow/_csrc
+_CHECKOUT_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = _CHECKOUT_CSRC if _CHECKOUT_CSRC.is_dir() else Path(__file__).resolve().parent / "_csrc"
 SOURCES = ("ops.cpp", "rollout.cpp")
 CUDA_SOURCES = ("rollout_cuda.cu",)
 CXX_FLAGS = ["-O3", "-ffp-contract=off"]

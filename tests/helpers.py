@@ -1,39 +1,34 @@
-"""Small deterministic models shared by the tests."""
+"""The tests' fixtures for toy models, in one place: the models come from
+:mod:`reflexflow.demo.toy_models` (shared with the demo, benchmarks and examples); here
+are the seeded generator and the call-counting wrapper the tests add to them."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor
 
+from reflexflow.demo.toy_models import (
+    ConvVelocity,
+    MLPVelocity,
+    SiTStandIn,
+    TinyNet,
+)
 
-class ConvVelocity(nn.Module):
-    """A tiny conv net v(x, t) with an optional class label y; per-sample deterministic."""
-
-    def __init__(self, channels: int = 3, num_classes: int = 0, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv1 = nn.Conv2d(channels, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, channels, 3, padding=1)
-        self.embed = nn.Embedding(num_classes, 8) if num_classes else None
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
-        h = torch.tanh(self.conv1(x) + t.view(-1, 1, 1, 1).to(x.dtype))
-        if self.embed is not None:
-            h = h + self.embed(y).to(x.dtype)[:, :, None, None]
-        return self.conv2(h)
-
-
-class MLPVelocity(nn.Module):
-    """v(x, t) for (B, D) vectors."""
-
-    def __init__(self, dim: int = 5, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(dim + 1, 16), nn.Tanh(), nn.Linear(16, dim))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor):
-        return self.net(torch.cat([x, t[:, None].to(x.dtype)], dim=1))
+__all__ = ["ConvVelocity", "MLPVelocity", "SiTStandIn", "TinyNet", "Counting", "gen"]
 
 
 def gen(seed: int = 0) -> torch.Generator:
+    """A CPU generator seeded with ``seed``."""
     return torch.Generator().manual_seed(seed)
+
+
+class Counting:
+    """Wraps a velocity function and records the batch size of every call."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.sizes: list[int] = []
+
+    def __call__(self, x: Tensor, t: Tensor, kwargs=None) -> Tensor:
+        self.sizes.append(x.shape[0])
+        return self.fn(x, t, kwargs)

@@ -1,4 +1,5 @@
-"""A stand-in for SiT's documented training contract (SiT is not on the package registry).
+"""A stand-in for SiT's documented training contract (SiT is not on the package registry):
+the model (``SiTStandIn``, in reflexflow.demo.toy_models) and Transport.training_losses.
 
 Mirrors willisma/SiT as read at these commits (written from their behaviour, not copied):
 
@@ -26,46 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reflexflow.demo.toy_models import LabelEmbedderStandIn, SiTStandIn
 
-class LabelEmbedderStandIn(nn.Module):
-    """SiT's LabelEmbedder: the null row exists only when dropout_prob > 0."""
-
-    def __init__(self, num_classes: int, hidden: int, dropout_prob: float) -> None:
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-        self.looked_up: list[torch.Tensor] = []  # the labels embedded, after any drop
-
-    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
-        if train and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        self.looked_up.append(labels.detach().clone())
-        return self.embedding_table(labels)
-
-
-class SiTStandIn(nn.Module):
-    """model(x, t, y) -> velocity of x's shape; ``labels_seen``: the labels each call
-    embedded (after the embedder's own dropout, if any)."""
-
-    def __init__(
-        self, channels: int = 2, num_classes: int = 5, class_dropout_prob: float = 0.1
-    ) -> None:
-        super().__init__()
-        hidden = 16
-        self.y_embedder = LabelEmbedderStandIn(num_classes, hidden, class_dropout_prob)
-        self.t_embed = nn.Linear(1, hidden)
-        self.inp = nn.Conv2d(channels, hidden, 1)
-        self.out = nn.Conv2d(hidden, channels, 1)
-
-    @property
-    def labels_seen(self) -> list[torch.Tensor]:
-        return self.y_embedder.looked_up
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        c = self.t_embed(t.view(-1, 1).to(x.dtype)) + self.y_embedder(y, self.training)
-        return self.out(torch.tanh(self.inp(x) + c[:, :, None, None]))
+__all__ = ["LabelEmbedderStandIn", "SiTStandIn", "sit_linear_training_losses"]
 
 
 def sit_linear_training_losses(

@@ -1,21 +1,108 @@
+"""The ``reflexflow`` command: example, bench's arguments and checkout lookup, info."""
+
+import json
 import subprocess
 import sys
 
-from reflexflow.cli import build_parser
+import pytest
+import torch
+
+from reflexflow import cli
+from reflexflow.cli import build_parser, main
 
 
-def test_example_command_trains_both_methods_and_reports_finite_mmd():
-    from reflexflow.example import run_example
+def test_example_command_trains_both_methods_and_reports_finite_mmd(capsys):
+    from reflexflow.demo.example import run_example
 
     results = run_example(steps=20, seed=0)
     assert set(results) == {"fm", "reflexflow"}
     assert all(0 <= v < 10 for v in results.values())
+    printed = capsys.readouterr().out
+    # it says what it compares and which figure compares the methods
+    assert "Plain flow matching (fm) against ReflexFlowLoss" in printed
+    assert "MMD^2" in printed and "lower is better" in printed
+    assert "not comparable across objectives" in printed
+    header = next(line for line in printed.splitlines() if line.lstrip().startswith("objective"))
+    assert header.split() == ["objective", "MMD^2", "final", "training", "loss", "time"]
 
 
 def test_cli_help_lists_the_subcommands():
     text = build_parser().format_help()
-    assert "example" in text
+    for command in ("example", "demo", "bench", "info"):
+        assert command in text
     done = subprocess.run(
         [sys.executable, "-m", "reflexflow", "--help"], capture_output=True, text=True, check=True
     )
-    assert "example" in done.stdout
+    assert "example" in done.stdout and "info" in done.stdout
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cpu:1", "mps"])
+def test_bench_refuses_an_unknown_device_as_an_argument_error(device, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", "--device", device])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device" in err and "'cpu', 'cuda' or 'cuda:N'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_bench_refuses_cuda_without_a_gpu_as_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_bench_outside_a_checkout_says_it_runs_from_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "checkout_root", lambda: tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "runs from a source checkout" in err and "git clone" in err
+
+
+def test_python_dash_m_reflexflow_bench_finds_the_checkout():
+    done = subprocess.run(
+        [sys.executable, "-m", "reflexflow", "bench", "--device", "tpu"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "argument --device" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_info_reports_extension_triton_cuda_and_versions(capsys):
+    assert main(["info"]) == 0
+    printed = capsys.readouterr().out
+    for label in ("C++ rollout extension:", "JIT sources:", "Triton:", "CUDA:", "CUDA graphs:"):
+        assert label in printed
+    assert f"torch {torch.__version__}" in printed
+    info = cli.runtime_info()
+    assert info["extension"]["status"] in ("prebuilt", "jit", "none")
+    if info["extension"]["status"] == "none":
+        assert info["extension"]["reason"]
+    else:
+        assert info["extension"]["kernels"]["cpu"] is True
+    assert info["cuda_available"] == torch.cuda.is_available()
+    assert info["cuda_graphs"] == torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        assert "not available (" in printed and "CUDA graphs: not usable" in printed
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["torch"] == torch.__version__
+
+
+def test_info_without_triton_names_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a, **k: None if name == "triton" else real(name, *a, **k),
+    )
+    assert main(["info"]) == 0
+    printed = capsys.readouterr().out
+    assert 'Triton: not installed (pip install "reflexflow[triton]")' in printed
+    assert cli.runtime_info()["triton_devices"] == []

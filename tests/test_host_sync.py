@@ -16,7 +16,7 @@ from reflexflow import native
 from reflexflow.engine import RolloutEngine
 from reflexflow.rollout import euler_rollout
 from tests._host_sync import count_host_reads
-from tests._rollout_models import TinyNet
+from tests.helpers import TinyNet
 
 BACKENDS = ["torch", "native"]
 

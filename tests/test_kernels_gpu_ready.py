@@ -471,14 +471,16 @@ def test_the_common_path_compiles_for_an_h100(tmp_path):
     fp32 state) on the three path kinds (linear, GVP, coefficient table) for sm_90 down
     to a cubin, as Triton's CUDA backend does."""
     import json
+    import pathlib
     import subprocess
     import sys
 
     out = tmp_path / "sm90.json"
     cases = ["sit_4x32x32_bf16_joint", "sit_gvp_fc_active_bool", "sit_vp_table_fc_delta"]
-    cmd = [sys.executable, "-m", "reflexflow.kernels.compile_check", "--arch", "90"]
+    cmd = [sys.executable, "-m", "tools.compile_check", "--arch", "90"]
     cmd += [f"--case={c}" for c in cases] + ["--json", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    root = pathlib.Path(__file__).resolve().parent.parent  # tools/ is in the checkout
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert {r["case"] for r in rows} == set(cases)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import reflexflow as rf
-from reflexflow.bench.models import build_model
-from reflexflow.bench.step import StepSpec, make_loss_fn, plain_fm_loss, saved_activation_bytes
+from benchmarks.machinery.step import StepSpec, make_loss_fn, plain_fm_loss, saved_activation_bytes
+from reflexflow.demo.toy_models import build_model
 from tests.helpers import ConvVelocity
 
 B, SHAPE = 6, (6, 3, 6, 6)

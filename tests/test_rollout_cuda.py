@@ -18,7 +18,7 @@ from reflexflow import native
 from reflexflow.engine import RolloutEngine
 from reflexflow.reference import euler_rollout_per_sample
 from reflexflow.rollout import euler_update, euler_update_masked, rollout_plan
-from tests._rollout_models import TinyNet
+from tests.helpers import TinyNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]

@@ -10,7 +10,7 @@ from reflexflow import graphs as graphs_mod
 from reflexflow import native
 from reflexflow.engine import RolloutEngine
 from reflexflow.reference import euler_rollout_per_sample
-from tests._rollout_models import Counting, TinyNet
+from tests.helpers import Counting, TinyNet
 
 BACKENDS = ["torch", "native"]
 

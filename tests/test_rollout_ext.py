@@ -173,7 +173,7 @@ def test_fallback_warns_with_the_reason_and_uses_torch(monkeypatch):
     import reflexflow as rf
     from reflexflow.engine import RolloutEngine
     from reflexflow.reference import euler_rollout_per_sample
-    from tests._rollout_models import TinyNet
+    from tests.helpers import TinyNet
 
     vm = rf.VelocityModel(TinyNet())
     x, k = torch.randn(4, 3, 6, 6), torch.tensor([2, 0, 1, 2])

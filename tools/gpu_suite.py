@@ -1,4 +1,4 @@
-"""One command that validates reflexflow's GPU paths: ``bash benchmarks/gpu_suite.sh OUT``.
+"""One command that validates reflexflow's GPU paths: ``bash tools/gpu_suite.sh OUT``.
 
 Made for a fresh CUDA machine without network and with little time (one call of at most
 9 minutes). Steps, in order, each under its own time limit and a global budget:
@@ -55,7 +55,7 @@ __all__ = [
     "main",
 ]
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("build", "tests", "sync", "sanitizer", "loss", "rollout", "step")
 VALIDATION = ("build", "tests", "sync", "sanitizer")
 DEFAULT_BUDGET_S = 530.0  # one device call may run 600 s: leave room for start-up and copies
@@ -256,7 +256,7 @@ if out["cuda_available"]:
     p = torch.cuda.get_device_properties(0)
     out.update(device_count=torch.cuda.device_count(), device_name=p.name,
                capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1))
-    from reflexflow.bench.report import device_slug
+    from benchmarks.machinery.report import device_slug
     out["slug"] = device_slug("cuda")
 print(json.dumps(out))
 """

@@ -4,20 +4,20 @@
 # compute-sanitizer (memcheck, racecheck) and the loss / rollout / step benchmarks, each
 # under a time limit, and writes one results JSON per suite plus summary.md into OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT                                  # everything
-#   bash benchmarks/gpu_suite.sh OUT --parts build,tests,sync,sanitizer
-#   bash benchmarks/gpu_suite.sh OUT --parts build,loss,rollout,step
+#   bash tools/gpu_suite.sh OUT                                  # everything
+#   bash tools/gpu_suite.sh OUT --parts build,tests,sync,sanitizer
+#   bash tools/gpu_suite.sh OUT --parts build,loss,rollout,step
 #
 # Exit code: 1 when a validation step (build, tests, sync, sanitizer) fails, 0 otherwise
 # (a failing benchmark is recorded, not fatal); without CUDA it prints
-# "no CUDA: nothing to validate" and exits 0. Details: reflexflow/bench/gpu_suite.py.
+# "no CUDA: nothing to validate" and exits 0. Details: tools/gpu_suite.py.
 set -u
 if [ "$#" -lt 1 ]; then
-  echo "usage: bash benchmarks/gpu_suite.sh OUT [--parts a,b,...] [--budget SECONDS]" >&2
+  echo "usage: bash tools/gpu_suite.sh OUT [--parts a,b,...] [--budget SECONDS]" >&2
   exit 2
 fi
 cd "$(dirname "$0")/.." || exit 2
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHON="$PY"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PY" -m reflexflow.bench.gpu_suite "$@"
+exec "$PY" -m tools.gpu_suite "$@"

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from ..paths import get_path
-from ..stable import stable_target
-from .models import build_model
+from reflexflow.demo.toy_models import build_model
+from reflexflow.paths import get_path
+from reflexflow.stable import stable_target
 
 __all__ = ["stable_inputs", "time_median", "run_stable_benchmark"]
 
@@ -73,7 +73,7 @@ def run_stable_benchmark(device: str, quick: bool) -> list[dict[str, Any]]:
     model forward on the same batch (quick: a tiny DiT, not SiT-S/2)."""
     dev = torch.device(device).type
     batch, refs, shape, size = QUICK if quick else (GPU if dev == "cuda" else CPU)
-    reps, warmup = (2, 3) if quick else ((20, 3) if dev == "cuda" else (3, 1))
+    reps, warmup = (3, 3) if quick else ((20, 3) if dev == "cuda" else (3, 1))
     kw = stable_inputs(batch, refs, shape, dev)
     model, _ = build_model("dit", size)
     model = model.to(dev).eval()

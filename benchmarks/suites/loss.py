@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .. import reference as ref
-from ..paths import get_path
+from reflexflow import reference as ref
+from reflexflow.paths import get_path
 
 __all__ = ["objective_inputs", "floor_bytes", "copy_bandwidth", "run_loss_benchmark"]
 
@@ -95,7 +95,7 @@ def _implementations(device: str) -> dict[str, Callable[..., dict] | None]:
     impls["compiled"] = torch.compile(ref.objective, fullgraph=True)
     impls["triton"] = None  # not measured without CUDA
     if device == "cuda":
-        from ..kernels import fused_objective, triton_usable
+        from reflexflow.kernels import fused_objective, triton_usable
 
         if triton_usable("cuda"):
             impls["triton"] = fused_objective
@@ -113,7 +113,7 @@ def run_loss_benchmark(device: str, quick: bool) -> list[dict[str, Any]]:
         shapes, v_dtype = GPU_SHAPES, torch.bfloat16
     else:
         shapes, v_dtype = (CPU_SHAPE,), torch.float32
-    reps, warmup = (2, 1) if quick else ((50, 5) if dev == "cuda" else (5, 2))
+    reps, warmup = (3, 1) if quick else ((50, 5) if dev == "cuda" else (5, 2))
     copy_n = (2**26 if dev == "cuda" else 2**24) if not quick else 2**16
     copy_gbps = copy_bandwidth(dev, copy_n, reps=max(reps, 10))
     rows: list[dict[str, Any]] = [

@@ -1,5 +1,5 @@
-"""benchmarks/gpu_suite.sh on CPU: the no-CUDA rehearsal, and the driver's verdicts
-(reflexflow.bench.gpu_suite) with the GPU steps replaced by recorded outcomes."""
+"""tools/gpu_suite.sh on CPU: the no-CUDA rehearsal, and the driver's verdicts
+(tools/gpu_suite.py) with the GPU steps replaced by recorded outcomes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reflexflow.bench import gpu_suite as gs
+from tools import gpu_suite as gs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_without_cuda_the_suite_says_so_writes_the_summary_and_exits_0(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)
     res = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), str(tmp_path / "out")],
+        ["bash", str(ROOT / "tools" / "gpu_suite.sh"), str(tmp_path / "out")],
         capture_output=True,
         text=True,
         env=env,
@@ -32,7 +32,7 @@ def test_without_cuda_the_suite_says_so_writes_the_summary_and_exits_0(tmp_path)
 
 
 def test_the_script_needs_an_output_folder():
-    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True)
+    res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_suite.sh")], capture_output=True)
     assert res.returncode == 2 and b"usage" in res.stderr
 
 

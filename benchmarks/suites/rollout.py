@@ -20,17 +20,17 @@ benchmarks/bench_rollout.py runs both and writes benchmarks/results/rollout-<dev
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .. import native
-from ..conventions import VelocityModel
-from ..engine import RolloutEngine
-from ..reference import bcast, euler_rollout_per_sample
+from reflexflow import native
+from reflexflow.conventions import VelocityModel
+from reflexflow.demo.toy_models import SmallDiT, SmallUNet
+from reflexflow.engine import RolloutEngine
+from reflexflow.reference import bcast, euler_rollout_per_sample
 
 __all__ = [
     "SmallUNet",
@@ -40,61 +40,6 @@ __all__ = [
     "bench_fused_update",
     "run_rollout_benchmark",
 ]
-
-
-def time_embedding(t: Tensor, dim: int) -> Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device) / half)
-    ang = t.float()[:, None] * 1000.0 * freqs[None]
-    return torch.cat([ang.sin(), ang.cos()], dim=1)
-
-
-class SmallUNet(nn.Module):
-    """Two-level conv UNet with a time embedding added at every block."""
-
-    def __init__(self, channels: int = 3, width: int = 32) -> None:
-        super().__init__()
-        self.width = width
-        self.temb = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2 * width))
-        self.inp = nn.Conv2d(channels, width, 3, padding=1)
-        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.mid = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
-        self.up = nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1)
-        self.out = nn.Conv2d(2 * width, channels, 3, padding=1)
-        self.act = nn.SiLU()
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb = self.temb(time_embedding(t, self.width).to(x.dtype))
-        h1 = self.act(self.inp(x)) + emb[:, : self.width, None, None]
-        h2 = self.act(self.down(h1)) + emb[:, :, None, None]
-        h2 = self.act(self.mid(h2))
-        u = self.act(self.up(h2))
-        return self.out(torch.cat([u, h1], dim=1))
-
-
-class SmallDiT(nn.Module):
-    """Patchify (4x4), a few pre-norm transformer blocks with adaLN-style time shift."""
-
-    def __init__(self, channels: int = 3, size: int = 16, dim: int = 128, depth: int = 2):
-        super().__init__()
-        self.p, self.size, self.dim = 4, size, dim
-        self.embed = nn.Linear(channels * 16, dim)
-        self.pos = nn.Parameter(0.02 * torch.randn(1, (size // 4) ** 2, dim))
-        self.temb = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 2 * dim))
-        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, channels * 16)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        b, c, hgt, wid = x.shape
-        p = self.p
-        tok = x.reshape(b, c, hgt // p, p, wid // p, p).permute(0, 2, 4, 1, 3, 5)
-        tok = self.embed(tok.reshape(b, -1, c * p * p)) + self.pos
-        scale, shift = self.temb(time_embedding(t, self.dim).to(x.dtype)).chunk(2, dim=1)
-        tok = tok * (1 + scale[:, None]) + shift[:, None]
-        out = self.head(self.blocks(tok))
-        out = out.reshape(b, hgt // p, wid // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
-        return out.reshape(b, c, hgt, wid)
 
 
 def lockstep_rollout(velocity, x_t0: Tensor, t0: Tensor, k: Tensor, step: Tensor) -> Tensor:
@@ -282,5 +227,5 @@ def bench_fused_update(
 def run_rollout_benchmark(device: str = "cpu", quick: bool = False) -> list[dict]:
     """The ``reflexflow bench`` suite: :func:`bench_rollouts` rows (tiny sizes if quick)."""
     if quick:
-        return bench_rollouts(device, batch=4, size=8, rollout_steps=2, repeats=1, verbose=False)
+        return bench_rollouts(device, batch=4, size=8, rollout_steps=2, repeats=3, verbose=False)
     return bench_rollouts(device, verbose=False)

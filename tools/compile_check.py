@@ -8,9 +8,9 @@ them, then compiles each distinct variant with Triton's CUDA backend for a given
 (spills), stack and shared memory from ``cuobjdump -res-usage``. Two processes, because
 Triton's code generator needs the kernels' helpers as JITFunctions (no interpreter).
 
-    python -m reflexflow.kernels.compile_check            # table on stdout
-    python -m reflexflow.kernels.compile_check --json out.json --arch 90
-    python -m reflexflow.kernels.compile_check --case sit_4x32x32_bf16v   # one case
+    python -m tools.compile_check            # table on stdout
+    python -m tools.compile_check --json out.json --arch 90
+    python -m tools.compile_check --case sit_4x32x32_bf16v   # one case
 
 Nothing here runs on a GPU: registers and spills are ptxas's; speed is not measured.
 """
@@ -18,6 +18,7 @@ Nothing here runs on a GPU: registers and spills are ptxas's; speed is not measu
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -135,8 +136,8 @@ def record_launches(names: list[str] | None = None) -> list[dict[str, Any]]:
     import torch
     from triton.runtime.interpreter import InterpretedFunction
 
-    from ..paths import get_path
-    from . import fused_objective
+    from reflexflow.kernels import fused_objective
+    from reflexflow.paths import get_path
 
     seen: dict[str, dict[str, Any]] = {}
     current = {"case": ""}
@@ -239,7 +240,7 @@ def compile_launches(specs: list[dict[str, Any]], arch: int = 90) -> list[dict[s
     from triton.compiler import compile as triton_compile
     from triton.runtime.jit import create_function_from_signature
 
-    from . import objective_kernels as kernels
+    from reflexflow.kernels import objective_kernels as kernels
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -277,13 +278,13 @@ def _run_child(mode: str, payload: Path, arch: int, cases: list[str]) -> None:
     if mode == "record":
         env["TRITON_INTERPRET"] = "1"
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     subprocess.run(
         [
             sys.executable,
             "-m",
-            "reflexflow.kernels.compile_check",
+            "tools.compile_check",
             f"--{mode}",
             str(payload),
             "--arch",
@@ -295,7 +296,24 @@ def _run_child(mode: str, payload: Path, arch: int, cases: list[str]) -> None:
     )
 
 
+MISSING_TRITON = (
+    "compile_check needs Triton (its CUDA backend compiles the kernels; no GPU needed): "
+    'install the "triton" extra, pip install -e ".[triton]" (or pip install triton)'
+)
+
+
+def triton_missing() -> str | None:
+    """The message naming what to install when Triton cannot be found, else None."""
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or half-removed install
+        found = False
+    return None if found else MISSING_TRITON
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Record, compile and print every case's launches; 1 on a compile error, 2 on a
+    missing requirement (Triton), 0 otherwise."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--json", type=Path, help="write the rows here")
@@ -303,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--compile", type=Path, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
+    missing = triton_missing()
+    if missing is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     if opts.record:
         opts.record.write_text(json.dumps(record_launches(opts.case or None)))
         return 0
@@ -312,8 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         payload = Path(tmp) / "launches.json"
-        _run_child("record", payload, opts.arch, opts.case)
-        _run_child("compile", payload, opts.arch, opts.case)
+        for mode in ("record", "compile"):
+            try:
+                _run_child(mode, payload, opts.arch, opts.case)
+            except subprocess.CalledProcessError as err:
+                print(
+                    f"error: the {mode} step failed (exit {err.returncode}); its output is above",
+                    file=sys.stderr,
+                )
+                return 1
         rows = json.loads(payload.read_text())
     print(
         "| case | kernel | warps | regs | local (spill) bytes | stack | shared "

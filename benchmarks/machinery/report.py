@@ -97,17 +97,19 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def format_step_table(rows: list[dict[str, Any]]) -> str:
-    """One line per (model, configuration): calls, GFLOP, FLOP ratio, time, ideal, memory."""
+    """One line per (model, configuration): calls, GFLOP, FLOP ratio, median time, its
+    spread ((max - min) / median over the timed steps), ideal, memory."""
     head = (
         f"{'model':<5} {'config':<34} {'calls':>5} {'GFLOP':>8} {'xFLOP':>6} "
-        f"{'ms':>9} {'ideal ms':>9} {'vs ideal':>8} {'vs fm':>6} {'/shared':>7} "
+        f"{'ms':>9} {'spread':>6} {'ideal ms':>9} {'vs ideal':>8} {'vs fm':>6} {'/shared':>7} "
         f"{'peak MiB':>8} {'saved MiB':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['model']:<5} {r['config']:<34} {r['model_calls']:>5} {r['gflop']:>8.2f} "
-            f"{r['flop_ratio']:>6.2f} {r['time_ms']:>9.1f} {r['ideal_ms']:>9.1f} "
+            f"{r['flop_ratio']:>6.2f} {r['time_ms']:>9.1f} {_fmt(r.get('spread'), '>6.0%')} "
+            f"{r['ideal_ms']:>9.1f} "
             f"{r['vs_ideal']:>8.3f} {r['vs_fm']:>6.2f} {_fmt(r['vs_shared'], '>7.3f')} "
             f"{_fmt(r['peak_mem_mib'], '>8.1f')} {r['saved_act_mib']:>9.1f}"
         )

@@ -1,0 +1,1 @@
+"""The step benchmark of ``reflexflow bench``: configurations, timing, report, command."""

@@ -5,6 +5,7 @@ import torch
 
 import reflexflow as rf
 from reflexflow import reference as ref
+from reflexflow.objective import ObjectiveInputs, ObjectiveSpec
 from tests.helpers import ConvVelocity, MLPVelocity, gen
 
 B, SHAPE = 6, (6, 3, 8, 8)
@@ -84,20 +85,13 @@ def test_loss_equals_reference_objective_on_an_explicit_rollout():
     vel = rf.VelocityModel(model)
     x_hat = ref.euler_rollout_per_sample(vel, x_t0, t, k, step)
     t1 = t + 0.1 * k
-    expected = ref.objective(
-        path,
-        v0=model(x_t0, t),
-        v1=model(x_hat, t1),
-        x1=x1,
-        eps=noise,
-        x_hat=x_hat,
-        t0=t,
-        t1=t1,
-        k=k,
+    inputs = ObjectiveInputs(
+        v0=model(x_t0, t), v1=model(x_hat, t1), x1=x1, eps=noise, x_hat=x_hat, t0=t, t1=t1, k=k
     )
-    torch.testing.assert_close(out.loss, expected["loss"])
+    expected = ref.objective(path, ObjectiveSpec(), inputs)
+    torch.testing.assert_close(out.loss, expected.loss)
     torch.testing.assert_close(out.t1, t1)
-    torch.testing.assert_close(out.bias_norm, expected["delta"].flatten(1).norm(dim=1))
+    torch.testing.assert_close(out.bias_norm, expected.delta.flatten(1).norm(dim=1))
 
 
 @pytest.mark.parametrize("method", ["reflexflow", "fm", "ip", "ss"])

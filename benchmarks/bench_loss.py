@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from reflexflow import reference as ref
-from reflexflow.bench.loss import copy_bandwidth, floor_bytes, objective_inputs
+from reflexflow.bench.loss import copy_bandwidth, floor_bytes, objective_call, objective_inputs
 from reflexflow.kernels import triton_usable
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -140,10 +140,11 @@ def test_loss_forward_backward(benchmark, shape, impl):
     kw = objective_inputs(size, DEV, dtype)
     fn = _objective(impl)
     v = kw["v_joint"]
+    call = objective_call(kw)
 
     def step():
         v.grad = None
-        fn(**kw)["loss"].backward()
+        fn(*call).loss.backward()
         _sync()
 
     for _ in range(3):  # compile, caches

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import finite
 from .config import ReflexFlowConfig
 from .conventions import from_canonical_time
 from .draws import Draws, draw
-from .finite import WATCH, check_stage
+from .finite import check_stage
 from .lean import LeanStep
 from .objective import ObjectiveTerms
 from .stages import (
@@ -186,7 +187,7 @@ def _output(
     elif cfg.check_finite:
         check_stage("loss", loss=terms.loss)
     elif state.k_read:  # read at the next step's host read of k (no sync added)
-        WATCH.arm(terms.loss)
+        finite.WATCH.arm(terms.loss)
     return ReflexFlowOutput(
         loss=None if lean is not None else terms.loss,
         fc_loss=terms.fc_loss.detach(),

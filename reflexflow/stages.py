@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import finite
 from . import reference as ref
 from .batching import prepare_kwargs, repeat_batch
 from .config import ReflexFlowConfig
 from .conventions import VelocityModel
 from .draws import Draws, state_dtype
 from .engine import rollout
-from .finite import WATCH, check_stage
+from .finite import check_stage
 from .model_state import ddp_no_sync, is_fsdp1
 from .objective import FLOW_MATCHING, ObjectiveInputs, ObjectiveSpec, ObjectiveTerms
 from .paths import PathLike
@@ -235,7 +236,7 @@ def rollout_state(ctx: StepContext, d: Draws) -> RolloutState:
         return RolloutState(x_t0, x_t0, x_t0, None, None)
     x_hat, v0, k_read = _rolled(ctx, d, x_t0)
     if k_read:  # the engine's host read of k waited for the device: no sync to add
-        WATCH.poll()
+        finite.WATCH.poll()
     x_t1 = ref.interpolate(ctx.path, ctx.data, d.eps, d.t1)
     bias_norm = (x_hat - x_t1).detach().flatten(1).norm(dim=1)
     if ctx.cfg.check_finite:

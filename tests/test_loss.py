@@ -1,5 +1,7 @@
 """ReflexFlowLoss end to end: special cases, conventions, determinism, gradients."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -401,3 +403,99 @@ def test_module_and_functional_twins_agree():
     b = rf.reflexflow_loss(model, x1, generator=gen(2), **knobs)
     assert torch.equal(a.loss, b.loss)
     assert "lambda_fc=0.5" in repr(rf.ReflexFlowLoss(**knobs))
+
+
+# -- non-finite values: the stage that made them, or one warning --------------------------
+
+
+def _nan_when(condition):
+    """A conv velocity whose output is NaN when condition() holds at call time."""
+    net = ConvVelocity()
+
+    def model(x, t):
+        v = net(x, t)
+        return v * float("nan") if condition() else v
+
+    return model
+
+
+def test_check_finite_names_the_data_stage_for_nan_noise():
+    x1 = torch.randn(4, 3, 6, 6)
+    noise = torch.randn_like(x1)
+    noise[1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="noise has non-finite values .* stage 'data'"):
+        rf.reflexflow_loss(ConvVelocity(), x1, noise=noise, check_finite=True)
+
+
+def test_check_finite_names_the_rollout_state_when_only_no_grad_calls_return_nan():
+    model = _nan_when(lambda: not torch.is_grad_enabled())
+    with pytest.raises(ValueError, match="x_hat has non-finite values .* 'rollout state'"):
+        rf.reflexflow_loss(
+            model,
+            torch.randn(4, 3, 6, 6),
+            t=torch.full((4,), 0.3),
+            k=torch.full((4,), 2),
+            preset="grid-direction",
+            rollout_steps=2,
+            check_finite=True,
+        )
+
+
+def test_check_finite_names_the_model_outputs_when_the_gradient_calls_return_nan():
+    model = _nan_when(torch.is_grad_enabled)
+    with pytest.raises(ValueError, match="v0 has non-finite values .* 'model outputs'"):
+        rf.reflexflow_loss(
+            model,
+            torch.randn(4, 3, 6, 6),
+            preset="grid-direction",
+            share_first_call=False,
+            check_finite=True,
+        )
+
+
+def test_check_finite_names_the_velocity_bias_when_its_no_grad_calls_return_nan():
+    """k = 0 everywhere: no rollout call, so only FC's velocity-space bias calls run
+    without grad."""
+    model = _nan_when(lambda: not torch.is_grad_enabled())
+    with pytest.raises(ValueError, match="fc_delta has non-finite values .* 'velocity bias'"):
+        rf.reflexflow_loss(
+            model,
+            torch.randn(4, 3, 6, 6),
+            t=torch.full((4,), 0.3),
+            k=torch.zeros(4, dtype=torch.int64),
+            preset="defar",
+            check_finite=True,
+        )
+
+
+def test_non_finite_loss_without_check_finite_warns_once_suggesting_it(monkeypatch):
+    """Default mode, per-sample k: the flag of step n is read at step n + 1's host read of
+    k (no sync added), one RuntimeWarning; the loss itself comes back NaN as before."""
+    from reflexflow import finite
+
+    monkeypatch.setattr(finite, "WATCH", finite.NonFiniteWatch())
+    loss_fn = rf.ReflexFlowLoss(preset="grid-direction", rollout_steps=2)
+    model = _nan_when(lambda: not torch.is_grad_enabled())
+    x1 = torch.randn(4, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = loss_fn(model, x1)  # armed, not read yet
+    assert torch.isnan(out.loss)
+    with pytest.warns(RuntimeWarning, match="check_finite=True"):
+        loss_fn(model, x1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_fn(model, x1)
+        loss_fn(model, x1)  # once per process
+
+
+def test_finite_losses_give_no_warning(monkeypatch):
+    from reflexflow import finite
+
+    monkeypatch.setattr(finite, "WATCH", finite.NonFiniteWatch())
+    loss_fn = rf.ReflexFlowLoss(preset="grid-direction", rollout_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            loss_fn(ConvVelocity(), torch.randn(4, 3, 6, 6))
+    assert not finite.WATCH.warned

@@ -3,18 +3,19 @@
 check_finite=True: :func:`check_stage` after each stage reads its tensors (one host sync
 each) and raises a ValueError naming the stage and the tensor.
 
-Default (check_finite=False), no host sync added: :data:`WATCH` queues a device-side flag
-"this loss is non-finite" on the steps whose rollout already reads k on the host (the
-per-sample rollout plan), and reads it at the next such read, when the device has passed
-it; a non-finite loss then gives one RuntimeWarning suggesting check_finite=True. Steps
-without a host read (the fixed-k plan, ``k_draw="fixed"`` with ``ss_prob=1``; fm and ip)
-are not watched: there, use check_finite=True.
+Default (check_finite=False), no host sync added: :data:`WATCH` copies a device-side
+flag "this loss is non-finite" into host memory without blocking (CUDA: pinned memory
+behind an event) and reads it once the copy has landed, at the end of this loss call or
+of a later one; a non-finite loss then gives one RuntimeWarning (per process) suggesting
+check_finite=True. Cost: four tiny device ops per step.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import deque
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -42,46 +43,50 @@ def check_stage(stage: str, **tensors: Tensor | None) -> None:
 
 
 class NonFiniteWatch:
-    """The default warning for a non-finite loss, read only after a host sync was paid.
+    """The default warning for a non-finite loss, without a host sync.
 
-    ``arm(loss)`` queues ~isfinite(loss) (on CUDA copied without blocking into pinned
-    host memory, behind an event); ``poll()`` reads the last armed flag once the device
-    has passed it (``event.query()``, no wait), warns once per process when it is set.
+    ``arm(loss)`` queues the device-side flag ~isfinite(loss) into host memory (CUDA: a
+    non-blocking copy into pinned memory behind an event; CPU: a copy into a numpy
+    buffer, as CPU tensors have no device queue); ``poll()`` reads the flags whose copy
+    has landed (``event.query()``, which never waits) and warns once per process. Other
+    devices, and steps traced by torch.compile, are not watched.
     """
 
-    def __init__(self) -> None:
-        self._pending: tuple[Tensor, torch.cuda.Event | None] | None = None
+    def __init__(self, depth: int = 8) -> None:
+        self._pending: deque[tuple[numpy.ndarray, torch.cuda.Event | None, Tensor | None]]
+        self._pending = deque(maxlen=depth)
         self.warned = False
 
     def arm(self, loss: Tensor) -> None:
         if self.warned or torch.compiler.is_compiling():
             return
         flag = torch.isfinite(loss.detach()).all().logical_not()
-        event = None
         if flag.device.type == "cuda":
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(flag, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            flag = host
-        self._pending = (flag, event)
+            self._pending.append((host.numpy(), event, host))
+        elif flag.device.type == "cpu":
+            view = numpy.zeros((), dtype=bool)
+            torch.from_numpy(view).copy_(flag)
+            self._pending.append((view, None, None))
 
     def poll(self) -> None:
-        if self._pending is None or torch.compiler.is_compiling():
-            return
-        flag, event = self._pending
-        if event is not None and not event.query():
-            return  # not reached yet: read it at a later poll
-        self._pending = None
-        if bool(flag) and not self.warned:
-            self.warned = True
-            warnings.warn(
-                "reflexflow: a loss step gave a non-finite loss (NaN or Inf); pass "
-                "check_finite=True to have the loss name the stage that made it (data, "
-                "rollout state, model outputs, velocity bias, targets)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        while self._pending and not self.warned:
+            view, event, _ = self._pending[0]
+            if event is not None and not event.query():
+                return  # not landed yet: read it at a later poll
+            self._pending.popleft()
+            if bool(view):
+                self.warned = True
+                warnings.warn(
+                    "reflexflow: a loss step gave a non-finite loss (NaN or Inf); pass "
+                    "check_finite=True to have the loss name the stage that made it "
+                    "(data, rollout state, model outputs, velocity bias, targets)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
 
 
 WATCH = NonFiniteWatch()

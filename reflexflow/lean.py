@@ -22,6 +22,7 @@ from . import reference as ref
 from .finite import check_stage
 from .model_state import fsdp2_sync
 from .objective import ObjectiveSpec, ObjectiveTerms
+from .stages import StepContext
 
 __all__ = ["LeanStep", "LeanResult"]
 
@@ -56,33 +57,29 @@ class LeanStep:
     @classmethod
     def defer(
         cls,
+        ctx: StepContext,
         fm_half: ObjectiveTerms,
-        *,
-        model: Any,
-        velocity: Callable[..., Tensor],
-        spec: ObjectiveSpec,
         x_hat: Tensor,
         t1: Tensor,
-        kwargs: Any,
         v_adr: Tensor,
         adr_weight: Tensor | None,
-        check_finite: bool = False,
     ) -> LeanStep:
-        """The deferred step after the objective's FM half ``fm_half`` (no v1)."""
+        """The deferred step of ``ctx`` after the objective's FM half ``fm_half`` (no v1):
+        the ADR call v(x^_t1, t1) against v_adr, weighted by adr_weight."""
         device = x_hat.device.type
         return cls(
-            model=model,
-            velocity=velocity,
-            spec=spec,
+            model=ctx.model,
+            velocity=ctx.velocity,
+            spec=ctx.spec,
             fm_loss=fm_half.loss,
             fc_rows=fm_half.per_sample.detach(),
             x_hat=x_hat.detach(),
             t1=t1,
-            kwargs=kwargs,
+            kwargs=ctx.kwargs,
             v_adr=v_adr,
             adr_weight=adr_weight,
             autocast=(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)),
-            check_finite=check_finite,
+            check_finite=ctx.cfg.check_finite,
         )
 
     def backward(self, scale: Callable[[Tensor], Tensor]) -> LeanResult:

@@ -110,6 +110,11 @@ class ReflexFlowOutput:
         lean, self._lean, self._lean_done = self._lean, None, True
         done = lean.backward(lambda x: _scaled(x, scaler, loss_scale))
         self._loss, self.adr_loss, self.per_sample_loss = done
+        if lean.check_finite:
+            check_stage("loss", loss=done.loss)
+        else:
+            finite.WATCH.arm(done.loss)
+        finite.WATCH.poll()
 
     def __repr__(self) -> str:
         value = "pending (memory='lean')" if self._loss is None else f"{float(self._loss):.6g}"
@@ -172,22 +177,12 @@ def _output(
     """The step's output; a deferred ADR term (memory="lean") waits in a LeanStep."""
     cfg, lean = ctx.cfg, None
     if calls.deferred:
-        lean = LeanStep.defer(
-            terms,
-            model=ctx.model,
-            velocity=ctx.velocity,
-            spec=ctx.spec,
-            x_hat=state.x_hat,
-            t1=d.t1,
-            kwargs=ctx.kwargs,
-            v_adr=targets.v_adr,
-            adr_weight=targets.adr_weight,
-            check_finite=cfg.check_finite,
-        )
+        lean = LeanStep.defer(ctx, terms, state.x_hat, d.t1, targets.v_adr, targets.adr_weight)
     elif cfg.check_finite:
         check_stage("loss", loss=terms.loss)
-    elif state.k_read:  # read at the next step's host read of k (no sync added)
+    else:  # the default warning: read once the flag has landed on the host, no sync
         finite.WATCH.arm(terms.loss)
+    finite.WATCH.poll()
     return ReflexFlowOutput(
         loss=None if lean is not None else terms.loss,
         fc_loss=terms.fc_loss.detach(),

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import finite
 from . import reference as ref
 from .batching import prepare_kwargs, repeat_batch
 from .config import ReflexFlowConfig
@@ -179,15 +178,13 @@ class RolloutState(NamedTuple):
     """The states of one step. x_hat: x^_t1 (x_t0 without a rollout; keeps the graph of
     its Euler step with rollout_grad); x_t1: the clean state at t1; v0: v(x_t0, t0) with
     grad when the rollout's first call is shared with the FM term, else None;
-    bias_norm: (B,) ||x^_t1 - x_t1||, detached (None without a rollout); k_read: the
-    engine read k on the host (the per-sample plan: a host sync was paid)."""
+    bias_norm: (B,) ||x^_t1 - x_t1||, detached (None without a rollout)."""
 
     x_t0: Tensor
     x_t1: Tensor
     x_hat: Tensor
     v0: Tensor | None
     bias_norm: Tensor | None
-    k_read: bool = False
 
 
 def run_rollout(
@@ -209,24 +206,23 @@ def run_rollout(
     )
 
 
-def _rolled(ctx: StepContext, d: Draws, x_t0: Tensor) -> tuple[Tensor, Tensor | None, bool]:
-    """(x^_t1, v0 when the first call is shared, whether the engine ran with k read)."""
+def _rolled(ctx: StepContext, d: Draws, x_t0: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(x^_t1, v0 = v(x_t0, t0) with grad when the first call is shared, else None)."""
     cfg = ctx.cfg
     rolled = ref.bcast(d.k > 0, x_t0).bool()
     if cfg.rollout_grad:  # one Euler step whose output keeps its graph
         v0 = ctx.velocity(x_t0, d.t0, ctx.kwargs)
-        return torch.where(rolled, x_t0 + ref.bcast(d.step, x_t0) * v0, x_t0), v0, False
-    k_read = d.fixed_k is None
+        return torch.where(rolled, x_t0 + ref.bcast(d.step, x_t0) * v0, x_t0), v0
     if not cfg.shares_first_call:
-        return run_rollout(ctx, x_t0, d.t0, d.k, d.step, d.fixed_k), None, k_read
+        return run_rollout(ctx, x_t0, d.t0, d.k, d.step, d.fixed_k), None
     with _fm_sync_off(ctx):
         v0 = ctx.velocity(x_t0, d.t0, ctx.kwargs)
     x_first = torch.where(rolled, x_t0 + ref.bcast(d.step, x_t0) * v0.detach(), x_t0)
     if cfg.max_rollout_steps == 1:
-        return x_first, v0, False
+        return x_first, v0
     rest = (d.k - 1).clamp_min(0)
     fixed = None if d.fixed_k is None else d.fixed_k - 1
-    return run_rollout(ctx, x_first, d.t0 + d.step, rest, d.step, fixed), v0, k_read
+    return run_rollout(ctx, x_first, d.t0 + d.step, rest, d.step, fixed), v0
 
 
 def rollout_state(ctx: StepContext, d: Draws) -> RolloutState:
@@ -234,14 +230,12 @@ def rollout_state(ctx: StepContext, d: Draws) -> RolloutState:
     x_t0 = ref.interpolate(ctx.path, ctx.data, d.eps, d.t0)
     if not ctx.cfg.rolls_out:  # k = 0 and t1 = t0 for every sample
         return RolloutState(x_t0, x_t0, x_t0, None, None)
-    x_hat, v0, k_read = _rolled(ctx, d, x_t0)
-    if k_read:  # the engine's host read of k waited for the device: no sync to add
-        finite.WATCH.poll()
+    x_hat, v0 = _rolled(ctx, d, x_t0)
     x_t1 = ref.interpolate(ctx.path, ctx.data, d.eps, d.t1)
     bias_norm = (x_hat - x_t1).detach().flatten(1).norm(dim=1)
     if ctx.cfg.check_finite:
         check_stage("rollout state", x_hat=x_hat)
-    return RolloutState(x_t0, x_t1, x_hat, v0, bias_norm, k_read)
+    return RolloutState(x_t0, x_t1, x_hat, v0, bias_norm)
 
 
 # -- gradient-carrying calls --------------------------------------------------------

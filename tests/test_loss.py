@@ -469,33 +469,68 @@ def test_check_finite_names_the_velocity_bias_when_its_no_grad_calls_return_nan(
 
 
 def test_non_finite_loss_without_check_finite_warns_once_suggesting_it(monkeypatch):
-    """Default mode, per-sample k: the flag of step n is read at step n + 1's host read of
-    k (no sync added), one RuntimeWarning; the loss itself comes back NaN as before."""
+    """Default mode: the flag is copied to the host without a sync and read once it has
+    landed (on CPU at once), one RuntimeWarning per process; the loss comes back NaN."""
     from reflexflow import finite
 
     monkeypatch.setattr(finite, "WATCH", finite.NonFiniteWatch())
-    loss_fn = rf.ReflexFlowLoss(preset="grid-direction", rollout_steps=2)
+    loss_fn = rf.ReflexFlowLoss()  # preset "defar": no host read of its own
     model = _nan_when(lambda: not torch.is_grad_enabled())
     x1 = torch.randn(4, 3, 6, 6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        out = loss_fn(model, x1)  # armed, not read yet
-    assert torch.isnan(out.loss)
     with pytest.warns(RuntimeWarning, match="check_finite=True"):
-        loss_fn(model, x1)
+        out = loss_fn(model, x1)
+    assert torch.isnan(out.loss)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loss_fn(model, x1)
         loss_fn(model, x1)  # once per process
+
+
+def test_non_finite_lean_loss_warns_at_backward(monkeypatch):
+    from reflexflow import finite
+
+    monkeypatch.setattr(finite, "WATCH", finite.NonFiniteWatch())
+    out = rf.reflexflow_loss(_nan_when(lambda: True), torch.randn(4, 3, 6, 6), memory="lean")
+    with pytest.warns(RuntimeWarning, match="check_finite=True"):
+        out.backward()
 
 
 def test_finite_losses_give_no_warning(monkeypatch):
     from reflexflow import finite
 
     monkeypatch.setattr(finite, "WATCH", finite.NonFiniteWatch())
-    loss_fn = rf.ReflexFlowLoss(preset="grid-direction", rollout_steps=2)
+    loss_fn = rf.ReflexFlowLoss()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(3):
             loss_fn(ConvVelocity(), torch.randn(4, 3, 6, 6))
     assert not finite.WATCH.warned
+
+
+@pytest.mark.parametrize("method", ["fm", "ip", "ss"])
+def test_baselines_take_the_same_objective_on_every_backend(method, monkeypatch):
+    """fm, ip and ss are the objective with lambda_adr = lambda_fc = 0 (FLOW_MATCHING):
+    backend="triton" routes them to the fused kernels, with the reference's loss and rows."""
+    from reflexflow import kernels
+
+    if not kernels.triton_usable("cpu"):
+        pytest.skip("Triton needs TRITON_INTERPRET=1 on CPU")
+    calls, fused = [], kernels.fused_objective
+    monkeypatch.setattr(
+        kernels, "fused_objective", lambda *a, **kw: calls.append(1) or fused(*a, **kw)
+    )
+    outs = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        out = rf.reflexflow_loss(
+            ConvVelocity(),
+            torch.randn(4, 3, 6, 6, generator=gen(1)),
+            generator=gen(2),
+            method=method,
+            backend=backend,
+        )
+        outs.append(out)
+    want, got = outs
+    assert len(calls) == 1  # the triton run took the kernels, the torch run did not
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.per_sample_loss, want.per_sample_loss, rtol=1e-5, atol=1e-6)
+    assert got.adr_loss is None and got.fc_weight is None

@@ -16,6 +16,7 @@ explicit t, and k <= rollout_steps. With lambda_adr = lambda_fc = 0 nothing roll
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ __all__ = ["Draws", "draw", "static_k", "T_TOL"]
 T_TOL = 1e-6  # slack for explicit times against 1 - t_eps - k h (float rounding)
 
 
+@dataclass(frozen=True, eq=False)
 class Draws:
     """The per-sample random quantities of one step, canonical convention.
 
@@ -39,11 +41,12 @@ class Draws:
     when k must be read.
     """
 
-    def __init__(
-        self, eps: Tensor, k: Tensor, t0: Tensor, t1: Tensor, step: Tensor, fixed_k: int | None
-    ) -> None:
-        self.eps, self.k, self.t0, self.t1, self.step = eps, k, t0, t1, step
-        self.fixed_k = fixed_k
+    eps: Tensor
+    k: Tensor
+    t0: Tensor
+    t1: Tensor
+    step: Tensor
+    fixed_k: int | None
 
 
 def state_dtype(x: Tensor) -> torch.dtype:

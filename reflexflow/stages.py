@@ -13,6 +13,7 @@ all three are the objective with :data:`reflexflow.objective.FLOW_MATCHING`.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -40,6 +41,7 @@ __all__ = [
     "GradientCalls",
     "ObjectiveFn",
     "validate",
+    "objective_spec",
     "step_context",
     "run_rollout",
     "rollout_state",
@@ -136,6 +138,22 @@ class StepContext:
         return self.data.shape[0]
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_spec(cfg: ReflexFlowConfig) -> ObjectiveSpec:
+    return ObjectiveSpec.from_config(cfg)
+
+
+def objective_spec(cfg: ReflexFlowConfig) -> ObjectiveSpec:
+    """The objective's choices: the config's for reflexflow with a rollout (built and
+    validated once per config), FLOW_MATCHING for fm, ip, ss and zero lambdas."""
+    if cfg.method != "reflexflow" or not cfg.rolls_out:
+        return FLOW_MATCHING
+    try:
+        return _cached_spec(cfg)
+    except TypeError:  # a knob value that cannot be hashed
+        return ObjectiveSpec.from_config(cfg)
+
+
 def step_context(
     cfg: ReflexFlowConfig,
     model: Any,
@@ -145,10 +163,9 @@ def step_context(
     stable_bank: Any,
 ) -> StepContext:
     """The call's context: spec, state-dtype data, velocity model, prepared kwargs."""
-    general = cfg.method == "reflexflow" and cfg.rolls_out
     return StepContext(
         cfg=cfg,
-        spec=ObjectiveSpec.from_config(cfg) if general else FLOW_MATCHING,
+        spec=objective_spec(cfg),
         model=model,
         velocity=VelocityModel(
             model, cfg.convention, input_dtype=x1.dtype, timestep_scale=cfg.timestep_scale

@@ -4,7 +4,7 @@ Anti-Drift Rectification (ADR) on scheduled-sampling rollouts plus Frequency
 Compensation (FC); see docs/method.md for the mathematics and README.md for usage.
 """
 
-from . import diagnostics, paths, presets, reference, stable
+from . import diagnostics, objective, paths, presets, reference, stable
 from .config import ReflexFlowConfig
 from .conventions import VelocityModel
 from .diagnostics import exposure_bias
@@ -27,6 +27,7 @@ __all__ = [
     "get_path",
     "VelocityModel",
     "diagnostics",
+    "objective",
     "paths",
     "presets",
     "reference",

@@ -24,6 +24,7 @@ t0 = u (1 - t_eps)).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ _BUILTIN_SAMPLERS = (UniformTime, LogitNormalTime, ShiftedLogitNormalTime)
 T_TOL = 1e-6  # slack for explicit times against 1 - t_eps - k h (float rounding)
 
 
+@dataclass(frozen=True, eq=False)
 class Draws:
     """The per-sample random quantities of one step, canonical convention.
 
@@ -49,11 +51,12 @@ class Draws:
     when k must be read.
     """
 
-    def __init__(
-        self, eps: Tensor, k: Tensor, t0: Tensor, t1: Tensor, step: Tensor, fixed_k: int | None
-    ) -> None:
-        self.eps, self.k, self.t0, self.t1, self.step = eps, k, t0, t1, step
-        self.fixed_k = fixed_k
+    eps: Tensor
+    k: Tensor
+    t0: Tensor
+    t1: Tensor
+    step: Tensor
+    fixed_k: int | None
 
 
 def state_dtype(x: Tensor) -> torch.dtype:

@@ -210,3 +210,13 @@ class ObjectiveTerms:
         default=None, metadata={"help": "the ADR target used (reference only)"}
     )
     delta: Tensor | None = field(default=None, metadata={"help": "x^_t1 - x_t1 (reference only)"})
+
+
+__all__ += ["FLOW_MATCHING", "TERM_NAMES"]
+
+# The flow-matching term alone: L = mean (v0 - u0)^2 (weighted per sample when fm_weight
+# is given). fm, ip and ss are this objective on their own (v, u) pair.
+FLOW_MATCHING = ObjectiveSpec(lambda_adr=0.0, fc=FCSpec(lambda_fc=0.0))
+
+# ObjectiveTerms' tensor fields, in order (the legacy dict keys of the keyword API)
+TERM_NAMES = tuple(f.name for f in dataclasses.fields(ObjectiveTerms))

@@ -23,6 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .batching import index_batch
+from .objective import (
+    FC_FILTERS,
+    NORM_EPS,
+    NORM_FLOOR,
+    FCSpec,
+    ObjectiveInputs,
+    ObjectiveSpec,
+    ObjectiveTerms,
+)
 from .paths import PathLike
 
 __all__ = [
@@ -43,6 +52,9 @@ __all__ = [
     "per_sample_adr",
     "adr_mse_loss",
     "adr_direction_loss",
+    "fc_term",
+    "adr_term",
+    "fc_map",
     "objective",
     "euler_rollout_per_sample",
     "low_frequency_share",
@@ -52,13 +64,7 @@ __all__ = [
     "TINY",
 ]
 
-FILTERS = ("gaussian", "box", "fft", "none")
-NORM_EPS = 1e-6  # absolute lower bound of the per-sample norms in the direction loss
-# |v1| is also bounded below by NORM_FLOOR * |v_adr|: a model whose output starts at zero
-# (SiT/DiT zero-initialise their last layer) would otherwise see gradients ~ 1/NORM_EPS.
-# 0.01 rather than 0.1: a larger floor also binds in normal training near t = 1, where
-# |v_adr| = |x1 - x^| / (1 - t1) is large (docs/demo.md).
-NORM_FLOOR = 0.01
+FILTERS = FC_FILTERS  # one definition each, in reflexflow.objective
 TINY = 1e-12  # added to the per-sample mean of the FC map before dividing
 
 
@@ -297,103 +303,112 @@ def adr_direction_loss(
     return per_sample_adr_direction(v1, v_adr, norm_eps, norm_floor).mean()
 
 
-def objective(
-    path: PathLike,
-    *,
-    v0: Tensor | None = None,
-    v1: Tensor | None = None,
-    x1: Tensor,
-    eps: Tensor,
-    x_hat: Tensor,
-    t0: Tensor,
-    t1: Tensor,
-    k: Tensor,
-    lambda_adr: float = 10.0,
-    lambda_fc: float = 1.0,
-    adr_loss: str = "direction",
-    fc_active: Tensor | None = None,
-    fc_delta: Tensor | None = None,
-    per_channel: bool = False,
-    fc_signed: bool = False,
-    fc_form: str = "weight",
-    fc_filter: str = "gaussian",
-    fc_sigma: float = 2.0,
-    fc_size: int = 5,
-    fc_cutoff: float = 0.25,
-    fm_weight: Tensor | None = None,
-    adr_weight: Tensor | None = None,
-    u0: Tensor | None = None,
-    v_adr: Tensor | None = None,
-    v_joint: Tensor | None = None,
-    norm_eps: float = NORM_EPS,
-    norm_floor: float = NORM_FLOOR,
-) -> dict[str, Tensor | None]:
+def fc_term(
+    v0: Tensor,
+    u0: Tensor,
+    w: Tensor | None,
+    form: str = "weight",
+    weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(rows (B,), L_FC) of the FC (FM-type) term, from one squared error.
+
+    e = w (v0 - u0)^2 (w^2 for form "squared"; the plain squared error when w is None),
+    rows_i = weight_i * mean over sample i of e, L_FC = mean_i rows_i; without weight
+    L_FC = mean of e over all elements (rounding as :func:`fm_loss` / :func:`fc_loss`).
+    w and weight are detached.
+    """
+    e = (v0 - u0).square()
+    if w is not None:
+        w = w.detach()
+        e = (w.square() if form == "squared" else w) * e
+    rows = per_sample_mean(e)
+    if weight is None:
+        return rows, e.mean()
+    rows = weight.detach().to(rows.dtype) * rows
+    return rows, rows.mean()
+
+
+def adr_term(
+    v1: Tensor, v_adr: Tensor, spec: ObjectiveSpec, weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(rows (B,), L_ADR) of the ADR term, v_adr detached.
+
+    rows_i = weight_i * (mean (v1 - v_adr)^2 (mse) or ||v1/n - v_adr/n_a||^2 (direction,
+    norms of :func:`adr_direction_loss` with spec.norm_eps, spec.norm_floor)), L_ADR =
+    mean_i rows_i (unweighted mse: the mean over all elements, as :func:`adr_mse_loss`).
+    The one ADR term of the reference objective and of memory="lean".
+    """
+    v_adr = v_adr.detach()
+    rows = per_sample_adr(v1, v_adr, spec.adr_loss, spec.norm_eps, spec.norm_floor)
+    if weight is not None:
+        rows = weight.detach().to(rows.dtype) * rows
+        return rows, rows.mean()
+    if spec.adr_loss == "mse":
+        return rows, (v1 - v_adr).square().mean()
+    return rows, rows.mean()
+
+
+def fc_map(fc: FCSpec, delta: Tensor, active: Tensor | None = None) -> Tensor:
+    """The FC map w = 1 + lambda_fc * m / (mean m + tiny) of :func:`fc_weight`, with the
+    choices of ``fc`` (filter, sigma, size, cutoff, per_channel, signed)."""
+    return fc_weight(
+        delta,
+        lambda_fc=fc.lambda_fc,
+        active=active,
+        per_channel=fc.per_channel,
+        signed=fc.signed,
+        kind=fc.filter,
+        sigma=fc.sigma,
+        size=fc.size,
+        cutoff=fc.cutoff,
+    )
+
+
+def objective(path: PathLike, spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveTerms:
     """The ReflexFlow objective L = L_FC + lambda_adr * L_ADR (docs/method.md section 5).
 
-    v0 = v(x_t0, t0) and v1 = v(x^_t1, t1) are the two gradient-carrying model outputs
-    (or ``v_joint``, their (2B, ...) concatenation, with v0 = v1 = None).
-    delta = x^_t1 - x_t1 (or fc_delta, e.g. the velocity-space bias) drives the FC map
-    w (:func:`fc_weight`; fc_active (B,) bool defaults to k > 0), and
-    per sample i:  fc_i  = fm_weight_i * mean(w (v0 - u0)^2)     (w^2 for fc_form "squared")
+    inputs.v0 = v(x_t0, t0) and inputs.v1 = v(x^_t1, t1) are the two gradient-carrying
+    model outputs (or inputs.v_joint, their (2B, ...) concatenation).
+    delta = x^_t1 - x_t1 (or inputs.fc_delta, e.g. the velocity-space bias) drives the FC
+    map w (:func:`fc_map`; fc_active (B,) bool defaults to k > 0), and
+    per sample i:  fc_i  = fm_weight_i * mean(w (v0 - u0)^2)     (w^2 for form "squared")
                    adr_i = adr_weight_i * (mean (v1 - v_adr)^2  (mse)  or
                                            ||v1/|v1| - v_adr/|v_adr| ||^2  (direction))
-    L_FC = mean_i fc_i, L_ADR = mean_i adr_i. The targets are u0 = u_t0 and v_adr =
-    u_t1 + (s'/s)(t1) delta unless given (e.g. stable targets). Returns loss, fc_loss,
-    adr_loss, per_sample (B,) (its mean is loss up to float rounding), w, v_adr,
-    delta; with v1
-    None the ADR term is skipped (lambda_adr = 0), with lambda_fc = 0 w is None.
-    This is the contract of the fused kernels: same inputs, same outputs and gradients.
+    L_FC = mean_i fc_i, L_ADR = mean_i adr_i (:func:`fc_term`, :func:`adr_term`). The
+    targets are u0 = u_t0 and v_adr = u_t1 + (s'/s)(t1) delta unless given (e.g. stable
+    targets). With v1 None the ADR term is skipped; with spec.fc.lambda_fc = 0 w is None;
+    with both, L is the flow-matching loss of the (v0, u0) pair (fm, ip and ss use it so)
+    and delta is not computed. This is the contract of the fused kernels
+    (:func:`reflexflow.kernels.fused_objective`): same inputs, outputs and gradients.
     """
-    if v_joint is not None:
-        if v0 is not None or v1 is not None:
-            raise ValueError("pass either v_joint or v0/v1, not both")
-        v0, v1 = v_joint.chunk(2)
-    if v0 is None:
-        raise ValueError("v0 (or v_joint) is required")
-    delta = x_hat - interpolate(path, x1, eps, t1)
-    if u0 is None:
-        u0 = velocity_target(path, x1, eps, t0)
-    out: dict[str, Tensor | None] = {"delta": delta, "w": None, "v_adr": None, "adr_loss": None}
+    v0, v1 = inputs.model_outputs()
+    x1, eps, x_hat = inputs.x1, inputs.eps, inputs.x_hat
+    lambda_fc = spec.fc.lambda_fc
+    delta = None
+    if lambda_fc != 0 or v1 is not None:
+        delta = x_hat - interpolate(path, x1, eps, inputs.t1)
+    u0 = inputs.u0 if inputs.u0 is not None else velocity_target(path, x1, eps, inputs.t0)
+    w = None
     if lambda_fc != 0:
-        active = (k > 0) if fc_active is None else fc_active
-        out["w"] = fc_weight(
-            delta if fc_delta is None else fc_delta,
-            lambda_fc=lambda_fc,
-            active=active,
-            per_channel=per_channel,
-            signed=fc_signed,
-            kind=fc_filter,
-            sigma=fc_sigma,
-            size=fc_size,
-            cutoff=fc_cutoff,
-        )
-    fc_rows = per_sample_fc(v0, u0, out["w"], fc_form)
-    if fm_weight is None:  # the mean over all elements (rounds as fm_loss / fc_loss do)
-        w = out["w"]
-        sq = (v0 - u0).square()
-        out["fc_loss"] = (
-            sq if w is None else (w.square() if fc_form == "squared" else w) * sq
-        ).mean()
-    else:
-        fc_rows = fm_weight.detach().to(fc_rows.dtype) * fc_rows
-        out["fc_loss"] = fc_rows.mean()
-    out["loss"], per_sample = out["fc_loss"], fc_rows
-    if v1 is not None:
-        if v_adr is None:
-            v_adr = adr_target(path, x1, eps, x_hat, t1)
-        out["v_adr"] = v_adr = v_adr.detach()
-        adr_rows = per_sample_adr(v1, v_adr, adr_loss, norm_eps, norm_floor)
-        if adr_weight is not None:
-            adr_rows = adr_weight.detach().to(adr_rows.dtype) * adr_rows
-            out["adr_loss"] = adr_rows.mean()
-        elif adr_loss == "mse":
-            out["adr_loss"] = (v1 - v_adr).square().mean()
-        else:
-            out["adr_loss"] = adr_rows.mean()
-        out["loss"] = out["fc_loss"] + lambda_adr * out["adr_loss"]
-        per_sample = fc_rows + lambda_adr * adr_rows
-    out["per_sample"] = per_sample  # per_sample.mean() == loss up to float rounding
-    return out
+        active = (inputs.k > 0) if inputs.fc_active is None else inputs.fc_active
+        w = fc_map(spec.fc, delta if inputs.fc_delta is None else inputs.fc_delta, active)
+    fc_rows, fc_value = fc_term(v0, u0, w, spec.fc.form, inputs.fm_weight)
+    if v1 is None:
+        return ObjectiveTerms(loss=fc_value, fc_loss=fc_value, per_sample=fc_rows, w=w, delta=delta)
+    v_adr = (
+        inputs.v_adr if inputs.v_adr is not None else adr_target(path, x1, eps, x_hat, inputs.t1)
+    )
+    v_adr = v_adr.detach()
+    adr_rows, adr_value = adr_term(v1, v_adr, spec, inputs.adr_weight)
+    return ObjectiveTerms(
+        loss=fc_value + spec.lambda_adr * adr_value,
+        fc_loss=fc_value,
+        per_sample=fc_rows + spec.lambda_adr * adr_rows,  # its mean is loss up to rounding
+        adr_loss=adr_value,
+        w=w,
+        v_adr=v_adr,
+        delta=delta,
+    )
 
 
 VelocityFn = Callable[[Tensor, Tensor, Any], Tensor]

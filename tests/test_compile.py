@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 
 import reflexflow as rf
 from reflexflow import reference as ref
+from reflexflow.objective import ObjectiveInputs, ObjectiveSpec
 
 pytestmark = pytest.mark.compile
 
@@ -87,7 +88,7 @@ def _objective_inputs(shape, dtype=torch.float64):
     [
         ((4, 3, 8, 8), "linear", dict(fc_filter="gaussian", adr_loss="direction")),
         ((4, 3, 8, 8), "gvp", dict(fc_filter="box", adr_loss="mse")),
-        ((4, 2, 8), "vp", dict(fc_filter="gaussian", per_channel=True)),
+        ((4, 2, 8), "vp", dict(fc_filter="gaussian", fc_per_channel=True)),
         ((4, 5), "linear", dict(adr_loss="direction")),
     ],
 )
@@ -95,12 +96,13 @@ def test_reference_objective_compiles_with_fullgraph_and_matches_eager(shape, pa
     torch._dynamo.reset()
     p = rf.get_path(path)
     inputs = _objective_inputs(shape)
+    spec, typed = ObjectiveSpec().replace(**knobs), ObjectiveInputs(**inputs)
     compiled = torch.compile(ref.objective, fullgraph=True, backend="aot_eager")
-    got = compiled(p, **inputs, **knobs)
-    g_got = torch.autograd.grad(got["loss"], [inputs["v0"], inputs["v1"]])
-    want = ref.objective(p, **inputs, **knobs)
-    g_want = torch.autograd.grad(want["loss"], [inputs["v0"], inputs["v1"]])
-    torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-12, atol=1e-12)
+    got = compiled(p, spec, typed)
+    g_got = torch.autograd.grad(got.loss, [inputs["v0"], inputs["v1"]])
+    want = ref.objective(p, spec, typed)
+    g_want = torch.autograd.grad(want.loss, [inputs["v0"], inputs["v1"]])
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=1e-12)
     for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 

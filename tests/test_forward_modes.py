@@ -17,6 +17,7 @@ import torch
 import reflexflow as rf
 from reflexflow import reference as ref
 from reflexflow.conventions import VelocityModel, to_canonical_time
+from reflexflow.objective import FCSpec, ObjectiveInputs, ObjectiveSpec
 from tests.helpers import ConvVelocity
 
 B, SHAPE, H = 6, (6, 3, 6, 6), 0.1
@@ -43,6 +44,11 @@ def _oracle(net, convention, x1, noise, t, knobs):
     path = rf.LinearPath()
     velocity = VelocityModel(_model_for(convention, net), convention)
     t0 = to_canonical_time(t, convention)
+    spec = ObjectiveSpec(
+        lambda_adr=knobs["lambda_adr"],
+        adr_loss=knobs["adr_loss"],
+        fc=FCSpec(lambda_fc=knobs["lambda_fc"]),
+    )
     losses, states = [], []
     for i in range(B):
         sl = slice(i, i + 1)
@@ -56,19 +62,11 @@ def _oracle(net, convention, x1, noise, t, knobs):
                 tau = tau + H
         t1 = t0[sl] + H * K[sl].double()
         v1 = velocity(x, t1)
-        out = ref.objective(
-            path,
-            v0=v0,
-            v1=v1,
-            x1=x1[sl],
-            eps=noise[sl],
-            x_hat=x,
-            t0=t0[sl],
-            t1=t1,
-            k=K[sl],
-            **knobs,
+        inputs = ObjectiveInputs(
+            v0=v0, v1=v1, x1=x1[sl], eps=noise[sl], x_hat=x, t0=t0[sl], t1=t1, k=K[sl]
         )
-        losses.append(out["loss"])
+        out = ref.objective(path, spec, inputs)
+        losses.append(out.loss)
         states.append(x)
     return torch.stack(losses).mean(), torch.cat(states)
 

@@ -21,6 +21,7 @@ from reflexflow import reference as ref  # noqa: E402
 from reflexflow.kernels import fused_objective, layout, triton_usable  # noqa: E402
 from reflexflow.kernels import objective_op as fo  # noqa: E402
 from reflexflow.paths import get_path  # noqa: E402
+from tests.helpers_objective import legacy_objective  # noqa: E402  (temporary adapter)
 
 from .kernel_probes import AtenRecorder, host_transfers, launches, launching_ops  # noqa: E402
 
@@ -269,7 +270,7 @@ def test_a_failing_forward_kernel_switches_auto_to_the_reference_once(monkeypatc
     p, kw = _args((3, 2, 5, 4))
     with pytest.warns(RuntimeWarning, match="Triton loss kernels failed"):
         got = kernels.fused_objective_auto(p, **kw)
-    want = ref.objective(p, **kw)
+    want = legacy_objective(p, **kw)
     torch.testing.assert_close(got["loss"], want["loss"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -292,7 +293,7 @@ def test_a_failing_backward_kernel_falls_back_to_reference_gradients(monkeypatch
     got_grads = [x.grad.clone() for x in _leaves(kw)]
     for x in _leaves(kw):
         x.grad = None
-    want = ref.objective(p, **kw)
+    want = legacy_objective(p, **kw)
     (2.0 * want["loss"] + want["adr_loss"]).backward()
     for a, b in zip(got_grads, [x.grad for x in _leaves(kw)], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -325,7 +326,7 @@ def test_double_backward_takes_the_reference_gradients():
     p, kw = _args((2, 2, 4, 4), mode="separate")
     v0, v1 = kw["v0"], kw["v1"]
     got = torch.autograd.grad(fused_objective(p, **kw)["loss"], [v0, v1], create_graph=True)
-    want = torch.autograd.grad(ref.objective(p, **kw)["loss"], [v0, v1], create_graph=True)
+    want = torch.autograd.grad(legacy_objective(p, **kw)["loss"], [v0, v1], create_graph=True)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     gg_got = torch.autograd.grad(sum(g.square().sum() for g in got), [v0, v1])
@@ -374,7 +375,7 @@ def test_every_call_supports_accepts_matches_the_reference():
     for knobs in cases:
         p, kw = _args((3, 2, 5, 4), **knobs)
         assert kernels.supports(**kw)
-        got, want = fused_objective(p, **kw), ref.objective(p, **kw)
+        got, want = fused_objective(p, **kw), legacy_objective(p, **kw)
         for key in ("loss", "fc_loss", "adr_loss", "per_sample"):
             torch.testing.assert_close(got[key], want[key], rtol=2e-5, atol=1e-6)
 

@@ -8,7 +8,9 @@ import torch
 import reflexflow as rf
 from reflexflow import reference as ref
 from reflexflow.kernels import triton_usable
-from reflexflow.loss import _objective_fn
+from reflexflow.objective import ObjectiveInputs, ObjectiveSpec
+from reflexflow.stages import select_objective
+from tests.helpers_objective import legacy_objective  # temporary adapter
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(
@@ -80,17 +82,21 @@ def test_triton_backend_gives_reference_loss_and_gradients(knobs, monkeypatch):
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
 
 
+def _route(backend: str):
+    x, t = torch.zeros(2, 3), torch.zeros(2)
+    inputs = ObjectiveInputs(x1=x, eps=x, x_hat=x, t0=t, t1=t, k=t.long(), v0=x)
+    return select_objective(backend, rf.get_path("linear"), ObjectiveSpec(), inputs)
+
+
 def test_auto_uses_reference_on_cpu_and_torch_always():
-    cfg = rf.ReflexFlowConfig()
-    assert _objective_fn(cfg, torch.zeros(2, 3)) is ref.objective
-    assert _objective_fn(cfg.replace(backend="torch"), torch.zeros(2, 3)) is ref.objective
+    assert _route("auto") is ref.objective
+    assert _route("torch") is ref.objective
 
 
 def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    cfg = rf.ReflexFlowConfig(backend="triton")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        _objective_fn(cfg, torch.zeros(2, 3))
+        _route("triton")
 
 
 def test_unknown_backend_is_rejected():
@@ -139,7 +145,7 @@ def test_auto_falls_back_to_reference_once_the_triton_path_fails(monkeypatch):
     )
     with pytest.warns(RuntimeWarning, match="Triton loss kernels failed"):
         got = kernels.fused_objective_auto(p, **kw)
-    torch.testing.assert_close(got["loss"], ref.objective(p, **kw)["loss"])
+    torch.testing.assert_close(got["loss"], legacy_objective(p, **kw)["loss"])
     kernels.fused_objective_auto(p, **kw)  # no second warning, no second attempt
     assert len(kernels._FAILED) == 1
 

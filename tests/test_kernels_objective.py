@@ -23,6 +23,7 @@ from reflexflow import reference as ref  # noqa: E402
 from reflexflow.kernels import fused_objective, layout, triton_usable  # noqa: E402
 from reflexflow.kernels import objective_op as fo  # noqa: E402
 from reflexflow.paths import get_path  # noqa: E402
+from tests.helpers_objective import legacy_objective  # noqa: E402  (temporary adapter)
 
 pytestmark = pytest.mark.skipif(
     not triton_usable("cuda" if torch.cuda.is_available() else "cpu"),
@@ -154,7 +155,7 @@ def compare(
         lambda x: x.float(),
         _strided if noncontig else (lambda x: x),
     )
-    want = ref.objective(p, **want_kw)
+    want = legacy_objective(p, **want_kw)
     got = fused_objective(p, **got_kw)
 
     for key in OUTPUTS:
@@ -386,7 +387,7 @@ def test_outputs_have_the_reference_dtypes():
             t1=torch.full((2,), 0.3, device=DEV),
             k=torch.ones(2, dtype=torch.long, device=DEV),
         )
-        want = ref.objective(p, **kw)
+        want = legacy_objective(p, **kw)
         got = fused_objective(p, **kw)
         for key in (*OUTPUTS, "w"):
             assert got[key].dtype == want[key].dtype, (key, vd, sd)
@@ -580,5 +581,5 @@ def test_v_joint_alone_needs_no_v0_v1_keywords():
     )
     v = torch.randn(4, 3, 4, 4, device=DEV, requires_grad=True)
     got = fused_objective(p, v_joint=v, **kw)
-    want = ref.objective(p, v0=None, v1=None, v_joint=v, **kw)  # explicit on older refs
+    want = legacy_objective(p, v0=None, v1=None, v_joint=v, **kw)  # explicit on older refs
     torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6)

@@ -130,6 +130,22 @@ def test_lean_loss_is_only_readable_after_backward_and_backward_runs_once():
         out.backward()
 
 
+def test_lean_backward_inside_no_grad_applies_both_halves_like_outside():
+    """out.backward() under torch.no_grad() backpropagates both terms (as loss.backward()
+    does there), instead of applying the FM half and then failing unretryably."""
+    want, want_grads = _grads({"preset": "defar", "memory": "lean"}, lambda out: out.backward())
+
+    def inside_no_grad(out):
+        with torch.no_grad():
+            out.backward()
+
+    got, got_grads = _grads({"preset": "defar", "memory": "lean"}, inside_no_grad)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+    assert got.adr_loss is not None and got.per_sample_loss is not None
+
+
 def test_lean_mode_without_grad_computes_every_term_at_once():
     with torch.no_grad():
         out = rf.reflexflow_loss(ConvVelocity(), torch.randn(*SHAPE), memory="lean")

@@ -1,10 +1,13 @@
 """ReflexFlowLoss end to end: special cases, conventions, determinism, gradients."""
 
+import warnings
+
 import pytest
 import torch
 
 import reflexflow as rf
 from reflexflow import reference as ref
+from reflexflow.objective import ObjectiveInputs, ObjectiveSpec
 from tests.helpers import ConvVelocity, MLPVelocity, gen
 
 B, SHAPE = 6, (6, 3, 8, 8)
@@ -84,20 +87,13 @@ def test_loss_equals_reference_objective_on_an_explicit_rollout():
     vel = rf.VelocityModel(model)
     x_hat = ref.euler_rollout_per_sample(vel, x_t0, t, k, step)
     t1 = t + 0.1 * k
-    expected = ref.objective(
-        path,
-        v0=model(x_t0, t),
-        v1=model(x_hat, t1),
-        x1=x1,
-        eps=noise,
-        x_hat=x_hat,
-        t0=t,
-        t1=t1,
-        k=k,
+    inputs = ObjectiveInputs(
+        v0=model(x_t0, t), v1=model(x_hat, t1), x1=x1, eps=noise, x_hat=x_hat, t0=t, t1=t1, k=k
     )
-    torch.testing.assert_close(out.loss, expected["loss"])
+    expected = ref.objective(path, ObjectiveSpec(), inputs)
+    torch.testing.assert_close(out.loss, expected.loss)
     torch.testing.assert_close(out.t1, t1)
-    torch.testing.assert_close(out.bias_norm, expected["delta"].flatten(1).norm(dim=1))
+    torch.testing.assert_close(out.bias_norm, expected.delta.flatten(1).norm(dim=1))
 
 
 @pytest.mark.parametrize("method", ["reflexflow", "fm", "ip", "ss"])
@@ -407,3 +403,134 @@ def test_module_and_functional_twins_agree():
     b = rf.reflexflow_loss(model, x1, generator=gen(2), **knobs)
     assert torch.equal(a.loss, b.loss)
     assert "lambda_fc=0.5" in repr(rf.ReflexFlowLoss(**knobs))
+
+
+# -- non-finite values: the stage that made them, or one warning --------------------------
+
+
+def _nan_when(condition):
+    """A conv velocity whose output is NaN when condition() holds at call time."""
+    net = ConvVelocity()
+
+    def model(x, t):
+        v = net(x, t)
+        return v * float("nan") if condition() else v
+
+    return model
+
+
+def test_check_finite_names_the_data_stage_for_nan_noise():
+    x1 = torch.randn(4, 3, 6, 6)
+    noise = torch.randn_like(x1)
+    noise[1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="noise has non-finite values .* stage 'data'"):
+        rf.reflexflow_loss(ConvVelocity(), x1, noise=noise, check_finite=True)
+
+
+def test_check_finite_names_the_rollout_state_when_only_no_grad_calls_return_nan():
+    model = _nan_when(lambda: not torch.is_grad_enabled())
+    with pytest.raises(ValueError, match="x_hat has non-finite values .* 'rollout state'"):
+        rf.reflexflow_loss(
+            model,
+            torch.randn(4, 3, 6, 6),
+            t=torch.full((4,), 0.3),
+            k=torch.full((4,), 2),
+            preset="grid-direction",
+            rollout_steps=2,
+            check_finite=True,
+        )
+
+
+def test_check_finite_names_the_model_outputs_when_the_gradient_calls_return_nan():
+    model = _nan_when(torch.is_grad_enabled)
+    with pytest.raises(ValueError, match="v0 has non-finite values .* 'model outputs'"):
+        rf.reflexflow_loss(
+            model,
+            torch.randn(4, 3, 6, 6),
+            preset="grid-direction",
+            share_first_call=False,
+            check_finite=True,
+        )
+
+
+def test_check_finite_names_the_velocity_bias_when_its_no_grad_calls_return_nan():
+    """k = 0 everywhere: no rollout call, so only FC's velocity-space bias calls run
+    without grad."""
+    model = _nan_when(lambda: not torch.is_grad_enabled())
+    with pytest.raises(ValueError, match="fc_delta has non-finite values .* 'velocity bias'"):
+        rf.reflexflow_loss(
+            model,
+            torch.randn(4, 3, 6, 6),
+            t=torch.full((4,), 0.3),
+            k=torch.zeros(4, dtype=torch.int64),
+            preset="defar",
+            check_finite=True,
+        )
+
+
+def test_non_finite_loss_without_check_finite_warns_once_suggesting_it(monkeypatch):
+    """Default mode: the flag is copied to the host without a sync and read once it has
+    landed (on CPU at once), one RuntimeWarning per process; the loss comes back NaN."""
+    from reflexflow import finite
+
+    monkeypatch.setattr(finite, "WATCH", finite.NonFiniteWatch())
+    loss_fn = rf.ReflexFlowLoss()  # preset "defar": no host read of its own
+    model = _nan_when(lambda: not torch.is_grad_enabled())
+    x1 = torch.randn(4, 3, 6, 6)
+    with pytest.warns(RuntimeWarning, match="check_finite=True"):
+        out = loss_fn(model, x1)
+    assert torch.isnan(out.loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_fn(model, x1)  # once per process
+
+
+def test_non_finite_lean_loss_warns_at_backward(monkeypatch):
+    from reflexflow import finite
+
+    monkeypatch.setattr(finite, "WATCH", finite.NonFiniteWatch())
+    out = rf.reflexflow_loss(_nan_when(lambda: True), torch.randn(4, 3, 6, 6), memory="lean")
+    with pytest.warns(RuntimeWarning, match="check_finite=True"):
+        out.backward()
+
+
+def test_finite_losses_give_no_warning(monkeypatch):
+    from reflexflow import finite
+
+    monkeypatch.setattr(finite, "WATCH", finite.NonFiniteWatch())
+    loss_fn = rf.ReflexFlowLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            loss_fn(ConvVelocity(), torch.randn(4, 3, 6, 6))
+    assert not finite.WATCH.warned
+
+
+@pytest.mark.parametrize("method", ["fm", "ip", "ss"])
+def test_baselines_take_the_same_objective_on_every_backend(method, monkeypatch):
+    """fm, ip and ss are the objective with lambda_adr = lambda_fc = 0 (FLOW_MATCHING):
+    backend="triton" routes them to the fused kernels, with the reference's loss and rows."""
+    from reflexflow import kernels
+
+    if not kernels.triton_usable("cpu"):
+        pytest.skip("Triton needs TRITON_INTERPRET=1 on CPU")
+    calls, fused = [], kernels.fused_objective
+    monkeypatch.setattr(
+        kernels, "fused_objective", lambda *a, **kw: calls.append(1) or fused(*a, **kw)
+    )
+    outs = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        out = rf.reflexflow_loss(
+            ConvVelocity(),
+            torch.randn(4, 3, 6, 6, generator=gen(1)),
+            generator=gen(2),
+            method=method,
+            backend=backend,
+        )
+        outs.append(out)
+    want, got = outs
+    assert len(calls) == 1  # the triton run took the kernels, the torch run did not
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.per_sample_loss, want.per_sample_loss, rtol=1e-5, atol=1e-6)
+    assert got.adr_loss is None and got.fc_weight is None

@@ -5,6 +5,7 @@ import torch
 
 from reflexflow import LinearPath
 from reflexflow import reference as ref
+from reflexflow.objective import FLOW_MATCHING, FCSpec, ObjectiveInputs, ObjectiveSpec
 
 FILTER_KW = [
     {"kind": "gaussian", "sigma": 1.5},
@@ -96,25 +97,14 @@ def test_objective_gradients_equal_design_closed_forms(adr_loss):
     v0.requires_grad_(True)
     v1.requires_grad_(True)
     lam = 10.0
-    out = ref.objective(
-        path,
-        v0=v0,
-        v1=v1,
-        x1=x1,
-        eps=eps,
-        x_hat=x_hat,
-        t0=t0,
-        t1=t1,
-        k=k,
-        lambda_adr=lam,
-        lambda_fc=1.0,
-        adr_loss=adr_loss,
-    )
-    g0, g1 = torch.autograd.grad(out["loss"], (v0, v1))
+    spec = ObjectiveSpec(lambda_adr=lam, adr_loss=adr_loss, fc=FCSpec(lambda_fc=1.0))
+    inputs = ObjectiveInputs(v0=v0, v1=v1, x1=x1, eps=eps, x_hat=x_hat, t0=t0, t1=t1, k=k)
+    out = ref.objective(path, spec, inputs)
+    g0, g1 = torch.autograd.grad(out.loss, (v0, v1))
     n_el, batch = v0.numel(), v0.shape[0]
     u0 = ref.velocity_target(path, x1, eps, t0)
-    torch.testing.assert_close(g0, 2 / n_el * out["w"] * (v0 - u0).detach())
-    v_adr = out["v_adr"]
+    torch.testing.assert_close(g0, 2 / n_el * out.w * (v0 - u0).detach())
+    v_adr = out.v_adr
     if adr_loss == "mse":
         expected = 2 * lam / n_el * (v1 - v_adr).detach()
     else:
@@ -130,21 +120,10 @@ def test_objective_gradients_equal_design_closed_forms(adr_loss):
 
 def test_objective_with_zero_lambdas_is_plain_fm_at_t0():
     x1, eps, v0, v1, x_hat, t0, t1, k = _objective_inputs()
-    out = ref.objective(
-        LinearPath(),
-        v0=v0,
-        v1=None,
-        x1=x1,
-        eps=eps,
-        x_hat=x_hat,
-        t0=t0,
-        t1=t1,
-        k=k,
-        lambda_adr=0.0,
-        lambda_fc=0.0,
-    )
-    assert torch.equal(out["loss"], ref.fm_loss(v0, x1 - eps))
-    assert out["adr_loss"] is None and out["w"] is None
+    inputs = ObjectiveInputs(v0=v0, x1=x1, eps=eps, x_hat=x_hat, t0=t0, t1=t1, k=k)
+    out = ref.objective(LinearPath(), FLOW_MATCHING, inputs)
+    assert torch.equal(out.loss, ref.fm_loss(v0, x1 - eps))
+    assert out.adr_loss is None and out.w is None
 
 
 def test_direction_loss_is_bounded_for_zero_velocity():
@@ -189,11 +168,12 @@ def test_direction_loss_is_unchanged_above_the_floor():
     torch.testing.assert_close(with_floor, without, rtol=0, atol=0)
 
 
-def _objective(**kw):
+def _objective(spec: ObjectiveSpec | None = None, **kw):
+    """The reference objective on _objective_inputs(), inputs replaced by ``kw``."""
     x1, eps, v0, v1, x_hat, t0, t1, k = _objective_inputs()
     base = dict(v0=v0, v1=v1, x1=x1, eps=eps, x_hat=x_hat, t0=t0, t1=t1, k=k)
     base.update(kw)
-    return ref.objective(LinearPath(), **base), base
+    return ref.objective(LinearPath(), spec or ObjectiveSpec(), ObjectiveInputs(**base)), base
 
 
 @pytest.mark.parametrize("adr_loss", ["mse", "direction"])
@@ -201,17 +181,17 @@ def _objective(**kw):
 def test_objective_per_sample_terms_average_to_the_loss(adr_loss, weighted):
     x1 = _objective_inputs()[0]
     weight = torch.rand(x1.shape[0], dtype=torch.float64) if weighted else None
-    out, _ = _objective(adr_loss=adr_loss, fm_weight=weight, adr_weight=weight)
-    assert out["per_sample"].shape == (x1.shape[0],)
-    torch.testing.assert_close(out["per_sample"].mean(), out["loss"], rtol=1e-12, atol=0)
+    out, _ = _objective(ObjectiveSpec(adr_loss=adr_loss), fm_weight=weight, adr_weight=weight)
+    assert out.per_sample.shape == (x1.shape[0],)
+    torch.testing.assert_close(out.per_sample.mean(), out.loss, rtol=1e-12, atol=0)
 
 
 def test_fm_weight_scales_each_samples_fm_term():
     x1, eps, v0, *_ = _objective_inputs()
     weight = torch.rand(x1.shape[0], dtype=torch.float64)
-    out, _ = _objective(v1=None, lambda_fc=0.0, fm_weight=weight)
+    out, _ = _objective(FLOW_MATCHING, v1=None, fm_weight=weight)
     per_sample = (v0 - (x1 - eps)).square().flatten(1).mean(1)
-    torch.testing.assert_close(out["fc_loss"], (weight * per_sample).mean())
+    torch.testing.assert_close(out.fc_loss, (weight * per_sample).mean())
 
 
 def test_joint_output_gives_the_same_loss_and_gradients_as_two_halves():
@@ -220,18 +200,18 @@ def test_joint_output_gives_the_same_loss_and_gradients_as_two_halves():
     joint = torch.cat([v0, v1]).detach().requires_grad_()
     a, _ = _objective(v0=split[0], v1=split[1])
     b, _ = _objective(v0=None, v1=None, v_joint=joint)
-    a["loss"].backward()
-    b["loss"].backward()
-    torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=0)
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=0)
     torch.testing.assert_close(joint.grad, torch.cat([split[0].grad, split[1].grad]))
 
 
 def test_explicit_targets_replace_u_t0_and_v_adr():
     x1, eps, v0, v1, x_hat, t0, t1, k = _objective_inputs()
     u0, v_adr = torch.randn_like(v0), torch.randn_like(v1)
-    out, _ = _objective(adr_loss="mse", lambda_fc=0.0, u0=u0, v_adr=v_adr)
-    torch.testing.assert_close(out["fc_loss"], (v0 - u0).square().mean())
-    torch.testing.assert_close(out["adr_loss"], (v1 - v_adr).square().mean())
+    out, _ = _objective(ObjectiveSpec(adr_loss="mse", fc=FCSpec(lambda_fc=0.0)), u0=u0, v_adr=v_adr)
+    torch.testing.assert_close(out.fc_loss, (v0 - u0).square().mean())
+    torch.testing.assert_close(out.adr_loss, (v1 - v_adr).square().mean())
 
 
 def test_adr_target_is_u_t1_without_nan_for_unrolled_samples_at_t_one():
@@ -254,6 +234,8 @@ def test_signed_fc_weight_keeps_the_sign_and_has_unit_mean_absolute_map():
 
 def test_squared_fc_form_weights_the_residual_before_squaring():
     x1, eps, v0, *_ = _objective_inputs()
-    out, base = _objective(v1=None, fc_form="squared", fc_signed=True, fc_filter="none")
-    w = out["w"]
-    torch.testing.assert_close(out["fc_loss"], (w * (v0 - (x1 - eps))).square().mean())
+    out, base = _objective(
+        ObjectiveSpec(fc=FCSpec(form="squared", signed=True, filter="none")), v1=None
+    )
+    w = out.w
+    torch.testing.assert_close(out.fc_loss, (w * (v0 - (x1 - eps))).square().mean())

@@ -18,9 +18,16 @@ from typing import Any
 import torch
 
 from reflexflow import reference as ref
+from reflexflow.objective import ObjectiveInputs, ObjectiveSpec
 from reflexflow.paths import get_path
 
-__all__ = ["objective_inputs", "floor_bytes", "copy_bandwidth", "run_loss_benchmark"]
+__all__ = [
+    "objective_inputs",
+    "objective_call",
+    "floor_bytes",
+    "copy_bandwidth",
+    "run_loss_benchmark",
+]
 
 QUICK_SHAPE = (8, 4, 16, 16)
 CPU_SHAPE = (64, 4, 32, 32)
@@ -57,6 +64,13 @@ def objective_inputs(
     }
 
 
+def objective_call(kw: dict[str, Any]) -> tuple[Any, ObjectiveSpec, ObjectiveInputs]:
+    """(path, spec, inputs) of reference.objective for :func:`objective_inputs`' dict
+    (the default spec)."""
+    fields = {name: value for name, value in kw.items() if name != "path"}
+    return kw["path"], ObjectiveSpec(), ObjectiveInputs(**fields)
+
+
 def floor_bytes(kw: dict[str, Any]) -> int:
     """7 N floor: read v0, v1 (the joint output), x1, eps, x^; write the joint gradient."""
     v, x1 = kw["v_joint"], kw["x1"]
@@ -90,8 +104,8 @@ def copy_bandwidth(device: str, numel: int, reps: int = 20) -> float:
     return 2 * src.numel() * src.element_size() / sec / 1e9
 
 
-def _implementations(device: str) -> dict[str, Callable[..., dict] | None]:
-    impls: dict[str, Callable[..., dict] | None] = {"eager": ref.objective}
+def _implementations(device: str) -> dict[str, Callable[..., Any] | None]:
+    impls: dict[str, Callable[..., Any] | None] = {"eager": ref.objective}
     impls["compiled"] = torch.compile(ref.objective, fullgraph=True)
     impls["triton"] = None  # not measured without CUDA
     if device == "cuda":
@@ -152,9 +166,11 @@ def run_loss_benchmark(device: str, quick: bool) -> list[dict[str, Any]]:
                 rows.append(row)
                 continue
 
-            def step(fn: Callable[..., dict] = fn, kw: dict = kw, v: torch.Tensor = v) -> None:
+            call = objective_call(kw)
+
+            def step(fn: Callable[..., Any] = fn, call: tuple = call, v: torch.Tensor = v) -> None:
                 v.grad = None
-                fn(**kw)["loss"].backward()
+                fn(*call).loss.backward()
 
             sec = _median_seconds(step, dev, warmup, reps)
             timed[name] = sec

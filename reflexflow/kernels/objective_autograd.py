@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import reference as ref
 from ..paths import GVPPath, LinearPath
 from . import objective_op as op
 
@@ -212,7 +211,9 @@ def reference_call(args: list) -> tuple[dict, list[Tensor]]:
         vs, leaves = dict(v0=v0, v1=v0), [v0]
     else:
         vs, leaves = dict(v0=v0, v1=v1), [v0] + ([v1] if v1 is not None else [])
-    out = ref.objective(
+    from . import _legacy_reference  # TEMPORARY ADAPTER (branch loss), see kernels/__init__
+
+    out = _legacy_reference(
         path,
         x1=x1,
         eps=eps,

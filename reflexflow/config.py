@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Any
 
+from .config_checks import check_rollout_modules, check_user_objects, warn_ignored_knobs
 from .conventions import check_convention
 from .paths import get_path
 from .presets import DEFAULT_PRESET, PRESET_FIELDS, PRESETS, preset_knobs
@@ -117,6 +118,7 @@ class ReflexFlowConfig:
     norm_floor: float = NORM_FLOOR
     rollout_grad: bool = FROM_PRESET
     rollout_mode: str = "eval"
+    rollout_modules: tuple = ()  # modules the model callable runs that the loss cannot see
     share_first_call: bool | None = None
     joint_forward: bool | None = None
     memory: str = "default"
@@ -215,6 +217,9 @@ class ReflexFlowConfig:
             )
         if self.target == "stable" and self.method == "ip":
             raise ValueError("target='stable' is defined for method fm, ss and reflexflow, not ip")
+        # user objects and environment (reflexflow.config_checks)
+        object.__setattr__(self, "rollout_modules", check_rollout_modules(self.rollout_modules))
+        check_user_objects(self)
 
     def _resolve_forward_mode(self) -> None:
         """How the gradient-carrying model calls run: ``shares_first_call`` and ``joint_call``.
@@ -272,6 +277,7 @@ class ReflexFlowConfig:
                     "memory='lean' has nothing to split with fm_input='biased' (both terms "
                     "use the same model call)"
                 )
+        warn_ignored_knobs(self)  # knobs given explicitly that this configuration never reads
 
     @property
     def step(self) -> float:

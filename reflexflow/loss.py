@@ -240,7 +240,11 @@ def reflexflow_loss(
     d = draw(cfg, x1, noise, t, k, generator)
     data = x1.to(dtype)
     velocity = VelocityModel(
-        model, cfg.convention, input_dtype=x1.dtype, timestep_scale=cfg.timestep_scale
+        model,
+        cfg.convention,
+        input_dtype=x1.dtype,
+        timestep_scale=cfg.timestep_scale,
+        rollout_modules=cfg.rollout_modules,
     )
     step = _Step(cfg, model, velocity, data, d, kwargs, generator, stable_bank)
     out = _fm_like(step) if not cfg.rolls_out else _rolled_out(step)
@@ -450,7 +454,9 @@ def _velocity_bias(st: _Step, x_hat: Tensor, x_t1: Tensor, calls: _Calls) -> Ten
     with torch.no_grad():
         clean = velocity(x_t1, st.d.t1, st.kwargs)
         biased = calls.biased_output(st.batch)
-        if biased is None or (st.cfg.rollout_mode == "eval" and mode_sensitive(st.model)):
+        if biased is None or (
+            st.cfg.rollout_mode == "eval" and mode_sensitive(st.model, st.cfg.rollout_modules)
+        ):
             biased = velocity(x_hat, st.d.t1, st.kwargs)
         return biased - clean
 

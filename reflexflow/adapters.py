@@ -254,21 +254,11 @@ def _transport_path(transport_or_path: Any) -> Any:
     return _SIT_PLANS[name]
 
 
-def sit_label_embedder(model: Any) -> Any | None:
-    """SiT's ``LabelEmbedder`` of ``model`` (through DDP's .module and compile's ._orig_mod).
-
-    A SiT model keeps it as ``model.y_embedder`` with ``embedding_table`` (an nn.Embedding
-    of num_classes + 1 rows when its dropout_prob > 0, num_classes rows otherwise: the
-    null-class row exists only then), ``num_classes`` and ``dropout_prob``. None when the
-    model exposes no such embedder.
-    """
+def _y_embedder(model: Any) -> Any | None:
+    """``model.y_embedder`` through DDP's .module and compile's ._orig_mod, or None."""
     for _ in range(8):  # wrappers nest a few levels at most
         emb = getattr(model, "y_embedder", None)
-        if (
-            isinstance(getattr(emb, "embedding_table", None), torch.nn.Embedding)
-            and hasattr(emb, "num_classes")
-            and hasattr(emb, "dropout_prob")
-        ):
+        if emb is not None:
             return emb
         inner = getattr(model, "module", None)
         if not isinstance(inner, torch.nn.Module):
@@ -276,6 +266,46 @@ def sit_label_embedder(model: Any) -> Any | None:
         if not isinstance(inner, torch.nn.Module):
             return None
         model = inner
+    return None
+
+
+def _follows_sit_contract(emb: Any) -> bool:
+    return (
+        isinstance(getattr(emb, "embedding_table", None), torch.nn.Embedding)
+        and hasattr(emb, "num_classes")
+        and hasattr(emb, "dropout_prob")
+    )
+
+
+def sit_label_embedder(model: Any) -> Any | None:
+    """SiT's ``LabelEmbedder`` of ``model`` (through DDP's .module and compile's ._orig_mod).
+
+    The contract (SiT's models.py): ``model.y_embedder`` with ``embedding_table`` (an
+    nn.Embedding of num_classes + 1 rows when its dropout_prob > 0, num_classes rows
+    otherwise: the null-class row exists only then), ``num_classes`` and
+    ``dropout_prob`` (the model drops labels itself, in every train-mode call, with this
+    probability). None when the model has no ``y_embedder``. A ``y_embedder`` that drops
+    labels (``dropout_prob`` > 0) but breaks the contract (e.g. its table is not named
+    ``embedding_table``) is refused with a ValueError: the adapter could neither switch
+    its dropout off nor check its null row, and labels would be dropped independently
+    in every model call of a step.
+    """
+    emb = _y_embedder(model)
+    if emb is None:
+        return None
+    if _follows_sit_contract(emb):
+        return emb
+    prob = getattr(emb, "dropout_prob", 0)
+    if isinstance(prob, (int, float)) and prob > 0:
+        raise ValueError(
+            f"the model's y_embedder ({type(emb).__name__}) drops labels itself "
+            f"(dropout_prob={prob}) but does not follow SiT's LabelEmbedder contract "
+            "(an nn.Embedding named embedding_table, num_classes, dropout_prob), so the "
+            "adapter cannot switch that dropout off during its calls: every model call of "
+            "a step would drop labels differently. Name the table embedding_table and "
+            "give the embedder num_classes, or set y_embedder.dropout_prob = 0 and let "
+            "the adapter drop labels (class_dropout_prob=..., num_classes=...)"
+        )
     return None
 
 

@@ -268,3 +268,44 @@ def warn_ignored_knobs(cfg: Any) -> None:
             UserWarning,
             stacklevel=5,
         )
+
+
+# -- inputs of the public functions beside the loss (sample, exposure_bias) -------------
+
+
+def check_batch_tensor(name: str, x: Any) -> None:
+    """TypeError / ValueError unless ``x`` is a floating tensor (B, ...) with B >= 1 and
+    ndim >= 2, on a device that holds data (not meta): what the loss asks of x1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(
+            f"{name} must have shape (B, ...) with B >= 1 and ndim >= 2, got {tuple(x.shape)}"
+        )
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: meta tensors carry no data")
+
+
+def check_model_kwargs(model_kwargs: Any, batch: int, unbatched: Any) -> dict | None:
+    """``model_kwargs`` checked as the loss checks them (a mapping; batch-shaped tensors
+    have first axis ``batch`` unless their key is in ``unbatched``)."""
+    from collections.abc import Mapping
+
+    from .batching import prepare_kwargs
+
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
+    if isinstance(unbatched, str) or not isinstance(unbatched, (tuple, list)):
+        raise TypeError(f"unbatched_kwargs must be a tuple of keys, got {unbatched!r}")
+    return prepare_kwargs(model_kwargs, batch, tuple(unbatched))
+
+
+def check_generator(generator: Any, x: torch.Tensor, name: str = "x1") -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {generator!r:.80}")
+    if generator.device.type != x.device.type:
+        raise ValueError(f"generator is on {generator.device}, {name} on {x.device}")

@@ -80,6 +80,7 @@ class VelocityModel:
         timestep_scale: float = 1.0,
         mode: str = "train",
         rollout_modules: tuple[nn.Module, ...] = (),
+        input_name: str = "x1",
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
@@ -91,6 +92,7 @@ class VelocityModel:
         self.timestep_scale = float(timestep_scale)
         self.mode = mode
         self.rollout_modules = tuple(rollout_modules)
+        self.input_name = input_name  # how errors name the user's input (x1, noise)
         self.calls = 0  # model invocations
         self.sample_forwards = 0  # samples passed through the model, summed over calls
         self._inputs_checked = False
@@ -104,6 +106,7 @@ class VelocityModel:
             timestep_scale=self.timestep_scale,
             mode=mode,
             rollout_modules=self.rollout_modules,
+            input_name=self.input_name,
         )
 
     def model_time(self, t: Tensor) -> Tensor:
@@ -121,13 +124,13 @@ class VelocityModel:
             inp = x if self.input_dtype is None else x.to(self.input_dtype)
         model_kwargs = unwrap_kwargs(kwargs)
         if not self._inputs_checked and not torch.compiler.is_compiling():
-            _check_devices(self.model, inp, model_kwargs, self.rollout_modules)
+            _check_devices(self.model, inp, model_kwargs, self.rollout_modules, self.input_name)
             self._inputs_checked = True
         try:
             with rollout_mode(self.model, self.mode, self.rollout_modules):
                 out = self.model(inp, self.model_time(t), **model_kwargs)
         except (RuntimeError, TypeError) as err:
-            named = _named_call_error(err, self.model, inp, self.rollout_modules)
+            named = _named_call_error(err, self.model, inp, self.rollout_modules, self.input_name)
             if named is None:
                 raise
             raise named from err
@@ -157,8 +160,8 @@ def _check_output(out: Any, x: Tensor) -> None:
         )
     if out.device != x.device:
         raise ValueError(
-            f"model returned a tensor on {out.device}, the input is on {x.device}: the "
-            "model's parameters and every model_kwargs tensor must be on x1's device"
+            f"model returned a tensor on {out.device}, its input is on {x.device}: the "
+            "model's parameters and every model_kwargs tensor must be on the input's device"
         )
 
 
@@ -171,26 +174,26 @@ def _parameter(model: Any, extra: tuple[nn.Module, ...]) -> Tensor | None:
     return None
 
 
-def _check_devices(model: Any, inp: Tensor, kwargs: dict, extra: tuple) -> None:
+def _check_devices(model: Any, inp: Tensor, kwargs: dict, extra: tuple, name: str) -> None:
     """ValueError for x on the meta device, or a parameter / model_kwargs tensor on
     another device than x (a 0-dim tensor may stay on the CPU)."""
     if inp.device.type == "meta":
         raise ValueError(
-            "x1 (or noise) is on the meta device: meta tensors carry no data, the loss "
-            "cannot draw or integrate them; pass real tensors (x1.to(device))"
+            f"{name} is on the meta device: meta tensors carry no data to draw from or "
+            f"integrate; pass real tensors ({name}.to(device))"
         )
     p = _parameter(model, extra)
     if p is not None and p.device != inp.device:
         raise ValueError(
-            f"the model's parameters are on {p.device}, x1 on {inp.device}: move one of "
-            f"them (model.to({str(inp.device)!r}) or x1.to({str(p.device)!r}))"
+            f"the model's parameters are on {p.device}, {name} on {inp.device}: move one of "
+            f"them (model.to({str(inp.device)!r}) or {name}.to({str(p.device)!r}))"
         )
 
     def check(value: Tensor, where: str) -> None:
         if value.device != inp.device and (value.dim() > 0 or value.device.type == "meta"):
             raise ValueError(
-                f"{where} is on {value.device}, x1 on {inp.device}: every model_kwargs "
-                f"tensor must be on x1's device ({where}.to(x1.device))"
+                f"{where} is on {value.device}, {name} on {inp.device}: every model_kwargs "
+                f"tensor must be on {name}'s device ({where}.to({name}.device))"
             )
 
     _walk_tensors(kwargs, "model_kwargs", check)
@@ -220,7 +223,7 @@ _DTYPE_MISMATCH = (
 
 
 def _named_call_error(
-    err: Exception, model: Any, inp: Tensor, extra: tuple[nn.Module, ...]
+    err: Exception, model: Any, inp: Tensor, extra: tuple[nn.Module, ...], name: str = "x1"
 ) -> Exception | None:
     """A clearer error for a failed model call, or None to re-raise ``err`` as it is."""
     text = str(err)
@@ -228,10 +231,10 @@ def _named_call_error(
         p = _parameter(model, extra)
         if p is not None and p.dtype != inp.dtype:
             return TypeError(
-                f"the model was called with x1's dtype {inp.dtype}, but its parameters are "
-                f"{p.dtype} ({type(err).__name__}: {text.splitlines()[0]}). The loss passes "
-                f"x1's dtype to the model: pass x1.to({p.dtype}), or keep the parameters "
-                f"{p.dtype} and run the loss under torch.autocast(device_type="
+                f"the model was called with {name}'s dtype {inp.dtype}, but its parameters "
+                f"are {p.dtype} ({type(err).__name__}: {text.splitlines()[0]}). The model "
+                f"sees {name}'s dtype: pass {name}.to({p.dtype}), or keep the parameters "
+                f"{p.dtype} and call under torch.autocast(device_type="
                 f"{inp.device.type!r}, dtype={inp.dtype}) for mixed precision"
             )
     if isinstance(err, TypeError) and _takes_hidden_states(model):

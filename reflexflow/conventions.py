@@ -130,13 +130,23 @@ class VelocityModel:
             with rollout_mode(self.model, self.mode, self.rollout_modules):
                 out = self.model(inp, self.model_time(t), **model_kwargs)
         except (RuntimeError, TypeError) as err:
-            named = _named_call_error(err, self.model, inp, self.rollout_modules, self.input_name)
+            named = _named_call_error(
+                err, self.model, inp, model_kwargs, self.rollout_modules, self.input_name
+            )
             if named is None:
                 raise
             raise named from err
         self.calls += 1
         self.sample_forwards += x.shape[0]
         _check_output(out, x)
+        if out.device != x.device:
+            where = _device_mismatches(
+                self.model, inp, model_kwargs, self.rollout_modules, self.input_name
+            )
+            raise ValueError(
+                f"model returned a tensor on {out.device}, {self.input_name} is on "
+                f"{x.device}" + (f": {where}" if where else "")
+            )
         v = out.to(x.dtype)
         return -v if self.convention == "noise_at_1" else v
 
@@ -158,11 +168,6 @@ def _check_output(out: Any, x: Tensor) -> None:
         raise ValueError(
             f"model returned shape {tuple(out.shape)}, expected the input's shape {tuple(x.shape)}"
         )
-    if out.device != x.device:
-        raise ValueError(
-            f"model returned a tensor on {out.device}, its input is on {x.device}: the "
-            "model's parameters and every model_kwargs tensor must be on the input's device"
-        )
 
 
 def _parameter(model: Any, extra: tuple[nn.Module, ...]) -> Tensor | None:
@@ -175,28 +180,62 @@ def _parameter(model: Any, extra: tuple[nn.Module, ...]) -> Tensor | None:
 
 
 def _check_devices(model: Any, inp: Tensor, kwargs: dict, extra: tuple, name: str) -> None:
-    """ValueError for x on the meta device, or a parameter / model_kwargs tensor on
-    another device than x (a 0-dim tensor may stay on the CPU)."""
+    """ValueError for x, a model_kwargs tensor or the model's parameters on the meta
+    device (no data; torch may even compute garbage from meta weights without an error),
+    unless a forward hook materialises the weights (accelerate's offload). Other devices
+    are checked on failure (:func:`_device_mismatches`): a model may keep its parameters
+    elsewhere on purpose (CPU offload)."""
     if inp.device.type == "meta":
         raise ValueError(
             f"{name} is on the meta device: meta tensors carry no data to draw from or "
             f"integrate; pass real tensors ({name}.to(device))"
         )
     p = _parameter(model, extra)
-    if p is not None and p.device != inp.device:
+    if p is not None and p.device.type == "meta" and not _has_forward_hooks(model, extra):
         raise ValueError(
-            f"the model's parameters are on {p.device}, {name} on {inp.device}: move one of "
-            f"them (model.to({str(inp.device)!r}) or {name}.to({str(p.device)!r}))"
+            f"the model's parameters are on the meta device, {name} on {inp.device}: "
+            "meta weights carry no data; load or materialise them "
+            f"(model.to_empty(device=...) and load_state_dict, or model.to({name}.device))"
         )
 
     def check(value: Tensor, where: str) -> None:
-        if value.device != inp.device and (value.dim() > 0 or value.device.type == "meta"):
+        if value.device.type == "meta":
             raise ValueError(
-                f"{where} is on {value.device}, {name} on {inp.device}: every model_kwargs "
-                f"tensor must be on {name}'s device ({where}.to({name}.device))"
+                f"{where} is on the meta device, {name} on {inp.device}: every model_kwargs "
+                f"tensor must hold data on {name}'s device ({where}.to({name}.device))"
             )
 
     _walk_tensors(kwargs, "model_kwargs", check)
+
+
+def _has_forward_hooks(model: Any, extra: tuple) -> bool:
+    return any(
+        m._forward_pre_hooks or hasattr(m, "_hf_hook")
+        for root in (*modules_of(model), *extra)
+        for m in root.modules()
+    )
+
+
+def _device_mismatches(model: Any, inp: Tensor, kwargs: dict, extra: tuple, name: str) -> str:
+    """What sits on another device than x: the model's parameters, model_kwargs tensors
+    (ndim >= 1); "" when nothing does."""
+    found = []
+    p = _parameter(model, extra)
+    if p is not None and p.device != inp.device:
+        found.append(f"the model's parameters are on {p.device}")
+
+    def check(value: Tensor, where: str) -> None:
+        if value.device != inp.device and value.dim() > 0:
+            found.append(f"{where} is on {value.device}")
+
+    _walk_tensors(kwargs, "model_kwargs", check)
+    if not found:
+        return ""
+    return (
+        f"{'; '.join(found)}, {name} on {inp.device}: the model's parameters and every "
+        f"model_kwargs tensor must be on {name}'s device (model.to({name}.device), "
+        f"tensor.to({name}.device))"
+    )
 
 
 def _walk_tensors(obj: Any, where: str, fn: Callable[[Tensor, str], None]) -> None:
@@ -223,10 +262,19 @@ _DTYPE_MISMATCH = (
 
 
 def _named_call_error(
-    err: Exception, model: Any, inp: Tensor, extra: tuple[nn.Module, ...], name: str = "x1"
+    err: Exception,
+    model: Any,
+    inp: Tensor,
+    kwargs: dict,
+    extra: tuple[nn.Module, ...],
+    name: str = "x1",
 ) -> Exception | None:
     """A clearer error for a failed model call, or None to re-raise ``err`` as it is."""
     text = str(err)
+    if isinstance(err, RuntimeError) and "device" in text:
+        where = _device_mismatches(model, inp, kwargs, extra, name)
+        if where:
+            return ValueError(f"{where} ({type(err).__name__}: {text.splitlines()[0]})")
     if isinstance(err, RuntimeError) and any(s in text for s in _DTYPE_MISMATCH):
         p = _parameter(model, extra)
         if p is not None and p.dtype != inp.dtype:

@@ -217,11 +217,23 @@ def test_noise_dtype_other_than_the_models_is_named_in_sample():
 def test_meta_tensors_are_named():
     with pytest.raises(ValueError, match="x1 is on the meta device"):
         rf.reflexflow_loss(ConvVelocity(), X.to("meta"))
-    with pytest.raises(ValueError, match=r"model's parameters are on meta, x1 on cpu"):
+    with pytest.raises(
+        ValueError,
+        match=r"model's parameters are on the meta device, x1 on cpu",
+    ):
         rf.reflexflow_loss(ConvVelocity().to("meta"), X)
     labels = torch.zeros(B, dtype=torch.long, device="meta")
-    with pytest.raises(ValueError, match=r"model_kwargs\['y'\] is on meta, x1 on cpu"):
+    with pytest.raises(ValueError, match=r"model_kwargs\['y'\] is on the meta device, x1 on cpu"):
         rf.reflexflow_loss(ConvVelocity(num_classes=3), X, model_kwargs={"y": labels})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_model_on_another_device_is_named():
+    with pytest.raises(ValueError, match=r"the model's parameters are on cuda:0, x1 on cpu"):
+        rf.reflexflow_loss(ConvVelocity().cuda(), X)
+    labels = torch.zeros(B, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"model_kwargs\['y'\] is on cpu, x1 on cuda:0"):
+        rf.reflexflow_loss(ConvVelocity(num_classes=3).cuda(), X.cuda(), model_kwargs={"y": labels})
 
 
 def test_a_model_returning_a_non_floating_tensor_is_refused():

@@ -209,10 +209,16 @@ def drop_labels(
     y: Tensor, prob: float, null_label: int, generator: torch.Generator | None = None
 ) -> Tensor:
     """Classifier-free-guidance label dropout: y_i -> null_label with probability ``prob``."""
+    if isinstance(prob, bool) or not isinstance(prob, (int, float)):
+        raise TypeError(f"prob must be a number, got {prob!r}")
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"prob must be in [0, 1], got {prob}")
     if not isinstance(y, Tensor) or y.dim() != 1:
         raise TypeError("y must be a (B,) tensor of class labels")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+    if isinstance(null_label, bool) or not isinstance(null_label, int):
+        raise TypeError(f"null_label must be an int, got {null_label!r}")
     if prob == 0.0:
         return y
     drop = torch.rand(y.shape, device=y.device, generator=generator) < prob
@@ -389,6 +395,8 @@ class SiTTransportAdapter:
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
         ):
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        if not isinstance(label_key, str):
+            raise TypeError(f"label_key must be a str (a model_kwargs key), got {label_key!r}")
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
         self.label_key = label_key
@@ -446,6 +454,10 @@ class SiTTransportAdapter:
         "adr_loss" are the two (detached) terms, "t" the rollout start times, "output"
         the full :class:`ReflexFlowOutput`. ``loss_kwargs`` (noise, t, k) go to the loss.
         """
+        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+            raise TypeError(
+                f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}"
+            )
         kwargs = dict(model_kwargs or {})
         prob, null_label, embedder = self.label_dropout(model)
         if prob > 0:
@@ -838,7 +850,15 @@ def flux_pack_latents(x: Tensor) -> Tensor:
 
 def flux_unpack_latents(tokens: Tensor, like: Tensor) -> Tensor:
     """Inverse of :func:`flux_pack_latents`: tokens back to ``like``'s (B, C, H, W)."""
+    if like.dim() != 4 or like.shape[2] % 2 or like.shape[3] % 2:
+        raise ValueError(f"like must be (B, C, H, W) with even H and W, got {tuple(like.shape)}")
     b, c, h, w = like.shape
+    want = (b, (h // 2) * (w // 2), 4 * c)
+    if tuple(tokens.shape) != want:
+        raise ValueError(
+            f"tokens must have shape {want} (2x2 patches of like's {tuple(like.shape)}), got "
+            f"{tuple(tokens.shape)}"
+        )
     out = tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return out.reshape(b, c, h, w)
 
@@ -847,6 +867,9 @@ def flux_latent_image_ids(height: int, width: int, **tensor_kwargs: Any) -> Tens
     """Flux's img_ids for (C, height, width) latents: ((height / 2)(width / 2), 3) rows
     (0, row, column) of the 2x2-packed token grid. Not batch-shaped: give the loss
     ``unbatched_kwargs=("img_ids", "txt_ids")`` (diffusers_knobs("flux") does)."""
+    for name, n in (("height", height), ("width", width)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2 or n % 2:
+            raise ValueError(f"{name} must be an even int >= 2 (latent pixels), got {n!r}")
     h, w = height // 2, width // 2
     ids = torch.zeros(h, w, 3, **tensor_kwargs)
     ids[..., 1] += torch.arange(h, **tensor_kwargs)[:, None]
@@ -878,6 +901,14 @@ class DiffusersModelAdapter(torch.nn.Module):
         super().__init__()
         if not callable(transformer):
             raise TypeError(f"transformer must be callable, got {type(transformer).__name__}")
+        for name, arg in (("sample_arg", sample_arg), ("timestep_arg", timestep_arg)):
+            if not isinstance(arg, str) or not arg:
+                raise TypeError(f"{name} must be a keyword name (str), got {arg!r}")
+        for name, fn in (("pack", pack), ("unpack", unpack)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+        if not isinstance(return_dict_arg, bool):
+            raise TypeError(f"return_dict_arg must be a bool, got {return_dict_arg!r}")
         self.transformer = transformer
         self.sample_arg, self.timestep_arg = sample_arg, timestep_arg
         self.pack, self.unpack = pack, unpack

@@ -249,6 +249,7 @@ def _walk_tensors(obj: Any, where: str, fn: Callable[[Tensor, str], None]) -> No
             _walk_tensors(val, f"{where}[{i}]", fn)
 
 
+_DEVICE_MISMATCH = ("device", "cuda", "should be the same", "Expected all tensors")
 _DTYPE_MISMATCH = (
     "should be the same",
     "expected scalar type",
@@ -271,7 +272,7 @@ def _named_call_error(
 ) -> Exception | None:
     """A clearer error for a failed model call, or None to re-raise ``err`` as it is."""
     text = str(err)
-    if isinstance(err, RuntimeError) and "device" in text:
+    if isinstance(err, RuntimeError) and any(s in text for s in _DEVICE_MISMATCH):
         where = _device_mismatches(model, inp, kwargs, extra, name)
         if where:
             return ValueError(f"{where} ({type(err).__name__}: {text.splitlines()[0]})")

@@ -391,3 +391,35 @@ def test_describe_returns_its_text_and_prints_nothing(capsys):
     assert text == presets.SOURCES["defar"]
     assert capsys.readouterr().out == ""
     assert "Returns the text" in presets.describe.__doc__
+
+
+# -- callables and adapters the user passes -----------------------------------------------
+
+
+def test_loss_weighting_of_the_wrong_signature_or_with_negative_weights_is_refused():
+    with pytest.raises(TypeError, match=r"loss_weighting must be callable as loss_weighting\(t\)"):
+        rf.ReflexFlowConfig(loss_weighting=lambda: 1.0)
+    with pytest.raises(ValueError, match="finite, non-negative weights; got min -1"):
+        rf.reflexflow_loss(ConvVelocity(), X, loss_weighting=lambda t: -torch.ones_like(t))
+    with pytest.raises(TypeError, match="floating-point weights, got torch.int64"):
+        rf.reflexflow_loss(ConvVelocity(), X, loss_weighting=lambda t: torch.ones_like(t).long())
+
+
+def test_adapter_helpers_name_bad_arguments():
+    with pytest.raises(TypeError, match="y must hold integer class labels"):
+        adapters.drop_labels(torch.zeros(B), 0.1, 3)
+    with pytest.raises(TypeError, match="prob must be a number"):
+        adapters.drop_labels(torch.zeros(B, dtype=torch.long), "0.1", 3)
+    with pytest.raises(ValueError, match=r"tokens must have shape \(4, 16, 12\)"):
+        adapters.flux_unpack_latents(torch.randn(4, 16, 8), torch.randn(4, 3, 8, 8))
+    with pytest.raises(ValueError, match="height must be an even int"):
+        adapters.flux_latent_image_ids(7, 8)
+    with pytest.raises(TypeError, match="sample_arg must be a keyword name"):
+        adapters.DiffusersModelAdapter(nn.Identity(), sample_arg=None)
+    with pytest.raises(TypeError, match="unpack must be callable or None"):
+        adapters.DiffusersModelAdapter(nn.Identity(), pack=lambda x: x, unpack=3)
+    adapter = adapters.SiTTransportAdapter("Linear", class_dropout_prob=0.0)
+    with pytest.raises(TypeError, match="model_kwargs must be a dict or None, got list"):
+        adapter.training_losses(ConvVelocity(), X, [1])
+    with pytest.raises(TypeError, match="label_key must be a str"):
+        adapters.SiTTransportAdapter("Linear", label_key=0)

@@ -13,6 +13,7 @@ None of these run while torch.compile traces (a config built inside a graph).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -41,6 +42,30 @@ PATH_GRID = 1025  # points of the grid on which a custom path's s(t) is checked
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# frames a warning skips: the library, generated code (a dataclass's __init__), and the
+# context-manager / decorator plumbing of contextlib and torch (torch.no_grad)
+_SKIPPED = (
+    _PACKAGE_DIR,
+    "<string>",
+    os.path.abspath(contextlib.__file__),
+    os.path.dirname(os.path.abspath(torch.__file__)),
+)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for warnings.warn (called from the caller of this function)
+    that points at the first frame outside reflexflow (and outside generated code,
+    contextlib and torch): the user's line, however deep the library call."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith(_SKIPPED):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # -- user objects ----------------------------------------------------------------------
@@ -131,7 +156,7 @@ def check_user_objects(cfg: Any) -> None:
             "float64 ADR term at t_eps = 1e-6, 30% at 1e-7); keep t_eps >= 1e-5 or train "
             "in float64",
             UserWarning,
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
     divides_by_s = (cfg.method == "reflexflow" and cfg.lambda_adr != 0) or (cfg.target == "stable")
     if divides_by_s:
@@ -266,7 +291,7 @@ def warn_ignored_knobs(cfg: Any) -> None:
         warnings.warn(
             f"these knobs are ignored by this configuration: {lines}",
             UserWarning,
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config_checks import user_stacklevel
+
 __all__ = [
     "modules_of",
     "rollout_mode",
@@ -112,7 +114,7 @@ def _warn_no_module(model: Any) -> None:
         return
     _warned_no_module.add(key)
     name = getattr(model, "__qualname__", type(model).__name__)
-    warnings.warn(NO_MODULE_WARNING.format(name=name), RuntimeWarning, stacklevel=4)
+    warnings.warn(NO_MODULE_WARNING.format(name=name), RuntimeWarning, stacklevel=user_stacklevel())
 
 
 @contextlib.contextmanager

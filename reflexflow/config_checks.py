@@ -14,6 +14,7 @@ None of these run while torch.compile traces (a config built inside a graph).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import warnings
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .paths import PATHS
+from .presets import PRESET_FIELDS
 
 __all__ = [
     "T_EPS_FLOAT32_MIN",
@@ -174,19 +176,6 @@ def check_user_objects(cfg: Any) -> None:
 
 # -- knobs the configuration never reads -----------------------------------------------
 
-_NON_PRESET_DEFAULTS = {
-    "fc_size": 5,
-    "fc_cutoff": 0.25,
-    "ip_gamma": 0.1,
-    "weight_adr": False,
-    "stable_ref": 0,
-    "stable_gather": False,
-    "logit_mean": 0.0,
-    "logit_std": 1.0,
-    "rollout_mode": "eval",
-    "cuda_graph": False,
-    "memory": "default",
-}
 _FC_KNOBS = (
     "fc_source",
     "fc_signed",
@@ -210,13 +199,16 @@ _ROLLOUT_KNOBS = (
 )
 
 
-def _given(cfg: Any) -> set[str]:
-    """Knobs given explicitly: preset knobs in ``cfg.explicit``, others off their default."""
-    given = set(cfg.explicit)
-    given |= {n for n, d in _NON_PRESET_DEFAULTS.items() if getattr(cfg, n) != d}
-    if cfg.rollout_modules:
-        given.add("rollout_modules")
-    return given
+def _is_given(cfg: Any, name: str) -> bool:
+    """A preset knob given explicitly (``cfg.explicit``), or another knob off its
+    field's default."""
+    if name in PRESET_FIELDS:
+        return name in cfg.explicit
+    field = next(f for f in dataclasses.fields(cfg) if f.name == name)
+    value = getattr(cfg, name)
+    return not (
+        value is field.default or (type(value) is type(field.default) and value == field.default)
+    )
 
 
 def ignored_knobs(cfg: Any) -> dict[str, str]:
@@ -278,7 +270,7 @@ def ignored_knobs(cfg: Any) -> dict[str, str]:
         )
     if cfg.rollout_mode != "eval":
         ignore(("rollout_modules",), "rollout_mode='train' runs the modules as they are")
-    return {name: reason for name, reason in why.items() if name in _given(cfg)}
+    return {name: reason for name, reason in why.items() if _is_given(cfg, name)}
 
 
 def warn_ignored_knobs(cfg: Any) -> None:

@@ -209,10 +209,16 @@ def drop_labels(
     y: Tensor, prob: float, null_label: int, generator: torch.Generator | None = None
 ) -> Tensor:
     """Classifier-free-guidance label dropout: y_i -> null_label with probability ``prob``."""
+    if isinstance(prob, bool) or not isinstance(prob, (int, float)):
+        raise TypeError(f"prob must be a number, got {prob!r}")
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"prob must be in [0, 1], got {prob}")
     if not isinstance(y, Tensor) or y.dim() != 1:
         raise TypeError("y must be a (B,) tensor of class labels")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+    if isinstance(null_label, bool) or not isinstance(null_label, int):
+        raise TypeError(f"null_label must be an int, got {null_label!r}")
     if prob == 0.0:
         return y
     drop = torch.rand(y.shape, device=y.device, generator=generator) < prob
@@ -254,21 +260,11 @@ def _transport_path(transport_or_path: Any) -> Any:
     return _SIT_PLANS[name]
 
 
-def sit_label_embedder(model: Any) -> Any | None:
-    """SiT's ``LabelEmbedder`` of ``model`` (through DDP's .module and compile's ._orig_mod).
-
-    A SiT model keeps it as ``model.y_embedder`` with ``embedding_table`` (an nn.Embedding
-    of num_classes + 1 rows when its dropout_prob > 0, num_classes rows otherwise: the
-    null-class row exists only then), ``num_classes`` and ``dropout_prob``. None when the
-    model exposes no such embedder.
-    """
+def _y_embedder(model: Any) -> Any | None:
+    """``model.y_embedder`` through DDP's .module and compile's ._orig_mod, or None."""
     for _ in range(8):  # wrappers nest a few levels at most
         emb = getattr(model, "y_embedder", None)
-        if (
-            isinstance(getattr(emb, "embedding_table", None), torch.nn.Embedding)
-            and hasattr(emb, "num_classes")
-            and hasattr(emb, "dropout_prob")
-        ):
+        if emb is not None:
             return emb
         inner = getattr(model, "module", None)
         if not isinstance(inner, torch.nn.Module):
@@ -276,6 +272,46 @@ def sit_label_embedder(model: Any) -> Any | None:
         if not isinstance(inner, torch.nn.Module):
             return None
         model = inner
+    return None
+
+
+def _follows_sit_contract(emb: Any) -> bool:
+    return (
+        isinstance(getattr(emb, "embedding_table", None), torch.nn.Embedding)
+        and hasattr(emb, "num_classes")
+        and hasattr(emb, "dropout_prob")
+    )
+
+
+def sit_label_embedder(model: Any) -> Any | None:
+    """SiT's ``LabelEmbedder`` of ``model`` (through DDP's .module and compile's ._orig_mod).
+
+    The contract (SiT's models.py): ``model.y_embedder`` with ``embedding_table`` (an
+    nn.Embedding of num_classes + 1 rows when its dropout_prob > 0, num_classes rows
+    otherwise: the null-class row exists only then), ``num_classes`` and
+    ``dropout_prob`` (the model drops labels itself, in every train-mode call, with this
+    probability). None when the model has no ``y_embedder``. A ``y_embedder`` that drops
+    labels (``dropout_prob`` > 0) but breaks the contract (e.g. its table is not named
+    ``embedding_table``) is refused with a ValueError: the adapter could neither switch
+    its dropout off nor check its null row, and labels would be dropped independently
+    in every model call of a step.
+    """
+    emb = _y_embedder(model)
+    if emb is None:
+        return None
+    if _follows_sit_contract(emb):
+        return emb
+    prob = getattr(emb, "dropout_prob", 0)
+    if isinstance(prob, (int, float)) and prob > 0:
+        raise ValueError(
+            f"the model's y_embedder ({type(emb).__name__}) drops labels itself "
+            f"(dropout_prob={prob}) but does not follow SiT's LabelEmbedder contract "
+            "(an nn.Embedding named embedding_table, num_classes, dropout_prob), so the "
+            "adapter cannot switch that dropout off during its calls: every model call of "
+            "a step would drop labels differently. Name the table embedding_table and "
+            "give the embedder num_classes, or set y_embedder.dropout_prob = 0 and let "
+            "the adapter drop labels (class_dropout_prob=..., num_classes=...)"
+        )
     return None
 
 
@@ -359,6 +395,8 @@ class SiTTransportAdapter:
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
         ):
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        if not isinstance(label_key, str):
+            raise TypeError(f"label_key must be a str (a model_kwargs key), got {label_key!r}")
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
         self.label_key = label_key
@@ -416,6 +454,10 @@ class SiTTransportAdapter:
         "adr_loss" are the two (detached) terms, "t" the rollout start times, "output"
         the full :class:`ReflexFlowOutput`. ``loss_kwargs`` (noise, t, k) go to the loss.
         """
+        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+            raise TypeError(
+                f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}"
+            )
         kwargs = dict(model_kwargs or {})
         prob, null_label, embedder = self.label_dropout(model)
         if prob > 0:
@@ -808,7 +850,15 @@ def flux_pack_latents(x: Tensor) -> Tensor:
 
 def flux_unpack_latents(tokens: Tensor, like: Tensor) -> Tensor:
     """Inverse of :func:`flux_pack_latents`: tokens back to ``like``'s (B, C, H, W)."""
+    if like.dim() != 4 or like.shape[2] % 2 or like.shape[3] % 2:
+        raise ValueError(f"like must be (B, C, H, W) with even H and W, got {tuple(like.shape)}")
     b, c, h, w = like.shape
+    want = (b, (h // 2) * (w // 2), 4 * c)
+    if tuple(tokens.shape) != want:
+        raise ValueError(
+            f"tokens must have shape {want} (2x2 patches of like's {tuple(like.shape)}), got "
+            f"{tuple(tokens.shape)}"
+        )
     out = tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return out.reshape(b, c, h, w)
 
@@ -817,6 +867,9 @@ def flux_latent_image_ids(height: int, width: int, **tensor_kwargs: Any) -> Tens
     """Flux's img_ids for (C, height, width) latents: ((height / 2)(width / 2), 3) rows
     (0, row, column) of the 2x2-packed token grid. Not batch-shaped: give the loss
     ``unbatched_kwargs=("img_ids", "txt_ids")`` (diffusers_knobs("flux") does)."""
+    for name, n in (("height", height), ("width", width)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2 or n % 2:
+            raise ValueError(f"{name} must be an even int >= 2 (latent pixels), got {n!r}")
     h, w = height // 2, width // 2
     ids = torch.zeros(h, w, 3, **tensor_kwargs)
     ids[..., 1] += torch.arange(h, **tensor_kwargs)[:, None]
@@ -848,6 +901,14 @@ class DiffusersModelAdapter(torch.nn.Module):
         super().__init__()
         if not callable(transformer):
             raise TypeError(f"transformer must be callable, got {type(transformer).__name__}")
+        for name, arg in (("sample_arg", sample_arg), ("timestep_arg", timestep_arg)):
+            if not isinstance(arg, str) or not arg:
+                raise TypeError(f"{name} must be a keyword name (str), got {arg!r}")
+        for name, fn in (("pack", pack), ("unpack", unpack)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+        if not isinstance(return_dict_arg, bool):
+            raise TypeError(f"return_dict_arg must be a bool, got {return_dict_arg!r}")
         self.transformer = transformer
         self.sample_arg, self.timestep_arg = sample_arg, timestep_arg
         self.pack, self.unpack = pack, unpack

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
+from .config_checks import check_rollout_modules, check_user_objects, warn_ignored_knobs
 from .conventions import check_convention
 from .engine import ROLLOUT_BACKENDS
 from .paths import get_path
@@ -221,6 +222,12 @@ class ReflexFlowConfig:
         'after; `"train"` runs them as they are',
         "ours (inference has no dropout)",
     )
+    rollout_modules: tuple = knob(
+        (),
+        "modules the model callable runs that the loss cannot find (held in a dict or another "
+        'container): switched to eval mode with it for the no-grad calls (`rollout_mode="eval"`)',
+        "ours",
+    )
     share_first_call: bool | None = knob(
         None,
         "auto: the FM term's call v(x_t0, t0) is also the rollout's first step, computed "
@@ -356,6 +363,9 @@ class ReflexFlowConfig:
             )
         if self.target == "stable" and self.method == "ip":
             raise ValueError("target='stable' is defined for method fm, ss and reflexflow, not ip")
+        # user objects and environment (reflexflow.config_checks)
+        object.__setattr__(self, "rollout_modules", check_rollout_modules(self.rollout_modules))
+        check_user_objects(self)
 
     def _resolve_forward_mode(self) -> None:
         """How the gradient-carrying model calls run: ``shares_first_call`` and ``joint_call``.
@@ -413,6 +423,7 @@ class ReflexFlowConfig:
                     "memory='lean' has nothing to split with fm_input='biased' (both terms "
                     "use the same model call)"
                 )
+        warn_ignored_knobs(self)  # knobs given explicitly that this configuration never reads
 
     @property
     def step(self) -> float:

@@ -15,7 +15,9 @@ from torch import Tensor
 
 from . import reference as ref
 from .batching import map_batched
-from .conventions import VelocityModel
+from .config import _check_number
+from .config_checks import check_batch_tensor, check_generator, check_model_kwargs
+from .conventions import VelocityModel, check_convention
 from .paths import PathLike, get_path
 from .rollout import euler_rollout
 
@@ -61,16 +63,20 @@ def exposure_bias(
     model_kwargs: Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
+    unbatched_kwargs: tuple[str, ...] = (),
 ) -> ExposureBias:
     """Exposure-bias curve: E||x^_t1 - x_t1||^2 per t0, and delta's low-frequency share.
 
     For each start time t0 (default: num_times points evenly in [0, 1 - t_eps - k h]),
     x_t0 = a x1 + s eps, x^_t1 = k Euler steps of h = 1/num_sampling_steps of the model,
     x_t1 = a(t1) x1 + s(t1) eps with t1 = t0 + k h. One noise draw per sample, shared
-    across t0. ``batch_size`` splits x1 to bound memory.
+    across t0. ``batch_size`` (an int >= 1) splits x1 to bound memory. Inputs are checked
+    as the loss checks its own (x1 (B, ...) with B >= 1, model_kwargs batch-shaped unless
+    their key is in ``unbatched_kwargs``, devices).
     """
-    if not isinstance(x1, Tensor) or not x1.is_floating_point() or x1.dim() < 2:
-        raise TypeError("x1 must be a floating-point tensor of shape (B, ...)")
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    check_batch_tensor("x1", x1)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if (
@@ -79,6 +85,16 @@ def exposure_bias(
         or num_sampling_steps < 1
     ):
         raise ValueError(f"num_sampling_steps must be an int >= 1, got {num_sampling_steps!r}")
+    if t0 is None:
+        _check_number("num_times", num_times, low=1, integer=True)
+    _check_number("t_eps", t_eps, low=0, high=0.5, low_open=True)
+    _check_number("cutoff", cutoff, low=0, high=1, low_open=True)
+    _check_number("timestep_scale", timestep_scale, low=0, low_open=True)
+    check_convention(convention)
+    if batch_size is not None:
+        _check_number("batch_size", batch_size, low=1, integer=True)
+    check_generator(generator, x1)
+    model_kwargs = check_model_kwargs(model_kwargs, x1.shape[0], unbatched_kwargs)
     h = 1.0 / num_sampling_steps
     t_hi = 1.0 - t_eps - k * h
     if t_hi < 0:
@@ -86,7 +102,9 @@ def exposure_bias(
     if t0 is None:
         t0 = torch.linspace(0.0, t_hi, num_times, dtype=torch.float64)
     t0 = torch.as_tensor(t0, dtype=torch.float64).flatten().cpu()
-    if bool(((t0 < 0) | (t0 > t_hi + 1e-9)).any()):
+    if t0.numel() == 0:
+        raise ValueError("t0 must hold at least one start time, got an empty tensor")
+    if bool(((t0 < 0) | (t0 > t_hi + 1e-9) | t0.isnan()).any()):
         raise ValueError(f"t0 must lie in [0, {t_hi:.6g}] for k={k}, h={h:.4g}")
     path = get_path(path)
     dtype = torch.float64 if x1.dtype == torch.float64 else torch.float32
@@ -103,7 +121,7 @@ def exposure_bias(
             n = data[sl].shape[0]
             kw = None
             if model_kwargs is not None:
-                kw = map_batched(dict(model_kwargs), batch, lambda x, s=sl: x[s])
+                kw = map_batched(model_kwargs, batch, lambda x, s=sl: x[s])
             ts = torch.full((n,), t_val, dtype=dtype, device=x1.device)
             x_t0 = ref.interpolate(path, data[sl], eps[sl], ts)
             kk = torch.full((n,), k, dtype=torch.int64, device=x1.device)

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+
+from .config_checks import user_stacklevel
 
 __all__ = [
     "modules_of",
@@ -31,10 +35,15 @@ __all__ = [
 
 def modules_of(fn: Any, depth: int = 1) -> list[nn.Module]:
     """The nn.Modules a callable runs: itself, a bound method's instance, a
-    functools.partial's function and arguments, a closure's captured values (not while
-    torch.compile traces: dynamo cannot read the cells of a function made outside the
-    graph), and the module-valued attributes of any other callable object (``depth``
-    levels deep)."""
+    functools.partial's function and arguments, a function's closure cells and the
+    module-level names its code reads (``fn.__globals__[name]`` for ``name`` in
+    ``fn.__code__.co_names``; neither while torch.compile traces: dynamo cannot read the
+    cells or globals of a function made outside the graph), and the module-valued
+    attributes of a function or any other callable object (``depth`` levels deep).
+
+    A model this cannot see (a module reached through a container, or through a helper
+    function's globals) is named with the loss knob ``rollout_modules``.
+    """
     found: dict[int, nn.Module] = {}
 
     def visit(obj: Any, depth: int) -> None:
@@ -45,12 +54,20 @@ def modules_of(fn: Any, depth: int = 1) -> list[nn.Module]:
         elif isinstance(obj, functools.partial):
             for part in (obj.func, *obj.args, *obj.keywords.values()):
                 visit(part, depth)
-        elif getattr(obj, "__closure__", None) and not torch.compiler.is_compiling():
-            for cell in obj.__closure__:
-                try:
-                    visit(cell.cell_contents, depth)
-                except ValueError:  # an empty cell
-                    pass
+        elif isinstance(obj, types.FunctionType):
+            if not torch.compiler.is_compiling():
+                for cell in obj.__closure__ or ():
+                    try:
+                        visit(cell.cell_contents, depth)
+                    except ValueError:  # an empty cell
+                        pass
+                for name in obj.__code__.co_names:
+                    value = obj.__globals__.get(name)
+                    if isinstance(value, nn.Module):
+                        found.setdefault(id(value), value)
+            if depth > 0:
+                for val in vars(obj).values():
+                    visit(val, depth - 1)
         elif depth > 0 and hasattr(obj, "__dict__"):
             for val in vars(obj).values():
                 visit(val, depth - 1)
@@ -62,25 +79,57 @@ def modules_of(fn: Any, depth: int = 1) -> list[nn.Module]:
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
 
-def mode_sensitive(model: Any) -> bool:
-    """True when ``model`` computes differently in eval mode: a submodule in training mode
-    that is a dropout (p > 0) or a batch norm (batch statistics, running-stat updates)."""
-    for root in modules_of(model):
+def mode_sensitive(model: Any, extra: tuple[nn.Module, ...] = ()) -> bool:
+    """True when ``model`` (or a module of ``extra``) computes differently in eval mode: a
+    submodule in training mode that is a dropout (p > 0) or a batch norm (batch
+    statistics, running-stat updates)."""
+    for root in _roots(model, extra):
         for m in root.modules():
             if m.training and isinstance(m, _STOCHASTIC) and getattr(m, "p", 1) != 0:
                 return True
     return False
 
 
+def _roots(model: Any, extra: tuple[nn.Module, ...]) -> list[nn.Module]:
+    roots = modules_of(model)
+    seen = {id(m) for m in roots}
+    return roots + [m for m in extra if id(m) not in seen]
+
+
+NO_MODULE_WARNING = (
+    "rollout_mode='eval' found no nn.Module in the model callable ({name}): its no-grad "
+    "rollout runs the model as it is (dropout on, BatchNorm statistics updated when the "
+    "model is in training mode). Name the modules with rollout_modules=(net, ...) (a "
+    "ReflexFlowLoss knob), pass the module (or a bound method, partial or closure over "
+    "it) as the model, or set rollout_mode='train' to keep this behaviour without this "
+    "warning."
+)
+_warned_no_module: set[Any] = set()
+
+
+def _warn_no_module(model: Any) -> None:
+    """One RuntimeWarning per callable (its code object) in which eval mode found nothing."""
+    key = getattr(model, "__code__", None) or type(model)
+    if key in _warned_no_module:
+        return
+    _warned_no_module.add(key)
+    name = getattr(model, "__qualname__", type(model).__name__)
+    warnings.warn(NO_MODULE_WARNING.format(name=name), RuntimeWarning, stacklevel=user_stacklevel())
+
+
 @contextlib.contextmanager
-def rollout_mode(model: Any, mode: str) -> Iterator[None]:
+def rollout_mode(model: Any, mode: str, extra: tuple[nn.Module, ...] = ()) -> Iterator[None]:
     """Run the block with ``model`` in eval mode (mode "eval") or as it is ("train").
 
-    The modules are found through bound methods, partials, closures and attributes
-    (:func:`modules_of`); a callable that runs none has no mode. Each submodule's own
-    ``training`` flag is restored on exit (a frozen submodule kept in eval stays in eval).
+    The modules are found through bound methods, partials, closures, a function's
+    globals and attributes (:func:`modules_of`), plus the modules ``extra`` (the loss's
+    ``rollout_modules``); a callable that runs none has no mode, and eval mode warns once
+    (RuntimeWarning, per callable) that it found none. Each submodule's own ``training``
+    flag is restored on exit (a frozen submodule kept in eval stays in eval).
     """
-    roots = modules_of(model) if mode == "eval" else []
+    roots = _roots(model, extra) if mode == "eval" else []
+    if mode == "eval" and not roots and not torch.compiler.is_compiling():
+        _warn_no_module(model)
     flags = [(m, m.training) for root in roots for m in root.modules()]
     if not any(flag for _, flag in flags):
         yield

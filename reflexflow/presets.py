@@ -195,6 +195,9 @@ def preset_knobs(name: str) -> dict[str, Any]:
 
 
 def describe(name: str) -> str:
-    """Where preset ``name``'s values come from, and which ones are the library's choice."""
+    """Where preset ``name``'s values come from, and which ones are the library's choice.
+
+    Returns the text (it prints nothing): ``print(reflexflow.presets.describe("defar"))``.
+    """
     preset_knobs(name)  # validates the name
     return SOURCES[name]

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .conventions import VelocityModel
+from .config import _check_number
+from .config_checks import check_batch_tensor, check_model_kwargs
+from .conventions import VelocityModel, check_convention
 
 __all__ = ["sample", "SOLVERS"]
 
@@ -28,24 +30,43 @@ def sample(
     t_start: float = 0.0,
     t_end: float = 1.0,
     return_trajectory: bool = False,
+    unbatched_kwargs: tuple[str, ...] = (),
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Integrate dx/dt = v(x, t) from t_start to t_end (canonical) in ``steps`` uniform steps.
 
     euler: x += h v(x, t). heun: x~ = x + h v(x, t); x += h/2 (v(x, t) + v(x~, t + h)).
     The model is called in its own ``convention`` (noise_at_1: sigma = 1 - t, v = -output).
     The state is float32 (float64 stays float64); the model sees noise's dtype.
+    Inputs are checked as the loss checks its own: noise (B, ...) floating with B >= 1,
+    model_kwargs tensors batch-shaped (first axis B) unless their key is in
+    ``unbatched_kwargs``, everything on the model's device.
     Returns x at t_end (and the list of states, start included, if return_trajectory).
     """
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
-        raise TypeError("noise must be a floating-point tensor")
+        got = noise.dtype if isinstance(noise, Tensor) else type(noise).__name__
+        raise TypeError(f"noise must be a floating-point tensor, got {got}")
+    check_batch_tensor("noise", noise)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    check_convention(convention)
+    _check_number("timestep_scale", timestep_scale, low=0, low_open=True)
+    _check_number("t_start", t_start)
+    _check_number("t_end", t_end)
     if not 0.0 <= t_start < t_end <= 1.0:
         raise ValueError(f"need 0 <= t_start < t_end <= 1, got {t_start}, {t_end}")
+    if not isinstance(return_trajectory, bool):
+        raise TypeError(f"return_trajectory must be a bool, got {return_trajectory!r}")
+    model_kwargs = check_model_kwargs(model_kwargs, noise.shape[0], unbatched_kwargs)
     velocity = VelocityModel(
-        model, convention, input_dtype=noise.dtype, timestep_scale=timestep_scale
+        model,
+        convention,
+        input_dtype=noise.dtype,
+        timestep_scale=timestep_scale,
+        input_name="noise",
     )
     dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
     x = noise.to(dtype).clone()

@@ -170,7 +170,11 @@ def step_context(
         spec=objective_spec(cfg),
         model=model,
         velocity=VelocityModel(
-            model, cfg.convention, input_dtype=x1.dtype, timestep_scale=cfg.timestep_scale
+            model,
+            cfg.convention,
+            input_dtype=x1.dtype,
+            timestep_scale=cfg.timestep_scale,
+            rollout_modules=cfg.rollout_modules,
         ),
         data=x1.to(state_dtype(x1)),
         kwargs=prepare_kwargs(model_kwargs, x1.shape[0], cfg.unbatched_kwargs),

@@ -67,7 +67,9 @@ def velocity_bias(ctx: StepContext, d: Draws, state: RolloutState, calls: Gradie
     with torch.no_grad():
         clean = velocity(state.x_t1, d.t1, ctx.kwargs)
         biased = calls.biased_output(ctx.batch)
-        if biased is None or (cfg.rollout_mode == "eval" and mode_sensitive(ctx.model)):
+        if biased is None or (
+            cfg.rollout_mode == "eval" and mode_sensitive(ctx.model, cfg.rollout_modules)
+        ):
             biased = velocity(state.x_hat, d.t1, ctx.kwargs)
         return biased - clean
 

@@ -41,6 +41,8 @@ def check_loss_weighting(weighting: Any) -> Any:
             )
         return weighting
     if callable(weighting):
+        if not torch.compiler.is_compiling():
+            _probe(weighting)
         return weighting
     raise TypeError(
         f"loss_weighting must be None, one of {WEIGHTINGS} or a callable, got "
@@ -69,4 +71,26 @@ def loss_weights(
             f"loss_weighting must return a tensor of shape {tuple(t.shape)}, got "
             f"{getattr(w, 'shape', type(w).__name__)}"
         )
+    if not w.is_floating_point():
+        raise TypeError(f"loss_weighting must return floating-point weights, got {w.dtype}")
+    if not torch.compiler.is_compiling() and bool(((w < 0) | ~torch.isfinite(w)).any()):
+        raise ValueError(  # one host sync per step, user callables only
+            "loss_weighting must return finite, non-negative weights; got min "
+            f"{float(w.min()):.4g}, max {float(w.max()):.4g}"
+        )
     return w.detach().to(torch.float64)
+
+
+def _probe(weighting: Callable[[Tensor], Tensor]) -> None:
+    """TypeError unless ``weighting(t)`` can be called with a (2,) float64 tensor of times."""
+    try:
+        with torch.no_grad():
+            weighting(torch.tensor([0.25, 0.5], dtype=torch.float64))
+    except TypeError as err:
+        raise TypeError(
+            "loss_weighting must be callable as loss_weighting(t) with t a (B,) float64 "
+            f"tensor of times (the loss's convention), returning (B,) weights; calling it "
+            f"with a (2,) tensor raised TypeError: {err}"
+        ) from err
+    except Exception:  # noqa: BLE001 - its output is checked on the real batch
+        return

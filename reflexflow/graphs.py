@@ -78,9 +78,12 @@ def _model_key(velocity: VelocityFn) -> tuple:
 
 
 def _modules_of(velocity: Any) -> list[nn.Module]:
-    """The nn.Modules a velocity function runs (a VelocityModel's through its model): see
-    :func:`reflexflow.model_state.modules_of`."""
-    return modules_of(velocity.model if isinstance(velocity, VelocityModel) else velocity)
+    """The nn.Modules a velocity function runs (a VelocityModel's through its model, plus
+    its rollout_modules): see :func:`reflexflow.model_state.modules_of`."""
+    if not isinstance(velocity, VelocityModel):
+        return modules_of(velocity)
+    extra = [m for m in velocity.rollout_modules if isinstance(m, nn.Module)]
+    return [*modules_of(velocity.model), *extra]
 
 
 def _storage_ptr(t: Tensor) -> int:

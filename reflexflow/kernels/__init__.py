@@ -5,20 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import warnings
 from typing import Any
 
-__all__ = [
-    "triton_available",
-    "triton_usable",
-    "supports",
-    "fused_objective",
-    "fused_objective_auto",
-    "is_out_of_memory",
-    "note_failure",
-]
-
-_FAILED: list[str] = []  # the first failure of the Triton path under backend="auto"
+__all__ = ["triton_available", "triton_usable", "supports", "fused_objective"]
 
 
 def triton_available() -> bool:
@@ -37,61 +26,40 @@ def triton_usable(device_type: str) -> bool:
     return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def supports(**kwargs: Any) -> bool:
-    """True when the fused kernels compute ``reference.objective(**kwargs)`` (see
+def supports(path: Any = None, spec: Any = None, inputs: Any = None, **legacy: Any) -> bool:
+    """True when ``fused_objective(path, spec, inputs)`` computes this call (see
     kernels.objective.supports); route False to the reference."""
     if not triton_available():
         return False
+    if legacy or spec is None:  # MERGE ADAPTER: keyword form supports(**kwargs)
+        from ._legacy import from_keywords
+
+        try:
+            spec, inputs = from_keywords(legacy)
+        except (TypeError, ValueError):  # knobs the reference would reject
+            return False
     from .objective import supports as impl
 
-    return impl(**kwargs)
+    return impl(path, spec, inputs)
 
 
-def fused_objective(*args: Any, **kwargs: Any) -> dict:
-    """Triton twin of reflexflow.reference.objective (see kernels.objective)."""
+def fused_objective(
+    path: Any,
+    spec: Any = None,
+    inputs: Any = None,
+    *,
+    return_w: bool = True,
+    fail_soft: bool = False,
+    **legacy: Any,
+) -> Any:
+    """Triton twin of ``reference.objective(path, spec, inputs) -> ObjectiveTerms``;
+    ``fail_soft=True`` is backend="auto" (see kernels.objective.fused_objective)."""
     from .objective import fused_objective as impl
 
-    return impl(*args, **kwargs)
+    if legacy or spec is None:  # MERGE ADAPTER: keyword form, dict out (kernels/_legacy)
+        from ._legacy import from_keywords, terms_to_dict
 
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """An allocation failure (torch.OutOfMemoryError, a CUDA "out of memory"): never a
-    reason to leave the kernels, as the reference needs more memory still."""
-    import torch
-
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def note_failure(err: BaseException, stacklevel: int = 2) -> None:
-    """Record the Triton path's failure under backend="auto": one RuntimeWarning, and
-    fused_objective_auto uses the reference from now on."""
-    if not _FAILED:
-        warnings.warn(
-            f"reflexflow: the Triton loss kernels failed ({err!r}); backend='auto' uses "
-            "the PyTorch reference from now on (backend='triton' shows the error)",
-            RuntimeWarning,
-            stacklevel=stacklevel + 1,
-        )
-    _FAILED.append(repr(err))
-
-
-def fused_objective_auto(path: Any, **kwargs: Any) -> dict:
-    """backend="auto": fused_objective, or reference.objective once the Triton path has
-    failed to compile or launch on this machine, forward or backward (one warning, then
-    the reference for the rest of the process). Errors about the arguments (ValueError,
-    TypeError) and out-of-memory errors propagate."""
-    return_w = kwargs.pop("return_w", True)
-    if not _FAILED:
-        try:
-            from .objective import fused_objective_soft
-
-            return fused_objective_soft(path, return_w=return_w, **kwargs)
-        except (ValueError, TypeError):
-            raise
-        except Exception as err:  # a Triton compile/launch failure: fail soft
-            if is_out_of_memory(err):
-                raise
-            note_failure(err, stacklevel=2)
-    from ..reference import objective
-
-    return objective(path, **kwargs)
+        spec, inputs = from_keywords(legacy)
+        terms = impl(path, spec, inputs, return_w=return_w, fail_soft=fail_soft)
+        return terms_to_dict(terms)
+    return impl(path, spec, inputs, return_w=return_w, fail_soft=fail_soft)

@@ -70,8 +70,17 @@ def _objective(impl: str):
     if impl == "compiled":
         return torch.compile(ref.objective, fullgraph=True)
     from reflexflow.kernels import fused_objective
+    from reflexflow.objective import ObjectiveInputs, ObjectiveSpec
 
-    return fused_objective
+    def typed(path, **inputs):  # objective_inputs() gives keywords; the kernels take types
+        return fused_objective(path, ObjectiveSpec(), ObjectiveInputs(**inputs))
+
+    return typed
+
+
+def _loss(out):
+    """The loss of a dict (keyword reference) or of ObjectiveTerms (typed API)."""
+    return out["loss"] if isinstance(out, dict) else out.loss
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -143,7 +152,7 @@ def test_loss_forward_backward(benchmark, shape, impl):
 
     def step():
         v.grad = None
-        fn(**kw)["loss"].backward()
+        _loss(fn(**kw)).backward()
         _sync()
 
     for _ in range(3):  # compile, caches

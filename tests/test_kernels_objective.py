@@ -11,6 +11,7 @@ The reference is called through tests/kernel_probes.reference_objective (typed s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -78,69 +79,77 @@ def _strided(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def compare(
-    shape,
-    dtype=torch.float32,
-    seed=0,
-    path="linear",
-    mode="separate",
-    grads=None,
-    inactive=(0,),
-    noncontig=False,
-    state=None,
-    weights=False,
-    targets=False,
-    fc_delta=False,
-    has_v1=True,
-    zero_v1_rows=(),
-    small_v1_rows=(),
-    t1_one_rows=(),
-    grad_tol=None,
-    backward_twice=False,
-    fc_active=None,
-    **knobs,
-):
+@dataclasses.dataclass
+class Case:
+    """compare's options beyond the spec: the data, the form of v, the gradients checked."""
+
+    seed: int = 0
+    path: str = "linear"
+    mode: str = "separate"  # "joint" (v_joint), "shared" (v1 is v0) or "separate"
+    grads: dict | None = None  # {output: c}: the gradients of sum_k c_k output_k
+    inactive: tuple = (0,)  # rows with k = 0
+    noncontig: bool = False
+    state: torch.dtype | None = None  # dtype of x1, eps, x^ (default: dtype)
+    weights: bool = False
+    targets: bool = False
+    fc_delta: bool = False
+    has_v1: bool = True
+    zero_v1_rows: tuple = ()
+    small_v1_rows: tuple = ()
+    t1_one_rows: tuple = ()
+    grad_tol: float | None = None
+    backward_twice: bool = False
+    fc_active: torch.Tensor | None = None
+
+
+_CASE_FIELDS = {f.name for f in dataclasses.fields(Case)}
+
+
+def compare(shape, dtype=torch.float32, **options):
     """Run reference (float64, CPU) and fused (dtype, on DEV) objectives on the same
     inputs; compare every output, then the gradients of sum_k c_k * output_k (grads:
-    {output: c}, c a float or a (B,) weight for per_sample). knobs: make_spec's.
-    Returns the fused terms."""
-    p = get_path(path)
-    spec = make_spec(**knobs)
-    state = state or dtype
-    v0, v1, x1, eps, x_hat, t0, t1, k = _inputs(shape, dtype, seed, p, inactive, state, t1_one_rows)
+    {output: c}, c a float or a (B,) weight for per_sample). options: Case's fields,
+    the rest are make_spec's knobs. Returns the fused terms."""
+    case = Case(**{k: v for k, v in options.items() if k in _CASE_FIELDS})
+    spec = make_spec(**{k: v for k, v in options.items() if k not in _CASE_FIELDS})
+    p = get_path(case.path)
+    state = case.state or dtype
+    v0, v1, x1, eps, x_hat, t0, t1, k = _inputs(
+        shape, dtype, case.seed, p, case.inactive, state, case.t1_one_rows
+    )
     b = shape[0]
-    g = torch.Generator().manual_seed(seed + 100)
-    if zero_v1_rows:
-        v1[list(zero_v1_rows)] = 0
-    if small_v1_rows:  # |v1| below norm_floor |v_adr| but far above norm_eps
-        v1[list(small_v1_rows)] *= 1e-4
+    g = torch.Generator().manual_seed(case.seed + 100)
+    if case.zero_v1_rows:
+        v1[list(case.zero_v1_rows)] = 0
+    if case.small_v1_rows:  # |v1| below norm_floor |v_adr| but far above norm_eps
+        v1[list(case.small_v1_rows)] *= 1e-4
     samples = dict(x1=x1, eps=eps, x_hat=x_hat)
     rows = dict(t0=t0, t1=t1)
-    if weights:
+    if case.weights:
         rows["fm_weight"] = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
         rows["adr_weight"] = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
-    if targets:
+    if case.targets:
         samples["u0"] = torch.randn(shape, generator=g, dtype=torch.float64)
         samples["v_adr"] = torch.randn(shape, generator=g, dtype=torch.float64)
-    if fc_delta:
+    if case.fc_delta:
         samples["fc_delta"] = 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
     samples = {n: x.to(state).double() for n, x in samples.items()}  # rounded once
     rows = {n: x.float().double() for n, x in rows.items()}
-    if t1_one_rows:  # x^ = x_t1 as the reference computes it: its delta is exactly 0
-        idx = list(t1_one_rows)
+    if case.t1_one_rows:  # x^ = x_t1 as the reference computes it: its delta is exactly 0
+        idx = list(case.t1_one_rows)
         x_t1 = ref.interpolate(p, samples["x1"], samples["eps"], rows["t1"])
         samples["x_hat"][idx] = x_t1[idx]
-    grads = grads or {"loss": 1.0}
+    grads = case.grads or {"loss": 1.0}
 
     def inputs(device, cast_v, cast_state, cast_rows, strided):
-        if mode == "joint":
+        if case.mode == "joint":
             vj = _leaf(cast_v(torch.cat([v0, v1])).to(device))
             vs, leaves = dict(v_joint=vj, v0=None, v1=None), [vj]
         else:
             a = _leaf(strided(cast_v(v0).to(device)))
-            if mode == "shared":
+            if case.mode == "shared":
                 vs, leaves = dict(v0=a, v1=a), [a]
-            elif not has_v1:
+            elif not case.has_v1:
                 vs, leaves = dict(v0=a, v1=None), [a]
             else:
                 c = _leaf(strided(cast_v(v1).to(device)))
@@ -148,20 +157,20 @@ def compare(
         kw = {n: strided(cast_state(x).to(device)) for n, x in samples.items()}
         kw.update({n: cast_rows(x).to(device) for n, x in rows.items()})
         kw["k"] = k.to(device)
-        if fc_active is not None:
-            kw["fc_active"] = fc_active.to(device)
+        if case.fc_active is not None:
+            kw["fc_active"] = case.fc_active.to(device)
         return ObjectiveInputs(**vs, **kw), leaves
 
-    want_kw, lead = inputs("cpu", _double, _double, _double, lambda x: x)
-    got_kw, dev_leaves = inputs(
+    want_in, lead = inputs("cpu", _double, _double, _double, lambda x: x)
+    got_in, dev_leaves = inputs(
         DEV,
         lambda x: x.to(dtype),
         lambda x: x.to(state),
         lambda x: x.float(),
-        _strided if noncontig else (lambda x: x),
+        _strided if case.noncontig else (lambda x: x),
     )
-    want = reference_objective(p, spec, want_kw)
-    got = fused_objective(p, spec, got_kw)
+    want = reference_objective(p, spec, want_in)
+    got = fused_objective(p, spec, got_in)
 
     for key in (*OUTPUTS, "w"):
         a, b = getattr(got, key), getattr(want, key)
@@ -180,12 +189,12 @@ def compare(
             acc = acc + (c * term).sum()
         return acc
 
-    rounds = 2 if backward_twice else 1
+    rounds = 2 if case.backward_twice else 1
     for r in range(rounds):
         keep = r + 1 < rounds
         total(want, "cpu").backward(retain_graph=keep)
         total(got, DEV).backward(retain_graph=keep)
-        tol = grad_tol or GRAD_TOL[dtype]
+        tol = case.grad_tol or GRAD_TOL[dtype]
         for a, c in zip(dev_leaves, lead, strict=True):
             if c.grad is None:
                 assert a.grad is None or not a.grad.any()

@@ -24,15 +24,10 @@ path, no torch op between them, no host sync):
 * fc_filter="fft": the larger-sample kernels, with the filter of the map done by torch
   (reference._fft_lowpass on the N / C map and its plane sums: a handful of launches).
 
-Backward (:func:`_backward`): eager, plain tensors: scale_kernel multiplies the workspace
-in place by per-sample factors (skipping blocks whose factor is exactly 1) and hands it
-to autograd; when the workspace is spent (a second backward through a retained graph),
-was not written (need_g* False) or holds G0 + G1 of a shared v while fc_loss / adr_loss
-need them apart, the forward op recomputes it from the saved inputs; a direct op caller
-that keeps the workspace passes scale_in_place=False. Traced (torch.compile, make_fx):
-the functional backward op. create_graph=True: the reference's gradients. fail_soft
-(backend="auto"): a failing kernel (not out of memory) is replaced by the reference's
-gradients, once for all (:func:`note_failure`).
+Backward (:func:`_backward`): scale_kernel multiplies the workspace in place by
+per-sample factors (eager; the forward op recomputes a spent or missing workspace), the
+functional backward op when traced, the reference's gradients for create_graph=True or,
+under fail_soft, after a failing kernel (:func:`note_failure`).
 """
 
 from __future__ import annotations
@@ -82,8 +77,6 @@ __all__ = [
     "OpArgs",
     "fused_objective_op",
     "fused_objective_backward_op",
-    "path_coefficients",
-    "path_kind",
     "V_SEPARATE",
     "V_JOINT",
     "V_SHARED",
@@ -441,7 +434,8 @@ def _fast_backward(ctx, g0: Tensor, g1: Tensor, a: OpArgs, grads: tuple) -> tupl
     """Scale the stored gradients (recomputing them first when spent or missing)."""
     g_loss, g_fc, g_adr, g_rows = grads
     batch, traced = a.x1.shape[0], _is_traced(a.x1)
-    need0, need1 = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    needs = OpArgs.from_flat(ctx.needs_input_grad)
+    need0, need1 = needs.v0, needs.v1
     missing = (need0 and g0.numel() == 0) or (need1 and g1.numel() == 0)
     shared_split = a.v_mode == V_SHARED and (g_fc is not None or g_adr is not None)
     recompute = ctx.consumed or shared_split or missing
@@ -502,12 +496,16 @@ def _reference_backward(a: OpArgs, grads: tuple, create_graph: bool) -> tuple:
     return res[0], res[1] if len(res) > 1 else None
 
 
+def _input_grads(dv0: Tensor | None, dv1: Tensor | None) -> tuple:
+    """The gradients of the op's inputs: v0's and v1's, None for every other input."""
+    return OpArgs(**dict.fromkeys(OpArgs._fields))._replace(v0=dv0, v1=dv1).pack()
+
+
 def _backward(ctx, g_loss, g_fc, g_adr, g_rows, *_unused_grads):
     """Gradients for v0 and v1 from those of loss, fc_loss, adr_loss, per_sample."""
     grads = (g_loss, g_fc, g_adr, g_rows)
-    none = (None,) * (len(OpArgs._fields) - 2)
     if all(g is None for g in grads):
-        return (None, None, *none)
+        return _input_grads(None, None)
     g0, g1, a = _saved(ctx)
     if torch.is_grad_enabled() and not _is_traced(a.x1):  # create_graph=True
         dv = _reference_backward(a, grads, create_graph=True)
@@ -521,7 +519,7 @@ def _backward(ctx, g_loss, g_fc, g_adr, g_rows, *_unused_grads):
                 raise
             note_failure(err, stacklevel=4)
             dv = _reference_backward(a, grads, create_graph=False)
-    return (*dv, *none)
+    return _input_grads(*dv)
 
 
 fused_objective_op.register_autograd(_backward, setup_context=_setup_context)

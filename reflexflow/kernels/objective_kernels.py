@@ -205,9 +205,11 @@ def state_terms(
 @kernel
 def target(ptr, off, mask, x, e, da, ds, MASKED: tl.constexpr, GIVEN: tl.constexpr):
     """The FM target: the given u0 at off, or u = a'(t) x1 + s'(t) eps."""
-    if GIVEN:
-        return load_tile(ptr + off, mask, MASKED)
-    return da * x + ds * e
+    if GIVEN:  # else-branches: the compiler type-checks every return it generates
+        u = load_tile(ptr + off, mask, MASKED)
+    else:
+        u = da * x + ds * e
+    return u
 
 
 @kernel
@@ -215,16 +217,20 @@ def adr_target(va_in, off, mask, x, e, delta, da1, ds1, rat, MASKED: tl.constexp
                HAS_VA: tl.constexpr):  # fmt: skip
     """The ADR target: the given v_adr, or u_t1 + (s'/s)(t1) delta."""
     if HAS_VA:
-        return load_tile(va_in + off, mask, MASKED)
-    return da1 * x + ds1 * e + rat * delta
+        va = load_tile(va_in + off, mask, MASKED)
+    else:
+        va = da1 * x + ds1 * e + rat * delta
+    return va
 
 
 @kernel
 def map_source(fcd, off, mask, delta, MASKED: tl.constexpr, HAS_FCD: tl.constexpr):
     """What drives the FC map: the given fc_delta, or delta."""
     if HAS_FCD:
-        return load_tile(fcd + off, mask, MASKED)
-    return delta
+        md = load_tile(fcd + off, mask, MASKED)
+    else:
+        md = delta
+    return md
 
 
 @kernel
@@ -232,10 +238,12 @@ def second_output(v0, v1, v, off, off2, mask, MASKED: tl.constexpr, V_MODE: tl.c
     """v1 at off: v itself (V_MODE 2, shared), the joint output's second half at off2
     (V_MODE 1), or v1 (V_MODE 0)."""
     if V_MODE == 2:
-        return v
-    if V_MODE == 1:
-        return load_tile(v0 + off2, mask, MASKED)
-    return load_tile(v1 + off, mask, MASKED)
+        y = v
+    elif V_MODE == 1:
+        y = load_tile(v0 + off2, mask, MASKED)
+    else:
+        y = load_tile(v1 + off, mask, MASKED)
+    return y
 
 
 @kernel

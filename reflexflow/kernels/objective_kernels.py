@@ -263,6 +263,18 @@ def fc_factor(on, lambda_fc, mean_map, tiny):
 
 
 @kernel
+def fc_weight(m, q, w_out, mask, MASKED: tl.constexpr, WRITE_W: tl.constexpr,
+              SQUARED: tl.constexpr):  # fmt: skip
+    """w = 1 + q m, written to w_out (WRITE_W); returns W = w, or w^2 (SQUARED)."""
+    wv = 1.0 + q * m
+    if WRITE_W:
+        store_tile(w_out, wv, mask, MASKED)
+    if SQUARED:
+        wv = wv * wv
+    return wv
+
+
+@kernel
 def store_g0(g0, off, G, mask, MASKED: tl.constexpr, V_MODE: tl.constexpr,
              WRITE_G0: tl.constexpr):  # fmt: skip
     """The FM term's gradient G0 into g0 (shared v: later, with G1 added)."""
@@ -365,21 +377,13 @@ def sample_kernel(
                 m = lowpass_tile(m, sc, pos, mvalid, W, 1, FILT, NT, SIGMA, MASKED)
             if N_AXES == 2:
                 m = lowpass_tile(m, sc, pos, mvalid, H, W, FILT, NT, SIGMA, MASKED)
-        if MAP_MODE == 2:
-            den = tl.sum(
-                tl.sum(tl.where(mvalid, tl.abs(m), 0.0), axis=2, keep_dims=True),
-                axis=1,
-                keep_dims=True,
-            ) / (S * 1.0)
+        if MAP_MODE == 2:  # one normaliser per sample: the mean |m| over its S elements
+            am = tl.sum(tl.where(mvalid, tl.abs(m), 0.0), axis=2, keep_dims=True)
+            den = tl.sum(am, axis=1, keep_dims=True) / (S * 1.0)
         else:
             den = tl.sum(tl.where(mvalid, m, 0.0), axis=2, keep_dims=True) / (FP * 1.0)
-        on = active_rows(act, rows, bmask, ACT_K)[:, None, None]
-        wv = 1.0 + fc_factor(on, lambda_fc, den, tiny) * m
-        if WRITE_W:
-            store_tile(w_out + wbase + wloc, wv, mvalid, MASKED)
-        if SQUARED:
-            wv = wv * wv
-        gg0 = wv * d0
+        q = fc_factor(active_rows(act, rows, bmask, ACT_K)[:, None, None], lambda_fc, den, tiny)
+        gg0 = fc_weight(m, q, w_out + wbase + wloc, mvalid, MASKED, WRITE_W, SQUARED) * d0
     else:
         gg0 = d0
     tl.store(part + rows, tile_sum(gg0 * d0), mask=bmask)
@@ -552,11 +556,8 @@ def grad_kernel(
         on = active_rows(act, b, True, ACT_K)
         if MAP_MODE == 0:
             q = fc_factor(on, lambda_fc, range_sum(plane_sum, b * F, F, BN) / (FP * 1.0), tiny)
-            wv0 = 1.0 + q * load_tile(mapf + b * FP + r, mask, True)
-            if WRITE_W:
-                store_tile(w_out + b * FP + r, wv0, mask, True)
-            if SQUARED:
-                wv0 = wv0 * wv0
+            m0 = load_tile(mapf + b * FP + r, mask, True)
+            wv0 = fc_weight(m0, q, w_out + b * FP + r, mask, True, WRITE_W, SQUARED)
         elif MAP_MODE == 2:
             mean = range_sum(plane_sum, b * C * F, C * F, BN) / (S * 1.0)
             q = fc_factor(on, lambda_fc, mean, tiny)
@@ -586,11 +587,8 @@ def grad_kernel(
                     qc = fc_factor(on, lambda_fc, mean, tiny)
                 else:
                     qc = q
-                wv = 1.0 + qc * load_tile(mapf + off, mask, True)
-                if WRITE_W:
-                    store_tile(w_out + off, wv, mask, True)
-                if SQUARED:
-                    wv = wv * wv
+                m = load_tile(mapf + off, mask, True)
+                wv = fc_weight(m, qc, w_out + off, mask, True, WRITE_W, SQUARED)
             gg0 = wv * d0
         else:
             gg0 = d0
@@ -602,14 +600,9 @@ def grad_kernel(
         if HAS_V1:
             y = second_output(v0, v1, v, off, off2, mask, True, V_MODE)
             va = adr_target(va_in, off, mask, x, e, delta, da1, ds1, rat, True, HAS_VA)
-            if DIRECTION:
-                dd = y / n - va / na
-                asum += dd * dd
-                G1 = k1 * (dd - proj * y)
-            else:
-                dd = y - va
-                asum += dd * dd
-                G1 = k1 * dd
+            dd = y / n - va / na if DIRECTION else y - va
+            asum += dd * dd
+            G1 = k1 * (dd - proj * y) if DIRECTION else k1 * dd
         store_g1(g0, g1, off, off2, G, G1, mask, True, V_MODE, HAS_V1, WRITE_G0, WRITE_G1)
     tl.store(part + pid, tl.sum(fsum, axis=0))
     tl.store(part + B * NBLK + pid, tl.sum(asum, axis=0))
@@ -653,9 +646,7 @@ def finalize_kernel(
                 adr = adr / sf
             ps = fc + lambda_adr * adr
             tot_a += tl.where(bmask, adr, 0.0)
-        tl.store(
-            per_sample + rows, out_cast(ps.to(tl.float32), per_sample.dtype.element_ty), mask=bmask
-        )
+        store_tile(per_sample + rows, ps.to(tl.float32), bmask, True)
     fcl = tl.sum(tot_f, axis=0) / B
     tl.store(fc_loss, out_cast(fcl.to(tl.float32), fc_loss.dtype.element_ty))
     if HAS_V1:

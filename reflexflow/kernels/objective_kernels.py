@@ -234,26 +234,26 @@ def map_source(fcd, off, mask, delta, MASKED: tl.constexpr, HAS_FCD: tl.constexp
 
 
 @kernel
-def second_output(v0, v1, v, off, off2, mask, MASKED: tl.constexpr, V_MODE: tl.constexpr):
-    """v1 at off: v itself (V_MODE 2, shared), the joint output's second half at off2
-    (V_MODE 1), or v1 (V_MODE 0)."""
+def second_output(v1, half2, v, off, mask, MASKED: tl.constexpr, V_MODE: tl.constexpr):
+    """v1 at off: v itself (V_MODE 2, shared), the joint output's second half (half2,
+    V_MODE 1), or v1 (V_MODE 0). Pointers carry the int64 base, off is the tile's."""
     if V_MODE == 2:
         y = v
     elif V_MODE == 1:
-        y = load_tile(v0 + off2, mask, MASKED)
+        y = load_tile(half2 + off, mask, MASKED)
     else:
         y = load_tile(v1 + off, mask, MASKED)
     return y
 
 
 @kernel
-def direction_norms(vv, aa, norm_eps, norm_floor):
-    """(|v1|, its floor, n = max(|v1|, floor), n_a = max(|v_adr|, eps)) from the sums
-    vv = |v1|^2, aa = |v_adr|^2; floor = max(norm_floor |v_adr|, norm_eps)."""
-    raw = tl.sqrt(vv)
-    raw_a = tl.sqrt(aa)
+def direction_norms(raw, raw_a, norm_eps, norm_floor):
+    """(floor, n = max(|v1|, floor), n_a = max(|v_adr|, eps)) from raw = |v1| and
+    raw_a = |v_adr|; floor = max(norm_floor |v_adr|, norm_eps). (Callers take each norm
+    right after its sum: two reductions in flight cost sample_kernel 90 -> 174 registers
+    at sm_90 in compile_check's sit_gvp case.)"""
     flo = tl.maximum(norm_floor * raw_a, norm_eps)
-    return raw, flo, tl.maximum(raw, flo), tl.maximum(raw_a, norm_eps)
+    return flo, tl.maximum(raw, flo), tl.maximum(raw_a, norm_eps)
 
 
 @kernel
@@ -285,10 +285,10 @@ def store_g0(g0, off, G, mask, MASKED: tl.constexpr, V_MODE: tl.constexpr,
 
 @kernel
 def store_g1(
-    g0, g1, off, off2, G, G1, mask, MASKED: tl.constexpr, V_MODE: tl.constexpr,
+    g0, g1, half2, off, G, G1, mask, MASKED: tl.constexpr, V_MODE: tl.constexpr,
     HAS_V1: tl.constexpr, WRITE_G0: tl.constexpr, WRITE_G1: tl.constexpr,
 ):  # fmt: skip
-    """The ADR gradient G1: into g1 (V_MODE 0), the joint gradient's second half at off2
+    """The ADR gradient G1: into g1 (V_MODE 0), the joint gradient's second half (half2,
     (1), or G0 + G1 into g0 (2, shared v; G0 alone without an ADR term)."""
     if HAS_V1:
         if V_MODE == 2:
@@ -296,7 +296,7 @@ def store_g1(
                 store_tile(g0 + off, G + G1, mask, MASKED)
         elif WRITE_G1:
             if V_MODE == 1:
-                store_tile(g0 + off2, G1, mask, MASKED)
+                store_tile(half2 + off, G1, mask, MASKED)
             else:
                 store_tile(g1 + off, G1, mask, MASKED)
     elif V_MODE == 2:
@@ -341,17 +341,17 @@ def sample_kernel(
     da0, ds0, a1, s1, da1, ds1, rat = path_coefs(t0, t1, coef, rows, bmask, PATH)
     # targets first, so that x1, eps, x_hat die early: u0, v_adr, the raw map
     x, e, delta = state_terms(
-        x1, eps, x_hat, base + loc, mask, a1[:, None, None], s1[:, None, None], MASKED,
-        NEED_X, NEED_DELTA,
+        x1 + base, eps + base, x_hat + base, loc, mask, a1[:, None, None], s1[:, None, None],
+        MASKED, NEED_X, NEED_DELTA,
     )  # fmt: skip
-    u = target(u0, base + loc, mask, x, e, da0[:, None, None], ds0[:, None, None], MASKED, HAS_U0)
+    u = target(u0 + base, loc, mask, x, e, da0[:, None, None], ds0[:, None, None], MASKED, HAS_U0)
     if HAS_V1:
         va = adr_target(
-            va_in, base + loc, mask, x, e, delta, da1[:, None, None], ds1[:, None, None],
+            va_in + base, loc, mask, x, e, delta, da1[:, None, None], ds1[:, None, None],
             rat[:, None, None], MASKED, HAS_VA,
         )  # fmt: skip
     if HAS_FC:
-        md = map_source(fcd, base + loc, mask, delta, MASKED, HAS_FCD)
+        md = map_source(fcd + base, loc, mask, delta, MASKED, HAS_FCD)
         if MAP_MODE == 2:
             m = md
         elif MAP_MODE == 1:
@@ -388,14 +388,15 @@ def sample_kernel(
         gg0 = d0
     tl.store(part + rows, tile_sum(gg0 * d0), mask=bmask)
     G = (row_weight(fmw, rows, bmask, HAS_FMW) * (2.0 / (S * bf)))[:, None, None] * gg0
-    store_g0(g0, base + loc, G, mask, MASKED, V_MODE, WRITE_G0)
+    store_g0(g0 + base, loc, G, mask, MASKED, V_MODE, WRITE_G0)
     G1 = 0.0
     if HAS_V1:
-        y = second_output(v0, v1, v, base + loc, base2 + loc, mask, MASKED, V_MODE)
+        y = second_output(v1 + base, v0 + base2, v, loc, mask, MASKED, V_MODE)
         ad = row_weight(adrw, rows, bmask, HAS_ADRW)
         if DIRECTION:
-            raw, flo, n, na = direction_norms(tile_sum(y * y), tile_sum(va * va), norm_eps,
-                                              norm_floor)  # fmt: skip
+            raw = tl.sqrt(tile_sum(y * y))
+            raw_a = tl.sqrt(tile_sum(va * va))
+            flo, n, na = direction_norms(raw, raw_a, norm_eps, norm_floor)
             d = y / n[:, None, None] - va / na[:, None, None]
             asum = tile_sum(d * d)
             proj = tl.where(raw >= flo, tile_sum(d * y) / (n * n), 0.0)
@@ -405,7 +406,7 @@ def sample_kernel(
             asum = tile_sum(r * r)
             G1 = (c1 * ad * (2.0 / (S * bf)))[:, None, None] * r
         tl.store(part + B + rows, asum, mask=bmask)
-    store_g1(g0, g1, base + loc, base2 + loc, G, G1, mask, MASKED, V_MODE, HAS_V1, WRITE_G0,
+    store_g1(g0 + base, g1 + base, g0 + base2, loc, G, G1, mask, MASKED, V_MODE, HAS_V1, WRITE_G0,
              WRITE_G1)  # fmt: skip
 
 
@@ -432,6 +433,7 @@ def stats_kernel(
     svv = tl.zeros([BLOCK], dtype=tl.float32)
     saa = tl.zeros([BLOCK], dtype=tl.float32)
     sav = tl.zeros([BLOCK], dtype=tl.float32)
+    half = (B + tl.zeros([], tl.int64)) * C * FP  # the joint output's second half
     for c in range(C):
         off = (b * C + c) * FP + r
         x, e, delta = state_terms(x1, eps, x_hat, off, mask, a1, s1, True, NEED_DELTA,
@@ -446,7 +448,7 @@ def stats_kernel(
                 tl.store(map_raw + off, md, mask=mask)
         if NORMS:
             v = load_tile(v0 + off, mask, True) if V_MODE == 2 else 0.0  # shared: v1 is v0
-            y = second_output(v0, v1, v, off, ((b + B) * C + c) * FP + r, mask, True, V_MODE)
+            y = second_output(v1, v0 + half, v, off, mask, True, V_MODE)
             va = adr_target(va_in, off, mask, x, e, delta, da1, ds1, rat, True, HAS_VA)
             svv += y * y
             saa += va * va
@@ -521,7 +523,8 @@ def plane_kernel(
             vv = range_sum(part, b * NBLK, NBLK, BN)
             aa = range_sum(part, (B + b) * NBLK, NBLK, BN)
             av = range_sum(part, (2 * B + b) * NBLK, NBLK, BN)
-            raw, flo, n, na = direction_norms(vv, aa, norm_eps, norm_floor)
+            raw = tl.sqrt(vv)
+            flo, n, na = direction_norms(raw, tl.sqrt(aa), norm_eps, norm_floor)
             proj = tl.where(raw >= flo, (vv / n - av / na) / (n * n), 0.0)
             tl.store(norms + b * 3, n)
             tl.store(norms + b * 3 + 1, na)
@@ -570,6 +573,7 @@ def grad_kernel(
         else:
             k1 = c1 * ad * (2.0 / (S * bf))
     k0 = fm * (2.0 / (S * bf))
+    half = (B + tl.zeros([], tl.int64)) * S  # the joint output's second half
     fsum = tl.zeros([BLOCK], dtype=tl.float32)
     asum = tl.zeros([BLOCK], dtype=tl.float32)
     for c in range(C):
@@ -596,14 +600,13 @@ def grad_kernel(
         G = k0 * gg0
         store_g0(g0, off, G, mask, True, V_MODE, WRITE_G0)
         G1 = 0.0
-        off2 = ((b + B) * C + c) * FP + r
         if HAS_V1:
-            y = second_output(v0, v1, v, off, off2, mask, True, V_MODE)
+            y = second_output(v1, v0 + half, v, off, mask, True, V_MODE)
             va = adr_target(va_in, off, mask, x, e, delta, da1, ds1, rat, True, HAS_VA)
             dd = y / n - va / na if DIRECTION else y - va
             asum += dd * dd
             G1 = k1 * (dd - proj * y) if DIRECTION else k1 * dd
-        store_g1(g0, g1, off, off2, G, G1, mask, True, V_MODE, HAS_V1, WRITE_G0, WRITE_G1)
+        store_g1(g0, g1, g0 + half, off, G, G1, mask, True, V_MODE, HAS_V1, WRITE_G0, WRITE_G1)
     tl.store(part + pid, tl.sum(fsum, axis=0))
     tl.store(part + B * NBLK + pid, tl.sum(asum, axis=0))
 

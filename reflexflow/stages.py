@@ -348,7 +348,7 @@ def select_objective(
             )
         return kernels.fused_objective if kernels.supports(path, spec, inputs) else ref.objective
     if device == "cuda" and kernels.triton_available() and kernels.supports(path, spec, inputs):
-        return kernels.fused_objective_auto
+        return functools.partial(kernels.fused_objective, fail_soft=True)
     return ref.objective
 
 

@@ -14,6 +14,16 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from reflexflow.objective import ObjectiveSpec
+
+
+def make_spec(**knobs) -> ObjectiveSpec:
+    """ObjectiveSpec from flat knobs: its own fields, FC fields as fc_<field>
+    (fc_filter, fc_per_channel, ...) and lambda_fc."""
+    if "lambda_fc" in knobs:
+        knobs["fc_lambda_fc"] = knobs.pop("lambda_fc")
+    return ObjectiveSpec().replace(**knobs)
+
 
 @dataclass
 class Probe:
@@ -132,13 +142,16 @@ class AtenRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch._library.triton import set_wrap_triton_enabled
 
-        from reflexflow.kernels import objective_op as fo
+        from reflexflow.kernels import objective as fo
+
+        def forward_body(*flat, **named):
+            return tuple(fo._forward(fo.OpArgs.from_flat(flat, named)))
 
         bodies = {
-            torch.ops.reflexflow.fused_objective.default: fo._forward,
-            torch.ops.reflexflow.fused_objective_backward.default: fo._backward_impl,
+            torch.ops.reflexflow.fused_objective.default: forward_body,
+            torch.ops.reflexflow.fused_objective_backward.default: fo._scaled_copies,
         }
-        if func in bodies:
+        if func in bodies:  # the op's Python body, run under the recorder
             with self, set_wrap_triton_enabled(False):
                 return bodies[func](*args, **(kwargs or {}))
         if not self.probe.in_kernel:

@@ -9,6 +9,7 @@ backward. No test here is timed.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -19,11 +20,17 @@ pytest.importorskip("triton")
 from reflexflow import kernels  # noqa: E402
 from reflexflow import reference as ref  # noqa: E402
 from reflexflow.kernels import fused_objective, layout, triton_usable  # noqa: E402
-from reflexflow.kernels import objective_op as fo  # noqa: E402
+from reflexflow.kernels import objective as fo  # noqa: E402
+from reflexflow.objective import ObjectiveInputs  # noqa: E402
 from reflexflow.paths import get_path  # noqa: E402
-from tests.helpers_objective import legacy_objective  # noqa: E402  (temporary adapter)
 
-from .kernel_probes import AtenRecorder, host_transfers, launches, launching_ops  # noqa: E402
+from .kernel_probes import (  # noqa: E402
+    AtenRecorder,
+    host_transfers,
+    launches,
+    launching_ops,
+    make_spec,
+)
 
 pytestmark = pytest.mark.skipif(
     not triton_usable("cuda" if torch.cuda.is_available() else "cpu"),
@@ -35,7 +42,7 @@ CUDA_GRID_X = 2**31 - 1
 
 
 def _args(shape, path="linear", mode="joint", dtype=torch.float32, requires_grad=True, **knobs):
-    """Keyword arguments of fused_objective for random data on DEV."""
+    """(path, spec, inputs) of fused_objective for random data on DEV; knobs: make_spec's."""
     g = torch.Generator().manual_seed(0)
     b = shape[0]
     x1, eps, noise = (torch.randn(shape, generator=g) for _ in range(3))
@@ -55,15 +62,14 @@ def _args(shape, path="linear", mode="joint", dtype=torch.float32, requires_grad
             v0=torch.randn(shape, generator=g).to(DEV, dtype).requires_grad_(requires_grad),
             v1=torch.randn(shape, generator=g).to(DEV, dtype).requires_grad_(requires_grad),
         )
-    kw.update(knobs)
-    return get_path(path), kw
+    return get_path(path), make_spec(**knobs), ObjectiveInputs(**kw)
 
 
 COMMON = {
     "defar_default": dict(),
     "direction_gaussian_separate": dict(mode="separate"),
     "mse_box": dict(adr_loss="mse", fc_filter="box", fc_size=5),
-    "per_channel_gvp": dict(per_channel=True, path="gvp"),
+    "per_channel_gvp": dict(fc_per_channel=True, path="gvp"),
     "signed_squared_none": dict(fc_signed=True, fc_form="squared", fc_filter="none"),
     "biased_fm_input_shared_v": dict(mode="shared"),
     "weights_and_stable_targets": dict(weights=True, targets=True),
@@ -81,13 +87,15 @@ def _common(name, shape=(4, 4, 8, 8)):
         )
     if knobs.pop("targets", False):
         extra.update(u0=torch.randn(shape, device=DEV), v_adr=torch.randn(shape, device=DEV))
-    p, kw = _args(shape, **knobs)
-    kw.update(extra)
-    return p, kw
+    p, spec, inputs = _args(shape, **knobs)
+    for name, x in extra.items():
+        setattr(inputs, name, x)
+    return p, spec, inputs
 
 
-def _leaves(kw):
-    return [x for x in (kw.get("v_joint"), kw.get("v0"), kw.get("v1")) if x is not None]
+def _leaves(inputs):
+    vs = (inputs.v_joint, inputs.v0, inputs.v1 if inputs.v1 is not inputs.v0 else None)
+    return [x for x in vs if x is not None]
 
 
 # ------------------------------------------------------------------ launches and syncs
@@ -96,10 +104,10 @@ def _leaves(kw):
 @pytest.mark.parametrize("name", list(COMMON))
 def test_common_configurations_take_three_launches_forward_and_backward(name):
     """One program per sample: sample_kernel + finalize_kernel, then scale_kernel."""
-    p, kw = _common(name)
+    p, spec, inputs = _common(name)
     with launches() as probe:
-        out = fused_objective(p, **kw)
-        out["loss"].backward()
+        out = fused_objective(p, spec, inputs)
+        out.loss.backward()
     names = [n for n, _ in probe.launches]
     assert names == ["sample_kernel", "finalize_kernel", "scale_kernel"], names
 
@@ -109,11 +117,11 @@ def test_common_configurations_make_no_host_transfer_and_no_torch_op(name):
     """Forward + backward (loss.backward() and a GradScaler-like scaled backward):
     no .item()/.tolist()/.cpu()/bool(tensor)/torch.tensor(...) and no aten op that
     launches anything (only allocations and views) outside the Triton kernels."""
-    p, kw = _common(name)
+    p, spec, inputs = _common(name)
     grad = torch.full((), 3.0, device=DEV)
     with launches() as probe, host_transfers(probe), AtenRecorder(probe):
-        out = fused_objective(p, **kw)
-        torch.autograd.backward(out["loss"], grad)
+        out = fused_objective(p, spec, inputs)
+        torch.autograd.backward(out.loss, grad)
     assert probe.transfers == []
     assert launching_ops(probe) == [], probe.aten
     assert len(probe.launches) == 3
@@ -122,9 +130,9 @@ def test_common_configurations_make_no_host_transfer_and_no_torch_op(name):
 def test_large_samples_take_five_launches(monkeypatch):
     """stats, plane, grad, finalize forward; scale backward (samples past the tile)."""
     monkeypatch.setattr(layout, "SMALL_TILE_MAX", 0)
-    p, kw = _args((2, 4, 8, 8))
+    p, spec, inputs = _args((2, 4, 8, 8))
     with launches() as probe, host_transfers(probe):
-        fused_objective(p, **kw)["loss"].backward()
+        fused_objective(p, spec, inputs).loss.backward()
     names = [n for n, _ in probe.launches]
     assert names == [
         "stats_kernel",
@@ -138,46 +146,46 @@ def test_large_samples_take_five_launches(monkeypatch):
 
 def test_backward_of_a_plain_loss_moves_no_gradient_bytes():
     """dL/dloss = 1: scale_kernel skips every block; the gradient is the stored one."""
-    p, kw = _args((3, 2, 6, 6))
-    out = fused_objective(p, **kw)
+    p, spec, inputs = _args((3, 2, 6, 6))
+    out = fused_objective(p, spec, inputs)
     stored = {}
 
     original = fo._scale
 
-    def spy(src0, *args, **kwargs):
-        stored["before"] = src0.clone()
-        original(src0, *args, **kwargs)
-        stored["after"], stored["ptr"] = src0.clone(), src0.data_ptr()  # no reference kept
+    def spy(src, *args, **kwargs):
+        stored["before"] = src[0].clone()
+        original(src, *args, **kwargs)
+        stored["after"], stored["ptr"] = src[0].clone(), src[0].data_ptr()  # no reference kept
 
     fo._scale = spy
     try:
-        out["loss"].backward()
+        out.loss.backward()
     finally:
         fo._scale = original
     assert torch.equal(stored["before"], stored["after"])
-    assert kw["v_joint"].grad.data_ptr() == stored["ptr"]  # the leaf took it: no copy either
+    assert inputs.v_joint.grad.data_ptr() == stored["ptr"]  # the leaf took it: no copy either
 
 
 def test_taps_need_no_host_to_device_copy():
     """Gaussian taps are computed in the kernel from constexpr sigma: no tensor of taps."""
-    p, kw = _args((2, 2, 9, 9), fc_sigma=1.7)
+    p, spec, inputs = _args((2, 2, 9, 9), fc_sigma=1.7)
     with launches() as probe, host_transfers(probe), AtenRecorder(probe):
-        fused_objective(p, **kw)
+        fused_objective(p, spec, inputs)
     assert probe.transfers == [] and launching_ops(probe) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="sync debug mode needs CUDA")
 @pytest.mark.parametrize("name", ["defar_default", "mse_box", "signed_squared_none"])
 def test_no_host_sync_under_cuda_sync_debug_mode(name):
-    p, kw = _common(name)
-    fused_objective(p, **kw)["loss"].backward()  # compile the kernels first
-    for x in _leaves(kw):
+    p, spec, inputs = _common(name)
+    fused_objective(p, spec, inputs).loss.backward()  # compile the kernels first
+    for x in _leaves(inputs):
         x.grad = None
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = fused_objective(p, **kw)
-        out["loss"].backward()
+        out = fused_objective(p, spec, inputs)
+        out.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
@@ -186,10 +194,10 @@ def test_no_host_sync_under_cuda_sync_debug_mode(name):
 # ------------------------------------------------------------------------- grid limits
 
 
-def _grids(p, kw):
+def _grids(p, spec, inputs):
     with launches(execute=False) as probe:
-        out = fused_objective(p, **kw)
-        out["loss"].backward()
+        out = fused_objective(p, spec, inputs)
+        out.loss.backward()
     return probe.launches
 
 
@@ -205,18 +213,18 @@ def test_launch_grids_fit_cuda_for_70000_vectors(monkeypatch, large):
     """B = 70000 > 65535 samples: the batch never goes on grid axis 1 or 2."""
     if large:
         monkeypatch.setattr(layout, "SMALL_TILE_MAX", 0)
-    p, kw = _args((70000, 8), mode="separate")
-    _assert_grids_fit_cuda(_grids(p, kw))
+    p, spec, inputs = _args((70000, 8), mode="separate")
+    _assert_grids_fit_cuda(_grids(p, spec, inputs))
 
 
 @pytest.mark.parametrize("large", [False, True])
-@pytest.mark.parametrize("knobs", [dict(per_channel=True), dict(fc_signed=True)])
+@pytest.mark.parametrize("knobs", [dict(fc_per_channel=True), dict(fc_signed=True)])
 def test_launch_grids_fit_cuda_for_video_with_many_planes(monkeypatch, large, knobs):
     """B C T = 1100 * 4 * 16 = 70400 > 65535 filter planes."""
     if large:
         monkeypatch.setattr(layout, "SMALL_TILE_MAX", 0)
-    p, kw = _args((1100, 4, 16, 2, 2), **knobs)
-    grids = _grids(p, kw)
+    p, spec, inputs = _args((1100, 4, 16, 2, 2), **knobs)
+    grids = _grids(p, spec, inputs)
     _assert_grids_fit_cuda(grids)
     if large:
         planes = dict(grids)["plane_kernel"][0]
@@ -250,33 +258,33 @@ def _break_kernel(monkeypatch, kernel, err):
 )
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_out_of_memory_propagates_and_never_switches_to_the_reference(monkeypatch, err, where):
-    monkeypatch.setattr(kernels, "_FAILED", [])
-    p, kw = _args((2, 2, 5, 5))
+    monkeypatch.setattr(fo, "_FAILED", [])
+    p, spec, inputs = _args((2, 2, 5, 5))
     if where == "forward":
         _break_kernel(monkeypatch, fo.sample_kernel, err)
         with pytest.raises(type(err)):
-            kernels.fused_objective_auto(p, **kw)
+            fused_objective(p, spec, inputs, fail_soft=True)
     else:
-        out = kernels.fused_objective_auto(p, **kw)
+        out = fused_objective(p, spec, inputs, fail_soft=True)
         _break_kernel(monkeypatch, fo.scale_kernel, err)
         with pytest.raises(type(err)):
-            out["loss"].backward()
-    assert kernels._FAILED == []
+            out.loss.backward()
+    assert fo._FAILED == []
 
 
 def test_a_failing_forward_kernel_switches_auto_to_the_reference_once(monkeypatch):
-    monkeypatch.setattr(kernels, "_FAILED", [])
+    monkeypatch.setattr(fo, "_FAILED", [])
     _break_kernel(monkeypatch, fo.sample_kernel, RuntimeError("no kernel image for this device"))
-    p, kw = _args((3, 2, 5, 4))
+    p, spec, inputs = _args((3, 2, 5, 4))
     with pytest.warns(RuntimeWarning, match="Triton loss kernels failed"):
-        got = kernels.fused_objective_auto(p, **kw)
-    want = legacy_objective(p, **kw)
-    torch.testing.assert_close(got["loss"], want["loss"])
+        got = fused_objective(p, spec, inputs, fail_soft=True)
+    want = ref.objective(p, spec, inputs)
+    torch.testing.assert_close(got.loss, want.loss)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with launches() as probe:
-            kernels.fused_objective_auto(p, **kw)  # no second warning, no kernel tried
-    assert probe.launches == [] and len(kernels._FAILED) == 1
+            fused_objective(p, spec, inputs, fail_soft=True)  # no second warning, no kernel tried
+    assert probe.launches == [] and len(fo._FAILED) == 1
 
 
 @pytest.mark.parametrize("mode", ["joint", "separate", "shared"])
@@ -284,49 +292,50 @@ def test_a_failing_backward_kernel_falls_back_to_reference_gradients(monkeypatch
     """Mid-backward: the forward ran the kernels; the backward kernel fails to launch.
     backend="auto": one warning, the reference's gradients from the saved inputs, and
     the reference for every later call."""
-    monkeypatch.setattr(kernels, "_FAILED", [])
-    p, kw = _args((3, 2, 5, 4), mode=mode)
-    got = kernels.fused_objective_auto(p, **kw)
+    monkeypatch.setattr(fo, "_FAILED", [])
+    p, spec, inputs = _args((3, 2, 5, 4), mode=mode)
+    got = fused_objective(p, spec, inputs, fail_soft=True)
     _break_kernel(monkeypatch, fo.scale_kernel, RuntimeError("ptxas fatal: scale_kernel"))
     with pytest.warns(RuntimeWarning, match="Triton loss kernels failed"):
-        (2.0 * got["loss"] + got["adr_loss"]).backward()
-    got_grads = [x.grad.clone() for x in _leaves(kw)]
-    for x in _leaves(kw):
+        (2.0 * got.loss + got.adr_loss).backward()
+    got_grads = [x.grad.clone() for x in _leaves(inputs)]
+    for x in _leaves(inputs):
         x.grad = None
-    want = legacy_objective(p, **kw)
-    (2.0 * want["loss"] + want["adr_loss"]).backward()
-    for a, b in zip(got_grads, [x.grad for x in _leaves(kw)], strict=True):
+    want = ref.objective(p, spec, inputs)
+    (2.0 * want.loss + want.adr_loss).backward()
+    for a, b in zip(got_grads, [x.grad for x in _leaves(inputs)], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    assert len(kernels._FAILED) == 1
+    assert len(fo._FAILED) == 1
     with launches() as probe:
-        kernels.fused_objective_auto(p, **kw)
+        fused_objective(p, spec, inputs, fail_soft=True)
     assert probe.launches == []
 
 
 def test_backend_triton_shows_a_failing_backward_kernel(monkeypatch):
-    monkeypatch.setattr(kernels, "_FAILED", [])
-    p, kw = _args((3, 2, 5, 4))
-    out = fused_objective(p, **kw)
+    monkeypatch.setattr(fo, "_FAILED", [])
+    p, spec, inputs = _args((3, 2, 5, 4))
+    out = fused_objective(p, spec, inputs)
     _break_kernel(monkeypatch, fo.scale_kernel, RuntimeError("ptxas fatal: scale_kernel"))
     with pytest.raises(RuntimeError, match="ptxas"):
-        out["loss"].backward()
-    assert kernels._FAILED == []
+        out.loss.backward()
+    assert fo._FAILED == []
 
 
 def test_argument_errors_are_not_hidden_by_auto(monkeypatch):
-    monkeypatch.setattr(kernels, "_FAILED", [])
-    p, kw = _args((3, 2, 5, 4))
-    with pytest.raises(ValueError, match="fc_form"):
-        kernels.fused_objective_auto(p, **kw, fc_form="cubed")
-    assert kernels._FAILED == []
+    monkeypatch.setattr(fo, "_FAILED", [])
+    p, spec, inputs = _args((3, 2, 5, 4))
+    inputs.fm_weight = torch.ones(5, device=DEV)
+    with pytest.raises(ValueError, match="fm_weight"):
+        fused_objective(p, spec, inputs, fail_soft=True)
+    assert fo._FAILED == []
 
 
 def test_double_backward_takes_the_reference_gradients():
     """create_graph=True: the gradients come from the reference and are differentiable."""
-    p, kw = _args((2, 2, 4, 4), mode="separate")
-    v0, v1 = kw["v0"], kw["v1"]
-    got = torch.autograd.grad(fused_objective(p, **kw)["loss"], [v0, v1], create_graph=True)
-    want = torch.autograd.grad(legacy_objective(p, **kw)["loss"], [v0, v1], create_graph=True)
+    p, spec, inputs = _args((2, 2, 4, 4), mode="separate")
+    v0, v1 = inputs.v0, inputs.v1
+    got = torch.autograd.grad(fused_objective(p, spec, inputs).loss, [v0, v1], create_graph=True)
+    want = torch.autograd.grad(ref.objective(p, spec, inputs).loss, [v0, v1], create_graph=True)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     gg_got = torch.autograd.grad(sum(g.square().sum() for g in got), [v0, v1])
@@ -339,29 +348,34 @@ def test_double_backward_takes_the_reference_gradients():
 
 
 def test_supports_routes_what_the_kernels_compute():
-    p, kw = _args((3, 2, 5, 4))
-    assert kernels.supports(**kw)
-    assert kernels.supports(**dict(kw, fc_filter="fft", fc_signed=True, fc_form="squared"))
-    assert kernels.supports(**dict(kw, u0=kw["x1"], v_adr=kw["x1"], fm_weight=kw["t0"]))
-    assert not kernels.supports(
-        **{
-            n: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x)
-            for n, x in kw.items()
-        }
-    )
-    assert not kernels.supports(**dict(kw, x1=kw["x1"].clone().requires_grad_()))
-    assert not kernels.supports(**dict(kw, u0=kw["x1"].clone().requires_grad_()))
+    p, spec, inputs = _args((3, 2, 5, 4))
+
+    def with_(**changes):
+        return dataclasses.replace(inputs, **changes)
+
+    x1 = inputs.x1
+    assert kernels.supports(p, spec, inputs)
+    fft = spec.replace(fc_filter="fft", fc_signed=True, fc_form="squared")
+    assert kernels.supports(p, fft, inputs)
+    assert kernels.supports(p, spec, with_(u0=x1, v_adr=x1, fm_weight=inputs.t0))
+    doubles = {
+        f.name: getattr(inputs, f.name).double()
+        for f in dataclasses.fields(inputs)
+        if isinstance(getattr(inputs, f.name), torch.Tensor)
+        and getattr(inputs, f.name).is_floating_point()
+    }
+    assert not kernels.supports(p, spec, with_(**doubles))
+    assert not kernels.supports(p, spec, with_(x1=x1.clone().requires_grad_()))
+    assert not kernels.supports(p, spec, with_(u0=x1.clone().requires_grad_()))
     with torch.no_grad():
-        assert kernels.supports(**dict(kw, u0=kw["x1"].clone().requires_grad_()))
-    assert not kernels.supports(**dict(kw, adr_loss="cosine"))
-    assert not kernels.supports(**dict(kw, fc_filter="box", fc_size=4))
-    assert not kernels.supports(**dict(kw, x1=kw["x1"][:0]))
+        assert kernels.supports(p, spec, with_(u0=x1.clone().requires_grad_()))
+    assert not kernels.supports(p, spec, with_(x1=x1[:0]))
 
 
 def test_supports_is_false_where_triton_cannot_run(monkeypatch):
-    p, kw = _args((3, 2, 5, 4))
+    p, spec, inputs = _args((3, 2, 5, 4))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert kernels.supports(**kw) == (DEV == "cuda")
+    assert kernels.supports(p, spec, inputs) == (DEV == "cuda")
 
 
 def test_every_call_supports_accepts_matches_the_reference():
@@ -370,14 +384,14 @@ def test_every_call_supports_accepts_matches_the_reference():
         dict(),
         dict(fc_filter="fft", fc_signed=True),
         dict(mode="shared", adr_loss="mse", fc_form="squared"),
-        dict(per_channel=True, fc_filter="none", lambda_adr=0.0),
+        dict(fc_per_channel=True, fc_filter="none", lambda_adr=0.0),
     ]
     for knobs in cases:
-        p, kw = _args((3, 2, 5, 4), **knobs)
-        assert kernels.supports(**kw)
-        got, want = fused_objective(p, **kw), legacy_objective(p, **kw)
+        p, spec, inputs = _args((3, 2, 5, 4), **knobs)
+        assert kernels.supports(p, spec, inputs)
+        got, want = fused_objective(p, spec, inputs), ref.objective(p, spec, inputs)
         for key in ("loss", "fc_loss", "adr_loss", "per_sample"):
-            torch.testing.assert_close(got[key], want[key], rtol=2e-5, atol=1e-6)
+            torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=2e-5, atol=1e-6)
 
 
 # -------------------------------------------------------------------- torch.compile
@@ -403,21 +417,20 @@ def test_compiled_step_with_dynamic_batch_runs_the_triton_kernels_and_matches_ea
     torch._dynamo.reset()
     torch.manual_seed(0)
     net = torch.nn.Conv2d(3, 3, 3, padding=1).to(DEV)
-    p = get_path("linear")
+    p, spec = get_path("linear"), make_spec()
 
     def step(x1, eps, x_hat, t0, t1, k):
         v = net(torch.cat([ref.interpolate(p, x1, eps, t0), x_hat]))
-        out = fused_objective(
-            p, v0=None, v1=None, v_joint=v, x1=x1, eps=eps, x_hat=x_hat, t0=t0, t1=t1, k=k
-        )
-        return out["loss"] + 0.1 * out["per_sample"].sum()
+        inputs = ObjectiveInputs(v_joint=v, x1=x1, eps=eps, x_hat=x_hat, t0=t0, t1=t1, k=k)
+        out = fused_objective(p, spec, inputs)
+        return out.loss + 0.1 * out.per_sample.sum()
 
     graphs: list[str] = []
     compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=_capture_backend(graphs))
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for b in (4, 7):  # no batch equal to another size: duck sizing would tie them
-        _, kw = _args((b, 3, 6, 5), mode="separate", requires_grad=False)
-        data = [kw[n] for n in ("x1", "eps", "x_hat", "t0", "t1", "k")]
+        _, _, inputs = _args((b, 3, 6, 5), mode="separate", requires_grad=False)
+        data = [getattr(inputs, n) for n in ("x1", "eps", "x_hat", "t0", "t1", "k")]
         net.zero_grad()
         loss_c = compiled(*data)
         loss_c.backward()
@@ -436,22 +449,21 @@ def test_compiled_step_with_dynamic_batch_runs_the_triton_kernels_and_matches_ea
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's Triton path needs CUDA")
 def test_inductor_compiles_the_objective_with_dynamic_batch():
     torch._dynamo.reset()
-    p = get_path("linear")
 
-    def f(**kw):
-        return fused_objective(p, **kw)["loss"]
+    def f(p, spec, inputs):
+        return fused_objective(p, spec, inputs).loss
 
     compiled = torch.compile(f, fullgraph=True, dynamic=True)
     for b in (5, 7):
-        _, kw = _args((b, 4, 8, 8))
-        got = compiled(**kw)
+        p, spec, inputs = _args((b, 4, 8, 8))
+        got = compiled(p, spec, inputs)
         got.backward()
-        g = kw["v_joint"].grad.clone()
-        kw["v_joint"].grad = None
-        want = f(**kw)
+        g = inputs.v_joint.grad.clone()
+        inputs.v_joint.grad = None
+        want = f(p, spec, inputs)
         want.backward()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(g, kw["v_joint"].grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g, inputs.v_joint.grad, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------ sm_90 compilation

@@ -10,7 +10,6 @@ from reflexflow import reference as ref
 from reflexflow.kernels import triton_usable
 from reflexflow.objective import ObjectiveInputs, ObjectiveSpec
 from reflexflow.stages import select_objective
-from tests.helpers_objective import legacy_objective  # temporary adapter
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(
@@ -83,8 +82,8 @@ def test_triton_backend_gives_reference_loss_and_gradients(knobs, monkeypatch):
 
 
 def _route(backend: str):
-    x, t = torch.zeros(2, 3), torch.zeros(2)
-    inputs = ObjectiveInputs(x1=x, eps=x, x_hat=x, t0=t, t1=t, k=t.long(), v0=x)
+    z = torch.zeros(2, 3)
+    inputs = ObjectiveInputs(x1=z, eps=z, x_hat=z, t0=z[:, 0], t1=z[:, 0], k=z[:, 0].long(), v0=z)
     return select_objective(backend, rf.get_path("linear"), ObjectiveSpec(), inputs)
 
 
@@ -122,18 +121,18 @@ def test_reflexflow_loss_step_breaks_no_graph_in_the_kernels():
 
 @needs_triton
 def test_auto_falls_back_to_reference_once_the_triton_path_fails(monkeypatch):
-    from reflexflow import kernels
-    from reflexflow.kernels import objective_op
+    from reflexflow.kernels import fused_objective
+    from reflexflow.kernels import objective as fo
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image for this device")
 
-    monkeypatch.setattr(objective_op.sample_kernel, "run", broken)
-    monkeypatch.setattr(kernels, "_FAILED", [])
-    p = rf.get_path("linear")
+    monkeypatch.setattr(fo.sample_kernel, "run", broken)
+    monkeypatch.setattr(fo, "_FAILED", [])
+    p, spec = rf.get_path("linear"), ObjectiveSpec()
     x = torch.randn(3, 2, 5, 4, device=DEV)
     t = torch.full((3,), 0.3, device=DEV)
-    kw = dict(
+    inputs = ObjectiveInputs(
         v0=x,
         v1=x + 1,
         x1=x,
@@ -144,28 +143,30 @@ def test_auto_falls_back_to_reference_once_the_triton_path_fails(monkeypatch):
         k=torch.ones(3, dtype=torch.long, device=DEV),
     )
     with pytest.warns(RuntimeWarning, match="Triton loss kernels failed"):
-        got = kernels.fused_objective_auto(p, **kw)
-    torch.testing.assert_close(got["loss"], legacy_objective(p, **kw)["loss"])
-    kernels.fused_objective_auto(p, **kw)  # no second warning, no second attempt
-    assert len(kernels._FAILED) == 1
+        got = fused_objective(p, spec, inputs, fail_soft=True)
+    torch.testing.assert_close(got.loss, ref.objective(p, spec, inputs).loss)
+    fused_objective(p, spec, inputs, fail_soft=True)  # no second warning, no second attempt
+    assert len(fo._FAILED) == 1
 
 
+@needs_triton
 def test_auto_does_not_hide_argument_errors(monkeypatch):
-    from reflexflow import kernels
+    from reflexflow.kernels import fused_objective
+    from reflexflow.kernels import objective as fo
 
-    monkeypatch.setattr(kernels, "_FAILED", [])
+    monkeypatch.setattr(fo, "_FAILED", [])
     x = torch.randn(2, 3)
     t = torch.full((2,), 0.3)
+    inputs = ObjectiveInputs(
+        v0=x,
+        v1=x,
+        x1=x.clone().requires_grad_(),
+        eps=x,
+        x_hat=x,
+        t0=t,
+        t1=t,
+        k=torch.ones(2, dtype=torch.long),
+    )
     with pytest.raises(ValueError, match="x1"):
-        kernels.fused_objective_auto(
-            rf.get_path("linear"),
-            v0=x,
-            v1=x,
-            x1=x.clone().requires_grad_(),
-            eps=x,
-            x_hat=x,
-            t0=t,
-            t1=t,
-            k=torch.ones(2, dtype=torch.long),
-        )
-    assert kernels._FAILED == []
+        fused_objective(rf.get_path("linear"), ObjectiveSpec(), inputs, fail_soft=True)
+    assert fo._FAILED == []

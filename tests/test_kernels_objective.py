@@ -5,11 +5,13 @@ on CUDA every test here runs (none skips for want of a GPU). Reference: float64 
 same (already rounded) inputs. Tolerances, as max |error| over max |reference|: w 1e-5;
 losses and per_sample (in the inputs' promoted dtype, computed in fp32) fp32 1e-5, fp16
 1e-3, bf16 4e-3; gradients (in v's dtype) fp32 1e-5, fp16 4e-3, bf16 3e-2. Kernel buffers
-start as NaN (objective_op.POISON) so an element a kernel fails to write shows up.
+start as NaN (kernels.objective.POISON) so an element a kernel fails to write shows up.
+The reference is reflexflow.reference.objective (the same typed signature).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -21,9 +23,11 @@ pytest.importorskip("triton")
 
 from reflexflow import reference as ref  # noqa: E402
 from reflexflow.kernels import fused_objective, layout, triton_usable  # noqa: E402
-from reflexflow.kernels import objective_op as fo  # noqa: E402
+from reflexflow.kernels import objective as fo  # noqa: E402
+from reflexflow.objective import ObjectiveInputs, ObjectiveSpec  # noqa: E402
 from reflexflow.paths import get_path  # noqa: E402
-from tests.helpers_objective import legacy_objective  # noqa: E402  (temporary adapter)
+
+from .kernel_probes import make_spec  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not triton_usable("cuda" if torch.cuda.is_available() else "cpu"),
@@ -75,67 +79,77 @@ def _strided(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def compare(
-    shape,
-    dtype=torch.float32,
-    seed=0,
-    path="linear",
-    mode="separate",
-    grads=None,
-    inactive=(0,),
-    noncontig=False,
-    state=None,
-    weights=False,
-    targets=False,
-    fc_delta=False,
-    has_v1=True,
-    zero_v1_rows=(),
-    small_v1_rows=(),
-    t1_one_rows=(),
-    grad_tol=None,
-    backward_twice=False,
-    fc_active=None,
-    **knobs,
-):
+@dataclasses.dataclass
+class Case:
+    """compare's options beyond the spec: the data, the form of v, the gradients checked."""
+
+    seed: int = 0
+    path: str = "linear"
+    mode: str = "separate"  # "joint" (v_joint), "shared" (v1 is v0) or "separate"
+    grads: dict | None = None  # {output: c}: the gradients of sum_k c_k output_k
+    inactive: tuple = (0,)  # rows with k = 0
+    noncontig: bool = False
+    state: torch.dtype | None = None  # dtype of x1, eps, x^ (default: dtype)
+    weights: bool = False
+    targets: bool = False
+    fc_delta: bool = False
+    has_v1: bool = True
+    zero_v1_rows: tuple = ()
+    small_v1_rows: tuple = ()
+    t1_one_rows: tuple = ()
+    grad_tol: float | None = None
+    backward_twice: bool = False
+    fc_active: torch.Tensor | None = None
+
+
+_CASE_FIELDS = {f.name for f in dataclasses.fields(Case)}
+
+
+def compare(shape, dtype=torch.float32, **options):
     """Run reference (float64, CPU) and fused (dtype, on DEV) objectives on the same
     inputs; compare every output, then the gradients of sum_k c_k * output_k (grads:
-    {output: c}, c a float or a (B,) weight for per_sample). Returns the fused outputs."""
-    p = get_path(path)
-    state = state or dtype
-    v0, v1, x1, eps, x_hat, t0, t1, k = _inputs(shape, dtype, seed, p, inactive, state, t1_one_rows)
+    {output: c}, c a float or a (B,) weight for per_sample). options: Case's fields,
+    the rest are make_spec's knobs. Returns the fused terms."""
+    case = Case(**{k: v for k, v in options.items() if k in _CASE_FIELDS})
+    spec = make_spec(**{k: v for k, v in options.items() if k not in _CASE_FIELDS})
+    p = get_path(case.path)
+    state = case.state or dtype
+    v0, v1, x1, eps, x_hat, t0, t1, k = _inputs(
+        shape, dtype, case.seed, p, case.inactive, state, case.t1_one_rows
+    )
     b = shape[0]
-    g = torch.Generator().manual_seed(seed + 100)
-    if zero_v1_rows:
-        v1[list(zero_v1_rows)] = 0
-    if small_v1_rows:  # |v1| below norm_floor |v_adr| but far above norm_eps
-        v1[list(small_v1_rows)] *= 1e-4
+    g = torch.Generator().manual_seed(case.seed + 100)
+    if case.zero_v1_rows:
+        v1[list(case.zero_v1_rows)] = 0
+    if case.small_v1_rows:  # |v1| below norm_floor |v_adr| but far above norm_eps
+        v1[list(case.small_v1_rows)] *= 1e-4
     samples = dict(x1=x1, eps=eps, x_hat=x_hat)
     rows = dict(t0=t0, t1=t1)
-    if weights:
+    if case.weights:
         rows["fm_weight"] = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
         rows["adr_weight"] = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
-    if targets:
+    if case.targets:
         samples["u0"] = torch.randn(shape, generator=g, dtype=torch.float64)
         samples["v_adr"] = torch.randn(shape, generator=g, dtype=torch.float64)
-    if fc_delta:
+    if case.fc_delta:
         samples["fc_delta"] = 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
     samples = {n: x.to(state).double() for n, x in samples.items()}  # rounded once
     rows = {n: x.float().double() for n, x in rows.items()}
-    if t1_one_rows:  # x^ = x_t1 as the reference computes it: its delta is exactly 0
-        idx = list(t1_one_rows)
+    if case.t1_one_rows:  # x^ = x_t1 as the reference computes it: its delta is exactly 0
+        idx = list(case.t1_one_rows)
         x_t1 = ref.interpolate(p, samples["x1"], samples["eps"], rows["t1"])
         samples["x_hat"][idx] = x_t1[idx]
-    grads = grads or {"loss": 1.0}
+    grads = case.grads or {"loss": 1.0}
 
     def inputs(device, cast_v, cast_state, cast_rows, strided):
-        if mode == "joint":
+        if case.mode == "joint":
             vj = _leaf(cast_v(torch.cat([v0, v1])).to(device))
             vs, leaves = dict(v_joint=vj, v0=None, v1=None), [vj]
         else:
             a = _leaf(strided(cast_v(v0).to(device)))
-            if mode == "shared":
+            if case.mode == "shared":
                 vs, leaves = dict(v0=a, v1=a), [a]
-            elif not has_v1:
+            elif not case.has_v1:
                 vs, leaves = dict(v0=a, v1=None), [a]
             else:
                 c = _leaf(strided(cast_v(v1).to(device)))
@@ -143,46 +157,44 @@ def compare(
         kw = {n: strided(cast_state(x).to(device)) for n, x in samples.items()}
         kw.update({n: cast_rows(x).to(device) for n, x in rows.items()})
         kw["k"] = k.to(device)
-        if fc_active is not None:
-            kw["fc_active"] = fc_active.to(device)
-        return dict(vs, **kw, **knobs), leaves
+        if case.fc_active is not None:
+            kw["fc_active"] = case.fc_active.to(device)
+        return ObjectiveInputs(**vs, **kw), leaves
 
-    want_kw, lead = inputs("cpu", _double, _double, _double, lambda x: x)
-    got_kw, dev_leaves = inputs(
+    want_in, lead = inputs("cpu", _double, _double, _double, lambda x: x)
+    got_in, dev_leaves = inputs(
         DEV,
         lambda x: x.to(dtype),
         lambda x: x.to(state),
         lambda x: x.float(),
-        _strided if noncontig else (lambda x: x),
+        _strided if case.noncontig else (lambda x: x),
     )
-    want = legacy_objective(p, **want_kw)
-    got = fused_objective(p, **got_kw)
+    want = ref.objective(p, spec, want_in)
+    got = fused_objective(p, spec, got_in)
 
-    for key in OUTPUTS:
-        if want[key] is None:
-            assert got[key] is None, key
+    for key in (*OUTPUTS, "w"):
+        a, b = getattr(got, key), getattr(want, key)
+        if b is None:
+            assert a is None, key
         else:
-            assert _err(got[key], want[key]) < OUT_TOL[got[key].dtype], key
-    if want["w"] is None:
-        assert got["w"] is None
-    else:
-        assert _err(got["w"], want["w"]) < OUT_TOL[got["w"].dtype]
+            assert _err(a, b) < OUT_TOL[a.dtype], key
 
     def total(out, device):
         acc = 0
         for key, c in grads.items():
-            if out[key] is None:
+            term = getattr(out, key)
+            if term is None:
                 continue
-            c = c.to(device, out[key].dtype) if isinstance(c, torch.Tensor) else c
-            acc = acc + (c * out[key]).sum()
+            c = c.to(device, term.dtype) if isinstance(c, torch.Tensor) else c
+            acc = acc + (c * term).sum()
         return acc
 
-    rounds = 2 if backward_twice else 1
+    rounds = 2 if case.backward_twice else 1
     for r in range(rounds):
         keep = r + 1 < rounds
         total(want, "cpu").backward(retain_graph=keep)
         total(got, DEV).backward(retain_graph=keep)
-        tol = grad_tol or GRAD_TOL[dtype]
+        tol = case.grad_tol or GRAD_TOL[dtype]
         for a, c in zip(dev_leaves, lead, strict=True):
             if c.grad is None:
                 assert a.grad is None or not a.grad.any()
@@ -220,7 +232,7 @@ def test_images_match_reference_for_every_dtype_filter_and_adr_loss(dtype, adr_l
         fc_filter=fc_filter,
         fc_sigma=1.3,
         fc_size=3,
-        per_channel=i % 2 == 1,
+        fc_per_channel=i % 2 == 1,
         mode=("separate", "joint")[i % 2],
     )
 
@@ -230,7 +242,7 @@ def test_images_match_reference_for_every_dtype_filter_and_adr_loss(dtype, adr_l
 )
 @pytest.mark.parametrize("adr_loss", ["direction", "mse"])
 def test_vectors_signals_and_video_match_reference(shape, adr_loss):
-    compare(shape, adr_loss=adr_loss, per_channel=adr_loss == "mse", path="gvp", mode="joint")
+    compare(shape, adr_loss=adr_loss, fc_per_channel=adr_loss == "mse", path="gvp", mode="joint")
     compare(shape, adr_loss=adr_loss, fc_signed=True, fc_form="squared", path="vp", seed=1)
 
 
@@ -240,7 +252,7 @@ def test_joint_output_and_shared_v_match_reference(mode, adr_loss):
     """v_joint: one (2B, ...) output and its gradient in that layout; shared: v0 = v1 is
     one tensor (fm_input="biased"), one gradient G0 + G1."""
     got = compare((3, 2, 6, 5), mode=mode, adr_loss=adr_loss, weights=True)
-    assert got["adr_loss"] is not None
+    assert got.adr_loss is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -261,7 +273,7 @@ def test_signed_and_squared_fc_match_reference(fc_filter, fc_form):
         fc_sigma=0.8,
         lambda_fc=2.0,
     )
-    compare((3, 3, 7, 6), fc_form=fc_form, fc_filter=fc_filter, per_channel=True, seed=3)
+    compare((3, 3, 7, 6), fc_form=fc_form, fc_filter=fc_filter, fc_per_channel=True, seed=3)
 
 
 @pytest.mark.parametrize("path", ["linear", "gvp"])
@@ -271,7 +283,7 @@ def test_rows_not_rolled_out_with_t1_one_match_reference(mode, path):
     GVP: the kernels' s(t1) is exactly 0 at t1 = 1 (fp32 cos(pi / 2) is not)."""
     got = compare((4, 2, 6, 5), t1_one_rows=(0, 2), inactive=(), mode=mode, path=path)
     got = compare((4, 2, 6, 5), t1_one_rows=(1,), adr_loss="mse", mode=mode, seed=4, path=path)
-    assert torch.isfinite(got["per_sample"]).all()
+    assert torch.isfinite(got.per_sample).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -295,7 +307,7 @@ def test_half_model_outputs_with_fp32_state_round_only_once(dtype, adr_loss):
         dict(lambda_fc=0.0, adr_loss="mse"),
         dict(lambda_adr=0.0),
         dict(lambda_adr=0.0, mode="joint", grads={"loss": 1.0, "adr_loss": 0.7}),
-        dict(has_v1=False, per_channel=True),
+        dict(has_v1=False, fc_per_channel=True),
         dict(fc_delta=True, fc_sigma=0.0),
         dict(fc_active=torch.tensor([True, False, True]), lambda_fc=2.5, lambda_adr=3.0),
         dict(zero_v1_rows=(1,)),  # |v1| < norm_eps: the clamp's gradient
@@ -342,7 +354,7 @@ def test_second_backward_through_a_retained_graph_matches_reference(mode):
     "shape, knobs",
     [
         ((3, 3, 7, 9), {}),
-        ((3, 3, 7, 9), dict(adr_loss="mse", per_channel=True, fc_filter="box", fc_size=3)),
+        ((3, 3, 7, 9), dict(adr_loss="mse", fc_per_channel=True, fc_filter="box", fc_size=3)),
         ((3, 3, 7, 9), dict(fc_signed=True, fc_form="squared", fc_filter="none", mode="joint")),
         ((2, 2, 3, 5, 6), dict(mode="shared", weights=True, targets=True)),
         ((2, 2, 3, 5, 6), dict(fc_filter="fft", mode="joint", t1_one_rows=(1,), inactive=())),
@@ -377,7 +389,7 @@ def test_outputs_have_the_reference_dtypes():
     ]:
         v0, v1 = (torch.randn(2, 2, 4, 4, dtype=vd, device=DEV) for _ in "ab")
         x1, eps, xh = (torch.randn(2, 2, 4, 4, dtype=sd, device=DEV) for _ in "abc")
-        kw = dict(
+        inputs = ObjectiveInputs(
             v0=v0,
             v1=v1,
             x1=x1,
@@ -387,10 +399,10 @@ def test_outputs_have_the_reference_dtypes():
             t1=torch.full((2,), 0.3, device=DEV),
             k=torch.ones(2, dtype=torch.long, device=DEV),
         )
-        want = legacy_objective(p, **kw)
-        got = fused_objective(p, **kw)
+        want = ref.objective(p, ObjectiveSpec(), inputs)
+        got = fused_objective(p, ObjectiveSpec(), inputs)
         for key in (*OUTPUTS, "w"):
-            assert got[key].dtype == want[key].dtype, (key, vd, sd)
+            assert getattr(got, key).dtype == getattr(want, key).dtype, (key, vd, sd)
 
 
 # ------------------------------------------------------------------- errors and doors
@@ -403,13 +415,14 @@ def test_x1_or_u0_requiring_grad_is_refused():
     kw = dict(
         v0=x, v1=x, x1=x, eps=x, x_hat=x, t0=t, t1=t, k=torch.ones(2, dtype=torch.int64, device=DEV)
     )
+    spec = ObjectiveSpec()
     with pytest.raises(ValueError, match="x1"):
-        fused_objective(p, **dict(kw, x1=x.clone().requires_grad_()))
+        fused_objective(p, spec, ObjectiveInputs(**dict(kw, x1=x.clone().requires_grad_())))
     with pytest.raises(ValueError, match="u0"):
-        fused_objective(p, **kw, u0=x.clone().requires_grad_())
+        fused_objective(p, spec, ObjectiveInputs(**kw, u0=x.clone().requires_grad_()))
 
 
-def test_bad_knobs_and_shapes_are_clear_errors():
+def test_bad_inputs_and_shapes_are_clear_errors():
     p = get_path("linear")
     x = torch.randn(2, 3, device=DEV)
     t = torch.full((2,), 0.3, device=DEV)
@@ -423,20 +436,19 @@ def test_bad_knobs_and_shapes_are_clear_errors():
         t1=t,
         k=torch.ones(2, dtype=torch.int64, device=DEV),
     )
-    with pytest.raises(ValueError, match="fc_form"):
-        fused_objective(p, **kw, fc_form="cubed")
-    with pytest.raises(ValueError, match="fc_size"):
-        fused_objective(p, **kw, fc_filter="box", fc_size=4)
+    spec = ObjectiveSpec()
     with pytest.raises(ValueError, match="v_joint"):
-        fused_objective(p, **kw, v_joint=torch.cat([x, x]))
+        fused_objective(p, spec, ObjectiveInputs(**kw, v_joint=torch.cat([x, x])))
     with pytest.raises(ValueError, match="fm_weight"):
-        fused_objective(p, **kw, fm_weight=torch.ones(3, device=DEV))
+        fused_objective(p, spec, ObjectiveInputs(**kw, fm_weight=torch.ones(3, device=DEV)))
     with pytest.raises(ValueError, match="v_joint"):
-        fused_objective(p, **dict(kw, v0=None, v1=None), v_joint=x)
+        fused_objective(p, spec, ObjectiveInputs(**dict(kw, v0=None, v1=None), v_joint=x))
+    with pytest.raises(ValueError, match="x1 must have shape"):
+        fused_objective(p, spec, ObjectiveInputs(**dict(kw, x1=x[:, 0])))
 
 
-def _op_args(shape=(2, 3, 5, 4), mode=fo.V_SEPARATE, grad=True, **over):
-    """The op's positional arguments for random data (linear path, coefficients in-kernel)."""
+def _op_args(shape=(2, 3, 5, 4), mode=fo.V_SEPARATE, grad=True, **over) -> fo.OpArgs:
+    """The op's arguments for random data (linear path, coefficients in-kernel)."""
     p = get_path("linear")
     v0, v1, x1, eps, x_hat, t0, t1, k = (
         z.float().to(DEV) if z.is_floating_point() else z.to(DEV)
@@ -468,18 +480,7 @@ def _op_args(shape=(2, 3, 5, 4), mode=fo.V_SEPARATE, grad=True, **over):
         adr_weight=None,
         v_mode=mode,
         path_kind=1,
-        lambda_adr=10.0,
-        lambda_fc=1.0,
-        direction=True,
-        per_channel=False,
-        fc_signed=False,
-        fc_squared=False,
-        fc_filter="gaussian",
-        fc_sigma=1.0,
-        fc_size=5,
-        fc_cutoff=0.25,
-        norm_eps=1e-6,
-        norm_floor=0.01,
+        **fo.OpArgs.spec_fields(make_spec(fc_sigma=1.0)),
         need_g0=grad,
         need_g1=grad,
         return_w=True,
@@ -487,38 +488,29 @@ def _op_args(shape=(2, 3, 5, 4), mode=fo.V_SEPARATE, grad=True, **over):
         scale_in_place=False,
     )
     args.update(over)
-    assert len(args) == fo.N_OP_ARGS
-    return tuple(args.values())
+    return fo.OpArgs(**args)
 
 
 def test_direct_op_call_with_strided_wrong_device_or_dtype_inputs_is_refused():
     """The op reads raw memory: its host-side checks refuse what it would read wrong."""
-    args = list(_op_args(grad=False))
-    strided = list(args)
-    strided[2] = _strided(args[2])  # x1
+    a = _op_args(grad=False)
     with pytest.raises(ValueError, match="x1 must be contiguous"):
-        torch.ops.reflexflow.fused_objective(*strided)
-    bad = list(args)
-    bad[3] = args[3].to(torch.int32)  # eps
+        torch.ops.reflexflow.fused_objective(*a._replace(x1=_strided(a.x1)).pack())
     with pytest.raises(TypeError, match="eps must be float"):
-        torch.ops.reflexflow.fused_objective(*bad)
-    bad = list(args)
-    bad[8] = args[8][:1]  # t0
+        torch.ops.reflexflow.fused_objective(*a._replace(eps=a.eps.to(torch.int32)).pack())
     with pytest.raises(ValueError, match="t0 must have shape"):
-        torch.ops.reflexflow.fused_objective(*bad)
+        torch.ops.reflexflow.fused_objective(*a._replace(t0=a.t0[:1]).pack())
     if torch.cuda.is_available():
-        bad = list(args)
-        bad[4] = args[4].cpu()
         with pytest.raises(ValueError, match="x_hat is on cpu"):
-            torch.ops.reflexflow.fused_objective(*bad)
+            torch.ops.reflexflow.fused_objective(*a._replace(x_hat=a.x_hat.cpu()).pack())
 
 
 @pytest.mark.parametrize(
     "over",
     [
         {},
-        dict(mode=fo.V_JOINT, direction=False, fc_filter="box", fc_size=3),
-        dict(mode=fo.V_SHARED, per_channel=True, fc_squared=True),
+        dict(mode=fo.V_JOINT, adr_loss="mse", fc_filter="box", fc_size=3),
+        dict(mode=fo.V_SHARED, fc_per_channel=True, fc_form="squared"),
         dict(fc_signed=True, fc_filter="fft", lambda_adr=0.0),
         dict(shape=(4, 6), fc_filter="none"),
         dict(need_g0=False, need_g1=False),
@@ -539,7 +531,7 @@ def test_opcheck_passes_on_the_registration_cuda_uses(over):
     shapes) on the triton_op itself: on CPU too, kernels are JITFunctions that
     wrap_triton can trace (kernels._jit). scale_in_place=False: opcheck keeps the
     workspace outputs g0, g1; need_g*=False: backward recomputes them."""
-    torch.library.opcheck(fo.fused_objective_op, _op_args(**over))
+    torch.library.opcheck(fo.fused_objective_op, _op_args(**over).pack())
 
 
 def test_importing_reflexflow_does_not_import_triton():
@@ -559,20 +551,19 @@ def test_offsets_past_2_31_elements_are_64_bit():
     eps = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     t = torch.full((2,), 0.25, device="cuda")
     v0.requires_grad_()
-    out = fused_objective(
-        p, v0=v0, v1=None, x1=x1, eps=eps, x_hat=x1, t0=t, t1=t, k=t.long(), lambda_fc=0.0
-    )
-    out["loss"].backward()
+    inputs = ObjectiveInputs(v0=v0, x1=x1, eps=eps, x_hat=x1, t0=t, t1=t, k=t.long())
+    out = fused_objective(p, make_spec(lambda_fc=0.0), inputs)
+    out.loss.backward()
     n = v0.numel()
     tail = (v0[1, -1, -8:].float() - (x1[1, -1, -8:].float() - eps[1, -1, -8:].float())) * 2 / n
     assert torch.allclose(v0.grad[1, -1, -8:].float(), tail, rtol=1e-2)
     want = (v0[1].float() - x1[1].float() + eps[1].float()).square().sum() / n
     head = (v0[0].float() - x1[0].float() + eps[0].float()).square().sum() / n
-    assert torch.allclose(out["loss"].float(), want + head, rtol=1e-3)
+    assert torch.allclose(out.loss.float(), want + head, rtol=1e-3)
 
 
-def test_v_joint_alone_needs_no_v0_v1_keywords():
-    """As reference.objective: v0 and v1 default to None, so the loss passes v_joint only."""
+def test_v_joint_alone_needs_no_v0_v1():
+    """As for the reference: v0 and v1 default to None, so the loss passes v_joint only."""
     p = get_path("linear")
     x = torch.randn(2, 3, 4, 4, device=DEV)
     t = torch.full((2,), 0.3, device=DEV)
@@ -580,6 +571,6 @@ def test_v_joint_alone_needs_no_v0_v1_keywords():
         x1=x, eps=-x, x_hat=x, t0=t, t1=t + 0.1, k=torch.ones(2, dtype=torch.long, device=DEV)
     )
     v = torch.randn(4, 3, 4, 4, device=DEV, requires_grad=True)
-    got = fused_objective(p, v_joint=v, **kw)
-    want = legacy_objective(p, v0=None, v1=None, v_joint=v, **kw)  # explicit on older refs
-    torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6)
+    got = fused_objective(p, ObjectiveSpec(), ObjectiveInputs(v_joint=v, **kw))
+    want = ref.objective(p, ObjectiveSpec(), ObjectiveInputs(v_joint=v, **kw))
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)

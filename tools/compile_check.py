@@ -137,6 +137,7 @@ def record_launches(names: list[str] | None = None) -> list[dict[str, Any]]:
     from triton.runtime.interpreter import InterpretedFunction
 
     from reflexflow.kernels import fused_objective
+    from reflexflow.objective import ObjectiveInputs, ObjectiveSpec
     from reflexflow.paths import get_path
 
     seen: dict[str, dict[str, Any]] = {}
@@ -165,6 +166,9 @@ def record_launches(names: list[str] | None = None) -> list[dict[str, Any]]:
             path = get_path(knobs.pop("path", "linear"))
             active, fc_delta = knobs.pop("fc_active", False), knobs.pop("fc_delta", False)
             no_v1 = knobs.pop("no_v1", False)
+            if "per_channel" in knobs:  # the FC spec's field (ObjectiveSpec.replace: fc_*)
+                knobs["fc_per_channel"] = knobs.pop("per_channel")
+            spec = ObjectiveSpec().replace(**knobs)
             vd, sd = getattr(torch, vdt), getattr(torch, sdt)
             b = shape[0]
             x1, eps, x_hat = (torch.empty(shape, dtype=sd) for _ in range(3))
@@ -176,7 +180,6 @@ def record_launches(names: list[str] | None = None) -> list[dict[str, Any]]:
                 t0=t,
                 t1=t + 0.1,
                 k=torch.ones(b, dtype=torch.int64),
-                **knobs,
             )
             if joint:
                 v = torch.zeros((2 * b, *shape[1:]), dtype=vd, requires_grad=True)
@@ -199,8 +202,8 @@ def record_launches(names: list[str] | None = None) -> list[dict[str, Any]]:
                 kw["fc_delta"] = torch.empty(shape, dtype=sd)
             if no_v1:
                 kw["v1"] = None
-            out = fused_objective(path, **kw)
-            (2.0 * out["loss"] + out["per_sample"].sum()).backward()  # a scale != 1
+            out = fused_objective(path, spec, ObjectiveInputs(**kw))
+            (2.0 * out.loss + out.per_sample.sum()).backward()  # a scale != 1
     finally:
         InterpretedFunction.run = original
     return list(seen.values())

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused ReflexFlow objective (the ops live in objective_op.py).
+"""Triton kernels of the fused ReflexFlow objective (the op and its launches: objective.py).
 
 Reference twin: :func:`reflexflow.reference.objective`. A batch of B samples is seen as
 (B, C, F, P): C channels, F frames (1 for images, T for video), P = H * W positions of a
@@ -25,6 +25,8 @@ Kernels:
 * finalize_kernel: per_sample, loss, fc_loss, adr_loss from the per-sample sums.
 * scale_kernel: backward; multiplies the stored gradients by the incoming gradients,
   in place and skipping every block whose factor is exactly 1.
+The blocks the kernels share (state and targets, the filter taps, the direction norms,
+the gradient stores by V_MODE) are ``@triton.jit`` helpers above them, inlined.
 """
 
 from __future__ import annotations
@@ -152,116 +154,176 @@ def tile_sum(x):
 
 
 @kernel
-def lowpass_pass(
-    m,
-    scratch,
-    loc,
-    pos,
-    valid,
-    LEN,
-    STRIDE,
-    FILT: tl.constexpr,
-    NT: tl.constexpr,
-    SIGMA: tl.constexpr,
+def lowpass(
+    src, pos, mask, LEN, STRIDE, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.constexpr,
     MASKED: tl.constexpr,
-):
-    """One 1-D filter pass of a register tile along one spatial axis, replicate padding.
-
-    m goes to the program's own scratch (cache-resident), a barrier, then each output is
-    sum_j tap_j m[p + (clamp(i + j - rad, 0, LEN - 1) - i) STRIDE] over loads of it, with
-    i = (pos // STRIDE) % LEN the index along the axis; a second barrier frees the scratch.
-    (tl.gather would keep it in registers but costs hundreds of registers per thread.)
-    """
+):  # fmt: skip
+    """One 1-D filter pass along one axis, replicate padding, over loads of a map in memory:
+    out = sum_j tap_j src[(clamp(i + j - rad, 0, LEN - 1) - i) STRIDE] with src the
+    pointers of the outputs' own elements and i = (pos // STRIDE) % LEN their index along
+    the axis (loads from cache: the map is small and was just written)."""
     rad: tl.constexpr = (NT - 1) // 2
-    store_tile(scratch + loc, m, valid, MASKED)
-    tl.debug_barrier()
     i = (pos // STRIDE) % LEN
     tot = gauss_total(NT, SIGMA) if FILT == 1 else 1.0
-    acc = tl.zeros(m.shape, dtype=tl.float32)
+    acc = tl.zeros(pos.shape, dtype=tl.float32)
     for j in tl.static_range(NT):
         k = tl.minimum(tl.maximum(i + (j - rad), 0), LEN - 1)
-        acc += tap(j, tot, FILT, NT, SIGMA) * load_tile(
-            scratch + loc + (k - i) * STRIDE, valid, MASKED
-        )
+        acc += tap(j, tot, FILT, NT, SIGMA) * load_tile(src + (k - i) * STRIDE, mask, MASKED)
+    return acc
+
+
+@kernel
+def lowpass_tile(
+    m, scratch, pos, valid, LEN, STRIDE, FILT: tl.constexpr, NT: tl.constexpr,
+    SIGMA: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """:func:`lowpass` of a register tile: m goes to the program's own scratch (pointers
+    ``scratch``, cache-resident), a barrier, the taps, a second barrier frees the scratch.
+    (tl.gather would keep it in registers but costs hundreds of registers per thread.)"""
+    store_tile(scratch, m, valid, MASKED)
+    tl.debug_barrier()
+    acc = lowpass(scratch, pos, valid, LEN, STRIDE, FILT, NT, SIGMA, MASKED)
     tl.debug_barrier()
     return acc
 
 
 @kernel
-def lowpass_global(
-    src, p, mask, LEN, STRIDE, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.constexpr
-):
-    """lowpass_pass for a plane already in memory: taps over loads of src (cache hits)."""
-    rad: tl.constexpr = (NT - 1) // 2
-    i = (p // STRIDE) % LEN
-    tot = gauss_total(NT, SIGMA) if FILT == 1 else 1.0
-    acc = tl.zeros(p.shape, dtype=tl.float32)
-    for j in tl.static_range(NT):
-        k = tl.minimum(tl.maximum(i + (j - rad), 0), LEN - 1)
-        acc += tap(j, tot, FILT, NT, SIGMA) * tl.load(
-            src + p + (k - i) * STRIDE, mask=mask, other=0.0
-        )
-    return acc
+def state_terms(
+    x1, eps, x_hat, off, mask, a1, s1, MASKED: tl.constexpr, NEED_X: tl.constexpr,
+    NEED_DELTA: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """(x1, eps, delta = x^ - (a(t1) x1 + s(t1) eps)) at off, fp32; 0.0 where not needed.
+    ROWS: a1, s1 are (R,) rows of an (R, CB, SB) tile, broadcast here, after the loads
+    (broadcast before them, sample_kernel took 98 instead of 80 registers at sm_90)."""
+    x, e, delta = 0.0, 0.0, 0.0
+    if NEED_X:
+        x = load_tile(x1 + off, mask, MASKED)
+        e = load_tile(eps + off, mask, MASKED)
+    if NEED_DELTA:
+        h = load_tile(x_hat + off, mask, MASKED)
+        if ROWS:
+            delta = h - (a1[:, None, None] * x + s1[:, None, None] * e)
+        else:
+            delta = h - (a1 * x + s1 * e)
+    return x, e, delta
+
+
+@kernel
+def target(ptr, off, mask, x, e, da, ds, MASKED: tl.constexpr, GIVEN: tl.constexpr):
+    """The FM target: the given u0 at off, or u = a'(t) x1 + s'(t) eps."""
+    if GIVEN:  # else-branches: the compiler type-checks every return it generates
+        u = load_tile(ptr + off, mask, MASKED)
+    else:
+        u = da * x + ds * e
+    return u
+
+
+@kernel
+def adr_target(va_in, off, mask, x, e, delta, da1, ds1, rat, MASKED: tl.constexpr,
+               HAS_VA: tl.constexpr):  # fmt: skip
+    """The ADR target: the given v_adr, or u_t1 + (s'/s)(t1) delta."""
+    if HAS_VA:
+        va = load_tile(va_in + off, mask, MASKED)
+    else:
+        va = da1 * x + ds1 * e + rat * delta
+    return va
+
+
+@kernel
+def map_source(fcd, off, mask, delta, MASKED: tl.constexpr, HAS_FCD: tl.constexpr):
+    """What drives the FC map: the given fc_delta, or delta."""
+    if HAS_FCD:
+        md = load_tile(fcd + off, mask, MASKED)
+    else:
+        md = delta
+    return md
+
+
+@kernel
+def second_output(v1, half2, v, off, mask, MASKED: tl.constexpr, V_MODE: tl.constexpr):
+    """v1 at off: v itself (V_MODE 2, shared), the joint output's second half (half2,
+    V_MODE 1), or v1 (V_MODE 0). Pointers carry the int64 base, off is the tile's."""
+    if V_MODE == 2:
+        y = v
+    elif V_MODE == 1:
+        y = load_tile(half2 + off, mask, MASKED)
+    else:
+        y = load_tile(v1 + off, mask, MASKED)
+    return y
+
+
+@kernel
+def direction_norms(raw, raw_a, norm_eps, norm_floor):
+    """(floor, n = max(|v1|, floor), n_a = max(|v_adr|, eps)) from raw = |v1| and
+    raw_a = |v_adr|; floor = max(norm_floor |v_adr|, norm_eps). (Callers take each norm
+    right after its sum: two reductions in flight cost sample_kernel 90 -> 174 registers
+    at sm_90 in compile_check's sit_gvp case.)"""
+    flo = tl.maximum(norm_floor * raw_a, norm_eps)
+    return flo, tl.maximum(raw, flo), tl.maximum(raw_a, norm_eps)
+
+
+@kernel
+def fc_factor(on, lambda_fc, mean_map, tiny):
+    """q of w = 1 + q m: lambda_fc / (mean of the map + tiny) on active rows, else 0."""
+    return tl.where(on, lambda_fc / (mean_map + tiny), 0.0)
+
+
+@kernel
+def fc_weight(m, q, w_out, mask, MASKED: tl.constexpr, WRITE_W: tl.constexpr,
+              SQUARED: tl.constexpr):  # fmt: skip
+    """w = 1 + q m, written to w_out (WRITE_W); returns W = w, or w^2 (SQUARED)."""
+    wv = 1.0 + q * m
+    if WRITE_W:
+        store_tile(w_out, wv, mask, MASKED)
+    if SQUARED:
+        wv = wv * wv
+    return wv
+
+
+@kernel
+def store_g0(g0, off, G, mask, MASKED: tl.constexpr, V_MODE: tl.constexpr,
+             WRITE_G0: tl.constexpr):  # fmt: skip
+    """The FM term's gradient G0 into g0 (shared v: later, with G1 added)."""
+    if V_MODE != 2:
+        if WRITE_G0:
+            store_tile(g0 + off, G, mask, MASKED)
+
+
+@kernel
+def store_g1(
+    g0, g1, half2, off, G, G1, mask, MASKED: tl.constexpr, V_MODE: tl.constexpr,
+    HAS_V1: tl.constexpr, WRITE_G0: tl.constexpr, WRITE_G1: tl.constexpr,
+):  # fmt: skip
+    """The ADR gradient G1: into g1 (V_MODE 0), the joint gradient's second half (half2,
+    (1), or G0 + G1 into g0 (2, shared v; G0 alone without an ADR term)."""
+    if HAS_V1:
+        if V_MODE == 2:
+            if WRITE_G0:
+                store_tile(g0 + off, G + G1, mask, MASKED)
+        elif WRITE_G1:
+            if V_MODE == 1:
+                store_tile(half2 + off, G1, mask, MASKED)
+            else:
+                store_tile(g1 + off, G1, mask, MASKED)
+    elif V_MODE == 2:
+        if WRITE_G0:
+            store_tile(g0 + off, G, mask, MASKED)
 
 
 @kernel
 def sample_kernel(
-    v0,
-    v1,
-    x1,
-    eps,
-    x_hat,
-    u0,
-    va_in,
-    fcd,
-    t0,
-    t1,
-    coef,
-    act,
-    fmw,
-    adrw,
-    g0,
-    g1,
-    w_out,
-    part,
-    scratch,
-    B,
-    C,
-    FP,
-    H,
-    W,
-    lambda_fc,
-    c1,
-    norm_eps,
-    norm_floor,
-    tiny,
-    PATH: tl.constexpr,
-    V_MODE: tl.constexpr,
-    HAS_V1: tl.constexpr,
-    HAS_U0: tl.constexpr,
-    HAS_VA: tl.constexpr,
-    HAS_FCD: tl.constexpr,
-    NEED_X: tl.constexpr,
-    NEED_DELTA: tl.constexpr,
-    HAS_FC: tl.constexpr,
-    MAP_MODE: tl.constexpr,
-    SQUARED: tl.constexpr,
-    FILT: tl.constexpr,
-    NT: tl.constexpr,
-    SIGMA: tl.constexpr,
-    N_AXES: tl.constexpr,
-    ACT_K: tl.constexpr,
-    HAS_FMW: tl.constexpr,
-    HAS_ADRW: tl.constexpr,
-    DIRECTION: tl.constexpr,
-    WRITE_G0: tl.constexpr,
-    WRITE_G1: tl.constexpr,
-    WRITE_W: tl.constexpr,
-    R: tl.constexpr,
-    CB: tl.constexpr,
-    SB: tl.constexpr,
-    MASKED: tl.constexpr,
-):
+    v0, v1, x1, eps, x_hat, u0, va_in, fcd, t0, t1, coef, act, fmw, adrw,
+    g0, g1, w_out, part, scratch,
+    B, C, FP, H, W, lambda_fc, c1, norm_eps, norm_floor, tiny,
+    PATH: tl.constexpr, V_MODE: tl.constexpr, HAS_V1: tl.constexpr, HAS_U0: tl.constexpr,
+    HAS_VA: tl.constexpr, HAS_FCD: tl.constexpr, NEED_X: tl.constexpr,
+    NEED_DELTA: tl.constexpr, HAS_FC: tl.constexpr, MAP_MODE: tl.constexpr,
+    SQUARED: tl.constexpr, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.constexpr,
+    N_AXES: tl.constexpr, ACT_K: tl.constexpr, HAS_FMW: tl.constexpr,
+    HAS_ADRW: tl.constexpr, DIRECTION: tl.constexpr, WRITE_G0: tl.constexpr,
+    WRITE_G1: tl.constexpr, WRITE_W: tl.constexpr, R: tl.constexpr, CB: tl.constexpr,
+    SB: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
     """The whole objective of R samples in one program. Grid (cdiv(B, R),).
 
     Tiles (R, CB, SB) cover (samples, channels, F P) (powers of 2; MASKED unless R = 1
@@ -284,27 +346,18 @@ def sample_kernel(
     mask = bmask[:, None, None] & (c3 < C) & (s3 < FP)
     da0, ds0, a1, s1, da1, ds1, rat = path_coefs(t0, t1, coef, rows, bmask, PATH)
     # targets first, so that x1, eps, x_hat die early: u0, v_adr, the raw map
-    if NEED_X:
-        x = load_tile(x1 + base + loc, mask, MASKED)
-        e = load_tile(eps + base + loc, mask, MASKED)
-    if NEED_DELTA:
-        delta = load_tile(x_hat + base + loc, mask, MASKED) - (
-            a1[:, None, None] * x + s1[:, None, None] * e
-        )
-    if HAS_U0:
-        u = load_tile(u0 + base + loc, mask, MASKED)
-    else:
-        u = da0[:, None, None] * x + ds0[:, None, None] * e
+    x, e, delta = state_terms(
+        x1 + base, eps + base, x_hat + base, loc, mask, a1, s1, MASKED, NEED_X, NEED_DELTA,
+        True,
+    )  # fmt: skip
+    u = target(u0 + base, loc, mask, x, e, da0[:, None, None], ds0[:, None, None], MASKED, HAS_U0)
     if HAS_V1:
-        if HAS_VA:
-            va = load_tile(va_in + base + loc, mask, MASKED)
-        else:
-            va = da1[:, None, None] * x + ds1[:, None, None] * e + rat[:, None, None] * delta
+        va = adr_target(
+            va_in + base, loc, mask, x, e, delta, da1[:, None, None], ds1[:, None, None],
+            rat[:, None, None], MASKED, HAS_VA,
+        )  # fmt: skip
     if HAS_FC:
-        if HAS_FCD:
-            md = load_tile(fcd + base + loc, mask, MASKED)
-        else:
-            md = delta
+        md = map_source(fcd + base, loc, mask, delta, MASKED, HAS_FCD)
         if MAP_MODE == 2:
             m = md
         elif MAP_MODE == 1:
@@ -325,50 +378,31 @@ def sample_kernel(
             wbase = base
         if FILT != 0:
             pos = tl.broadcast_to(s3, m.shape)
+            sc = scratch + wbase + wloc
             if N_AXES >= 1:
-                m = lowpass_pass(
-                    m, scratch + wbase, wloc, pos, mvalid, W, 1, FILT, NT, SIGMA, MASKED
-                )
+                m = lowpass_tile(m, sc, pos, mvalid, W, 1, FILT, NT, SIGMA, MASKED)
             if N_AXES == 2:
-                m = lowpass_pass(
-                    m, scratch + wbase, wloc, pos, mvalid, H, W, FILT, NT, SIGMA, MASKED
-                )
-        if MAP_MODE == 2:
-            den = tl.sum(
-                tl.sum(tl.where(mvalid, tl.abs(m), 0.0), axis=2, keep_dims=True),
-                axis=1,
-                keep_dims=True,
-            ) / (S * 1.0)
+                m = lowpass_tile(m, sc, pos, mvalid, H, W, FILT, NT, SIGMA, MASKED)
+        if MAP_MODE == 2:  # one normaliser per sample: the mean |m| over its S elements
+            am = tl.sum(tl.where(mvalid, tl.abs(m), 0.0), axis=2, keep_dims=True)
+            den = tl.sum(am, axis=1, keep_dims=True) / (S * 1.0)
         else:
             den = tl.sum(tl.where(mvalid, m, 0.0), axis=2, keep_dims=True) / (FP * 1.0)
-        on = active_rows(act, rows, bmask, ACT_K)[:, None, None]
-        wv = 1.0 + tl.where(on, lambda_fc / (den + tiny), 0.0) * m
-        if WRITE_W:
-            store_tile(w_out + wbase + wloc, wv, mvalid, MASKED)
-        if SQUARED:
-            wv = wv * wv
-        gg0 = wv * d0
+        q = fc_factor(active_rows(act, rows, bmask, ACT_K)[:, None, None], lambda_fc, den, tiny)
+        gg0 = fc_weight(m, q, w_out + wbase + wloc, mvalid, MASKED, WRITE_W, SQUARED) * d0
     else:
         gg0 = d0
     tl.store(part + rows, tile_sum(gg0 * d0), mask=bmask)
     G = (row_weight(fmw, rows, bmask, HAS_FMW) * (2.0 / (S * bf)))[:, None, None] * gg0
-    if V_MODE != 2:
-        if WRITE_G0:
-            store_tile(g0 + base + loc, G, mask, MASKED)
+    store_g0(g0 + base, loc, G, mask, MASKED, V_MODE, WRITE_G0)
+    G1 = 0.0
     if HAS_V1:
-        if V_MODE == 2:
-            y = v
-        elif V_MODE == 1:
-            y = load_tile(v0 + base2 + loc, mask, MASKED)
-        else:
-            y = load_tile(v1 + base + loc, mask, MASKED)
+        y = second_output(v1 + base, v0 + base2, v, loc, mask, MASKED, V_MODE)
         ad = row_weight(adrw, rows, bmask, HAS_ADRW)
         if DIRECTION:
             raw = tl.sqrt(tile_sum(y * y))
             raw_a = tl.sqrt(tile_sum(va * va))
-            flo = tl.maximum(norm_floor * raw_a, norm_eps)
-            n = tl.maximum(raw, flo)
-            na = tl.maximum(raw_a, norm_eps)
+            flo, n, na = direction_norms(raw, raw_a, norm_eps, norm_floor)
             d = y / n[:, None, None] - va / na[:, None, None]
             asum = tile_sum(d * d)
             proj = tl.where(raw >= flo, tile_sum(d * y) / (n * n), 0.0)
@@ -378,47 +412,17 @@ def sample_kernel(
             asum = tile_sum(r * r)
             G1 = (c1 * ad * (2.0 / (S * bf)))[:, None, None] * r
         tl.store(part + B + rows, asum, mask=bmask)
-        if V_MODE == 2:
-            if WRITE_G0:
-                store_tile(g0 + base + loc, G + G1, mask, MASKED)
-        elif WRITE_G1:
-            if V_MODE == 1:
-                store_tile(g0 + base2 + loc, G1, mask, MASKED)
-            else:
-                store_tile(g1 + base + loc, G1, mask, MASKED)
-    elif V_MODE == 2:
-        if WRITE_G0:
-            store_tile(g0 + base + loc, G, mask, MASKED)
+    store_g1(g0 + base, g1 + base, g0 + base2, loc, G, G1, mask, MASKED, V_MODE, HAS_V1, WRITE_G0,
+             WRITE_G1)  # fmt: skip
 
 
 @kernel
 def stats_kernel(
-    v0,
-    v1,
-    x1,
-    eps,
-    x_hat,
-    va_in,
-    fcd,
-    t0,
-    t1,
-    coef,
-    map_raw,
-    part,
-    B,
-    C,
-    FP,
-    NBLK,
-    PATH: tl.constexpr,
-    V_MODE: tl.constexpr,
-    HAS_VA: tl.constexpr,
-    HAS_FCD: tl.constexpr,
-    NEED_DELTA: tl.constexpr,
-    HAS_FC: tl.constexpr,
-    MAP_MODE: tl.constexpr,
-    NORMS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    v0, v1, x1, eps, x_hat, va_in, fcd, t0, t1, coef, map_raw, part, B, C, FP, NBLK,
+    PATH: tl.constexpr, V_MODE: tl.constexpr, HAS_VA: tl.constexpr, HAS_FCD: tl.constexpr,
+    NEED_DELTA: tl.constexpr, HAS_FC: tl.constexpr, MAP_MODE: tl.constexpr,
+    NORMS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     """Large samples, pass 1: the raw FC map and the direction loss's sums.
 
     Program (b, blk) covers positions blk * BLOCK ... of sample b for all channels. Map:
@@ -435,18 +439,13 @@ def stats_kernel(
     svv = tl.zeros([BLOCK], dtype=tl.float32)
     saa = tl.zeros([BLOCK], dtype=tl.float32)
     sav = tl.zeros([BLOCK], dtype=tl.float32)
+    half = (B + tl.zeros([], tl.int64)) * C * FP  # the joint output's second half
     for c in range(C):
         off = (b * C + c) * FP + r
-        if NEED_DELTA:
-            x = tl.load(x1 + off, mask=mask, other=0.0).to(tl.float32)
-            e = tl.load(eps + off, mask=mask, other=0.0).to(tl.float32)
-            h = tl.load(x_hat + off, mask=mask, other=0.0).to(tl.float32)
-            delta = h - (a1 * x + s1 * e)
+        x, e, delta = state_terms(x1, eps, x_hat, off, mask, a1, s1, True, NEED_DELTA,
+                                  NEED_DELTA, False)  # fmt: skip
         if HAS_FC:
-            if HAS_FCD:
-                md = tl.load(fcd + off, mask=mask, other=0.0).to(tl.float32)
-            else:
-                md = delta
+            md = map_source(fcd, off, mask, delta, True, HAS_FCD)
             if MAP_MODE == 0:
                 acc_m += tl.abs(md)
             elif MAP_MODE == 1:
@@ -454,16 +453,9 @@ def stats_kernel(
             else:
                 tl.store(map_raw + off, md, mask=mask)
         if NORMS:
-            if V_MODE == 2:
-                y = tl.load(v0 + off, mask=mask, other=0.0).to(tl.float32)
-            elif V_MODE == 1:
-                y = tl.load(v0 + ((b + B) * C + c) * FP + r, mask=mask, other=0.0).to(tl.float32)
-            else:
-                y = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)
-            if HAS_VA:
-                va = tl.load(va_in + off, mask=mask, other=0.0).to(tl.float32)
-            else:
-                va = da1 * x + ds1 * e + rat * delta
+            v = load_tile(v0 + off, mask, True) if V_MODE == 2 else 0.0  # shared: v1 is v0
+            y = second_output(v1, v0 + half, v, off, mask, True, V_MODE)
+            va = adr_target(va_in, off, mask, x, e, delta, da1, ds1, rat, True, HAS_VA)
             svv += y * y
             saa += va * va
             sav += va * y
@@ -477,31 +469,41 @@ def stats_kernel(
 
 
 @kernel
+def range_sum(ptr, first, count, BN: tl.constexpr):
+    """sum(ptr[first : first + count]), BN at a time."""
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for j0 in range(0, count, BN):
+        j = j0 + tl.arange(0, BN)
+        acc += tl.load(ptr + first + j, mask=j < count, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@kernel
+def plane_pass(
+    src, dst, P, LEN, STRIDE, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.constexpr,
+    SIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Filter one map plane of P positions along one axis (FILT 0: no filter, nothing
+    written) into dst; returns its sum (of |m| when SIGNED)."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        if FILT == 0:
+            mm = tl.load(src + p, mask=p < P, other=0.0)
+        else:
+            mm = lowpass(src + p, p, p < P, LEN, STRIDE, FILT, NT, SIGMA, True)
+            tl.store(dst + p, mm, mask=p < P)
+        acc += tl.where(p < P, tl.abs(mm) if SIGNED else mm, 0.0)
+    return tl.sum(acc, axis=0)
+
+
+@kernel
 def plane_kernel(
-    src,
-    tmp,
-    dst,
-    plane_sum,
-    part,
-    norms,
-    NPLANES,
-    P,
-    H,
-    W,
-    B,
-    NBLK,
-    norm_eps,
-    norm_floor,
-    HAS_FC: tl.constexpr,
-    FILT: tl.constexpr,
-    NT: tl.constexpr,
-    SIGMA: tl.constexpr,
-    N_AXES: tl.constexpr,
-    SIGNED: tl.constexpr,
-    NORMS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    src, tmp, dst, plane_sum, part, norms, NPLANES, P, H, W, B, NBLK, norm_eps, norm_floor,
+    HAS_FC: tl.constexpr, FILT: tl.constexpr, NT: tl.constexpr, SIGMA: tl.constexpr,
+    N_AXES: tl.constexpr, SIGNED: tl.constexpr, NORMS: tl.constexpr, BLOCK: tl.constexpr,
     BN: tl.constexpr,
-):
+):  # fmt: skip
     """Large samples, pass 2: programs [0, NPLANES) filter one map plane each (P = H W
     positions; along W into tmp, then along H into dst) and write its sum (of |m| when
     SIGNED) to plane_sum; programs NPLANES + b reduce sample b's direction sums into
@@ -512,50 +514,23 @@ def plane_kernel(
     if pid < NPLANES:
         if HAS_FC:
             base = pid * P
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            if FILT == 0:
-                for p0 in range(0, P, BLOCK):
-                    p = p0 + tl.arange(0, BLOCK)
-                    mm = tl.load(src + base + p, mask=p < P, other=0.0)
-                    acc += tl.abs(mm) if SIGNED else mm
-            elif N_AXES == 1:
-                for p0 in range(0, P, BLOCK):
-                    p = p0 + tl.arange(0, BLOCK)
-                    mm = lowpass_global(src + base, p, p < P, W, 1, FILT, NT, SIGMA)
-                    tl.store(dst + base + p, mm, mask=p < P)
-                    acc += tl.where(p < P, tl.abs(mm) if SIGNED else mm, 0.0)
-            else:
-                for p0 in range(0, P, BLOCK):
-                    p = p0 + tl.arange(0, BLOCK)
-                    mm = lowpass_global(src + base, p, p < P, W, 1, FILT, NT, SIGMA)
-                    tl.store(tmp + base + p, mm, mask=p < P)
+            if FILT != 0 and N_AXES == 2:
+                plane_pass(src + base, tmp + base, P, W, 1, FILT, NT, SIGMA, SIGNED, BLOCK)
                 tl.debug_barrier()  # the H pass reads what other threads wrote
-                for p0 in range(0, P, BLOCK):
-                    p = p0 + tl.arange(0, BLOCK)
-                    mm = lowpass_global(tmp + base, p, p < P, H, W, FILT, NT, SIGMA)
-                    tl.store(dst + base + p, mm, mask=p < P)
-                    acc += tl.where(p < P, tl.abs(mm) if SIGNED else mm, 0.0)
-            tl.store(plane_sum + pid, tl.sum(acc, axis=0))
+                total = plane_pass(tmp + base, dst + base, P, H, W, FILT, NT, SIGMA, SIGNED,
+                                   BLOCK)  # fmt: skip
+            else:
+                total = plane_pass(src + base, dst + base, P, W, 1, FILT, NT, SIGMA, SIGNED,
+                                   BLOCK)  # fmt: skip
+            tl.store(plane_sum + pid, total)
     else:
         if NORMS:
             b = pid - NPLANES
-            svv = tl.zeros([BN], dtype=tl.float32)
-            saa = tl.zeros([BN], dtype=tl.float32)
-            sav = tl.zeros([BN], dtype=tl.float32)
-            for j0 in range(0, NBLK, BN):
-                j = j0 + tl.arange(0, BN)
-                jm = j < NBLK
-                svv += tl.load(part + b * NBLK + j, mask=jm, other=0.0)
-                saa += tl.load(part + (B + b) * NBLK + j, mask=jm, other=0.0)
-                sav += tl.load(part + (2 * B + b) * NBLK + j, mask=jm, other=0.0)
-            vv = tl.sum(svv, axis=0)
-            aa = tl.sum(saa, axis=0)
-            av = tl.sum(sav, axis=0)
+            vv = range_sum(part, b * NBLK, NBLK, BN)
+            aa = range_sum(part, (B + b) * NBLK, NBLK, BN)
+            av = range_sum(part, (2 * B + b) * NBLK, NBLK, BN)
             raw = tl.sqrt(vv)
-            raw_a = tl.sqrt(aa)
-            flo = tl.maximum(norm_floor * raw_a, norm_eps)
-            n = tl.maximum(raw, flo)
-            na = tl.maximum(raw_a, norm_eps)
+            flo, n, na = direction_norms(raw, tl.sqrt(aa), norm_eps, norm_floor)
             proj = tl.where(raw >= flo, (vv / n - av / na) / (n * n), 0.0)
             tl.store(norms + b * 3, n)
             tl.store(norms + b * 3 + 1, na)
@@ -563,65 +538,16 @@ def plane_kernel(
 
 
 @kernel
-def plane_mean(plane_sum, first, count, denom, BN: tl.constexpr):
-    """sum(plane_sum[first : first + count]) / denom."""
-    acc = tl.zeros([BN], dtype=tl.float32)
-    for j0 in range(0, count, BN):
-        j = j0 + tl.arange(0, BN)
-        acc += tl.load(plane_sum + first + j, mask=j < count, other=0.0)
-    return tl.sum(acc, axis=0) / denom
-
-
-@kernel
 def grad_kernel(
-    v0,
-    v1,
-    x1,
-    eps,
-    x_hat,
-    u0,
-    va_in,
-    t0,
-    t1,
-    coef,
-    act,
-    fmw,
-    adrw,
-    mapf,
-    plane_sum,
-    norms,
-    g0,
-    g1,
-    w_out,
-    part,
-    B,
-    C,
-    F,
-    FP,
-    NBLK,
-    lambda_fc,
-    c1,
-    tiny,
-    PATH: tl.constexpr,
-    V_MODE: tl.constexpr,
-    HAS_V1: tl.constexpr,
-    HAS_U0: tl.constexpr,
-    HAS_VA: tl.constexpr,
-    NEED_X: tl.constexpr,
-    NEED_DELTA: tl.constexpr,
-    HAS_FC: tl.constexpr,
-    MAP_MODE: tl.constexpr,
-    SQUARED: tl.constexpr,
-    ACT_K: tl.constexpr,
-    HAS_FMW: tl.constexpr,
-    HAS_ADRW: tl.constexpr,
-    DIRECTION: tl.constexpr,
-    WRITE_G0: tl.constexpr,
-    WRITE_G1: tl.constexpr,
-    WRITE_W: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BN: tl.constexpr,
-):
+    v0, v1, x1, eps, x_hat, u0, va_in, t0, t1, coef, act, fmw, adrw, mapf, plane_sum,
+    norms, g0, g1, w_out, part, B, C, F, FP, NBLK, lambda_fc, c1, tiny,
+    PATH: tl.constexpr, V_MODE: tl.constexpr, HAS_V1: tl.constexpr, HAS_U0: tl.constexpr,
+    HAS_VA: tl.constexpr, NEED_X: tl.constexpr, NEED_DELTA: tl.constexpr,
+    HAS_FC: tl.constexpr, MAP_MODE: tl.constexpr, SQUARED: tl.constexpr,
+    ACT_K: tl.constexpr, HAS_FMW: tl.constexpr, HAS_ADRW: tl.constexpr,
+    DIRECTION: tl.constexpr, WRITE_G0: tl.constexpr, WRITE_G1: tl.constexpr,
+    WRITE_W: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
     """Large samples, pass 3: G0, G1, w and per-program sums (as sample_kernel) from the
     filtered map, its plane sums and the direction norms. Grid (B * NBLK,); part
     (2, B, NBLK).
@@ -638,18 +564,12 @@ def grad_kernel(
     if HAS_FC:
         on = active_rows(act, b, True, ACT_K)
         if MAP_MODE == 0:
-            q = tl.where(
-                on, lambda_fc / (plane_mean(plane_sum, b * F, F, FP * 1.0, BN) + tiny), 0.0
-            )
-            wv0 = 1.0 + q * tl.load(mapf + b * FP + r, mask=mask, other=0.0)
-            if WRITE_W:
-                tl.store(w_out + b * FP + r, out_cast(wv0, w_out.dtype.element_ty), mask=mask)
-            if SQUARED:
-                wv0 = wv0 * wv0
+            q = fc_factor(on, lambda_fc, range_sum(plane_sum, b * F, F, BN) / (FP * 1.0), tiny)
+            m0 = load_tile(mapf + b * FP + r, mask, True)
+            wv0 = fc_weight(m0, q, w_out + b * FP + r, mask, True, WRITE_W, SQUARED)
         elif MAP_MODE == 2:
-            q = tl.where(
-                on, lambda_fc / (plane_mean(plane_sum, b * C * F, C * F, S * 1.0, BN) + tiny), 0.0
-            )
+            mean = range_sum(plane_sum, b * C * F, C * F, BN) / (S * 1.0)
+            q = fc_factor(on, lambda_fc, mean, tiny)
     if HAS_V1:
         if DIRECTION:
             n = tl.load(norms + b * 3)
@@ -659,106 +579,52 @@ def grad_kernel(
         else:
             k1 = c1 * ad * (2.0 / (S * bf))
     k0 = fm * (2.0 / (S * bf))
+    half = (B + tl.zeros([], tl.int64)) * S  # the joint output's second half
     fsum = tl.zeros([BLOCK], dtype=tl.float32)
     asum = tl.zeros([BLOCK], dtype=tl.float32)
     for c in range(C):
         off = (b * C + c) * FP + r
-        if NEED_X:
-            x = tl.load(x1 + off, mask=mask, other=0.0).to(tl.float32)
-            e = tl.load(eps + off, mask=mask, other=0.0).to(tl.float32)
-        if NEED_DELTA:
-            h = tl.load(x_hat + off, mask=mask, other=0.0).to(tl.float32)
-            delta = h - (a1 * x + s1 * e)
-        if HAS_U0:
-            u = tl.load(u0 + off, mask=mask, other=0.0).to(tl.float32)
-        else:
-            u = da0 * x + ds0 * e
-        v = tl.load(v0 + off, mask=mask, other=0.0).to(tl.float32)
+        x, e, delta = state_terms(
+            x1, eps, x_hat, off, mask, a1, s1, True, NEED_X, NEED_DELTA, False
+        )
+        u = target(u0, off, mask, x, e, da0, ds0, True, HAS_U0)
+        v = load_tile(v0 + off, mask, True)
         d0 = v - u
         if HAS_FC:
             if MAP_MODE == 0:
                 wv = wv0
             else:
                 if MAP_MODE == 1:
-                    qc = tl.where(
-                        on,
-                        lambda_fc
-                        / (plane_mean(plane_sum, (b * C + c) * F, F, FP * 1.0, BN) + tiny),
-                        0.0,
-                    )
+                    mean = range_sum(plane_sum, (b * C + c) * F, F, BN) / (FP * 1.0)
+                    qc = fc_factor(on, lambda_fc, mean, tiny)
                 else:
                     qc = q
-                wv = 1.0 + qc * tl.load(mapf + off, mask=mask, other=0.0)
-                if WRITE_W:
-                    tl.store(w_out + off, out_cast(wv, w_out.dtype.element_ty), mask=mask)
-                if SQUARED:
-                    wv = wv * wv
+                m = load_tile(mapf + off, mask, True)
+                wv = fc_weight(m, qc, w_out + off, mask, True, WRITE_W, SQUARED)
             gg0 = wv * d0
         else:
             gg0 = d0
         fsum += gg0 * d0
         G = k0 * gg0
-        if V_MODE != 2:
-            if WRITE_G0:
-                tl.store(g0 + off, out_cast(G, g0.dtype.element_ty), mask=mask)
+        store_g0(g0, off, G, mask, True, V_MODE, WRITE_G0)
+        G1 = 0.0
         if HAS_V1:
-            if V_MODE == 2:
-                y = v
-            elif V_MODE == 1:
-                y = tl.load(v0 + ((b + B) * C + c) * FP + r, mask=mask, other=0.0).to(tl.float32)
-            else:
-                y = tl.load(v1 + off, mask=mask, other=0.0).to(tl.float32)
-            if HAS_VA:
-                va = tl.load(va_in + off, mask=mask, other=0.0).to(tl.float32)
-            else:
-                va = da1 * x + ds1 * e + rat * delta
-            if DIRECTION:
-                dd = y / n - va / na
-                asum += dd * dd
-                G1 = k1 * (dd - proj * y)
-            else:
-                dd = y - va
-                asum += dd * dd
-                G1 = k1 * dd
-            if V_MODE == 2:
-                if WRITE_G0:
-                    tl.store(g0 + off, out_cast(G + G1, g0.dtype.element_ty), mask=mask)
-            elif WRITE_G1:
-                if V_MODE == 1:
-                    tl.store(
-                        g0 + ((b + B) * C + c) * FP + r,
-                        out_cast(G1, g0.dtype.element_ty),
-                        mask=mask,
-                    )
-                else:
-                    tl.store(g1 + off, out_cast(G1, g1.dtype.element_ty), mask=mask)
-        elif V_MODE == 2:
-            if WRITE_G0:
-                tl.store(g0 + off, out_cast(G, g0.dtype.element_ty), mask=mask)
+            y = second_output(v1, v0 + half, v, off, mask, True, V_MODE)
+            va = adr_target(va_in, off, mask, x, e, delta, da1, ds1, rat, True, HAS_VA)
+            dd = y / n - va / na if DIRECTION else y - va
+            asum += dd * dd
+            G1 = k1 * (dd - proj * y) if DIRECTION else k1 * dd
+        store_g1(g0, g1, g0 + half, off, G, G1, mask, True, V_MODE, HAS_V1, WRITE_G0, WRITE_G1)
     tl.store(part + pid, tl.sum(fsum, axis=0))
     tl.store(part + B * NBLK + pid, tl.sum(asum, axis=0))
 
 
 @kernel
 def finalize_kernel(
-    part,
-    fmw,
-    adrw,
-    per_sample,
-    loss,
-    fc_loss,
-    adr_loss,
-    B,
-    NBLK,
-    S,
-    lambda_adr,
-    HAS_V1: tl.constexpr,
-    HAS_FMW: tl.constexpr,
-    HAS_ADRW: tl.constexpr,
-    DIRECTION: tl.constexpr,
-    BB: tl.constexpr,
-    BN: tl.constexpr,
-):
+    part, fmw, adrw, per_sample, loss, fc_loss, adr_loss, B, NBLK, S, lambda_adr,
+    HAS_V1: tl.constexpr, HAS_FMW: tl.constexpr, HAS_ADRW: tl.constexpr,
+    DIRECTION: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
     """per_sample and the three losses from the sums part (2, B, NBLK); one program, fp64.
 
     fc_i = fmw_i sum_blk part[0] / S, adr_i = adrw_i sum_blk part[1] (/ S for mse),
@@ -791,9 +657,7 @@ def finalize_kernel(
                 adr = adr / sf
             ps = fc + lambda_adr * adr
             tot_a += tl.where(bmask, adr, 0.0)
-        tl.store(
-            per_sample + rows, out_cast(ps.to(tl.float32), per_sample.dtype.element_ty), mask=bmask
-        )
+        store_tile(per_sample + rows, ps.to(tl.float32), bmask, True)
     fcl = tl.sum(tot_f, axis=0) / B
     tl.store(fc_loss, out_cast(fcl.to(tl.float32), fc_loss.dtype.element_ty))
     if HAS_V1:
@@ -819,33 +683,11 @@ def scale_block(src, dst, o, mask, s, IN_PLACE: tl.constexpr):
 
 @kernel
 def scale_kernel(
-    src0,
-    src1,
-    dst0,
-    dst1,
-    g_loss,
-    g_term0,
-    g_term1,
-    g_rows,
-    rows_stride,
-    B,
-    S,
-    NBLK,
-    a0,
-    f0,
-    p0,
-    a1,
-    f1,
-    p1,
-    HAS_GL: tl.constexpr,
-    HAS_G0: tl.constexpr,
-    HAS_G1: tl.constexpr,
-    HAS_GR: tl.constexpr,
-    TWO: tl.constexpr,
-    JOINT: tl.constexpr,
-    IN_PLACE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    src0, src1, dst0, dst1, g_loss, g_term0, g_term1, g_rows, rows_stride, B, S, NBLK,
+    a0, f0, p0, a1, f1, p1, HAS_GL: tl.constexpr, HAS_G0: tl.constexpr,
+    HAS_G1: tl.constexpr, HAS_GR: tl.constexpr, TWO: tl.constexpr, JOINT: tl.constexpr,
+    IN_PLACE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     """Backward: dst = s * src for the stored gradients of v0 (region 0) and v1 (region 1).
 
     Sample b's factor: s = a gl + f g_term + p B g_rows[b] with gl = dL/dloss, g_term =

@@ -28,7 +28,17 @@ STATED_CLASSIFIER_ACCURACY = 0.95  # docs/demo.md; measured 0.963 on the test sp
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-quick")
     rc = main(
-        ["demo", "--dataset", "digits", "--quick", "--out", str(out), "--cache-dir", str(out / "cache"), "--no-progress"]
+        [
+            "demo",
+            "--dataset",
+            "digits",
+            "--quick",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(out / "cache"),
+            "--no-progress",
+        ]
     )
     assert rc == 0
     return out, json.loads((out / "results.json").read_text())

@@ -26,7 +26,6 @@ from reflexflow.demo.methods import (  # noqa: E402
     parse_method,
 )
 from reflexflow.demo.model import PatchUNet  # noqa: E402
-from reflexflow.presets import DEFAULT_PRESET  # noqa: E402
 from reflexflow.demo.photo_features import (  # noqa: E402
     FeatureSettings,
     load_or_train_photo_classifier,
@@ -35,6 +34,7 @@ from reflexflow.demo.report import paired_differences, rerender_markdown  # noqa
 from reflexflow.demo.settings import DemoConfig  # noqa: E402
 from reflexflow.demo.sit import SIT_S2, SiT  # noqa: E402
 from reflexflow.demo.spectrum import band_scores, radial_power_spectrum  # noqa: E402
+from reflexflow.presets import DEFAULT_PRESET  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from typing import Any
 from .deps import MissingExtraError
 from .methods import (
     DEFAULT_METHODS,
+    METHODS,
     ORACLE_METHODS,
     ORACLE_QUICK_METHODS,
-    METHODS,
     PHOTO_METHODS,
     PHOTO_QUICK_METHODS,
     QUICK_METHODS,
@@ -461,7 +461,5 @@ def summary(cfg: Any, results: dict[str, Any]) -> list[str]:
             lines.append(f"{m:>16}  {per[n][metric]['mean']:.4g}")
     files = sorted(p.name for p in Path(cfg.out).iterdir() if p.is_file())
     lines.append(f"wrote {len(files)} files to {cfg.out}/ ({', '.join(files)})")
-    lines.append(
-        f"full tables: {cfg.out}/results.md ({results['wall_seconds']:.0f} s wall time)"
-    )
+    lines.append(f"full tables: {cfg.out}/results.md ({results['wall_seconds']:.0f} s wall time)")
     return lines

@@ -120,7 +120,9 @@ class OracleMixture:
         mu = self.means.flatten(1)
         var = a * a * self.variances.flatten(1) + s * s
         inv = 1.0 / var
-        quad = yf.square() @ inv.T - 2 * a * (yf @ (mu * inv).T) + a * a * (mu.square() * inv).sum(1)
+        quad = (
+            yf.square() @ inv.T - 2 * a * (yf @ (mu * inv).T) + a * a * (mu.square() * inv).sum(1)
+        )
         logdet = var.log().sum(1) + yf.shape[1] * math.log(2 * math.pi)
         return self.weights.log()[None] - 0.5 * (quad + logdet[None])
 

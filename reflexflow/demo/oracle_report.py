@@ -171,9 +171,7 @@ def markdown(cfg: Any, results: dict[str, Any]) -> str:
         for m in methods:
             L.append(f"| {m} | " + " | ".join(_cell(summ[m][n][metric]) for n in steps) + " |")
         fl = results["floor"]["scores"]
-        L.append(
-            "| u* (exact field) | " + " | ".join(_fmt(fl[n][metric]) for n in steps) + " |"
-        )
+        L.append("| u* (exact field) | " + " | ".join(_fmt(fl[n][metric]) for n in steps) + " |")
         ex = _fmt(results["exact_samples"][metric])
         L.append("| exact samples | " + " | ".join(ex for _ in steps) + " |")
     L += ["", "### Exposure bias, exact (mean ± std over seeds)", ""]
@@ -199,9 +197,7 @@ def markdown(cfg: Any, results: dict[str, Any]) -> str:
                 L.append(f"| {m} | " + " | ".join(_diff(vs[m][n][k]) for k in DIFF_METRICS) + " |")
     L += ["", "## Run", ""]
     L.append(f"Command: `{results['command']}`")
-    L.append(
-        f"Git commit: {git.get('commit')} (local changes in reflexflow/: {git.get('dirty')})."
-    )
+    L.append(f"Git commit: {git.get('commit')} (local changes in reflexflow/: {git.get('dirty')}).")
     load0, load1 = env.get("loadavg_start"), env.get("loadavg_end")
     L.append(
         f"Wall time {results['wall_seconds']:.0f} s, CPU time {results['cpu_seconds']:.0f} s "

@@ -112,7 +112,7 @@ def _init_worker(cfg: DemoConfig) -> dict[str, Any]:
 
 def _job(state: dict[str, Any], method: str, seed: int, steps: int) -> dict[str, Any]:
     """Train and score one (row, seed)."""
-    from .study import _knobs, _loss_fn, _downsample, resolved_knobs, train
+    from .study import _downsample, _knobs, _loss_fn, resolved_knobs, train
 
     cfg = dataclasses.replace(state["cfg"], steps=steps, show_progress=False)
     cpu0 = time.process_time()
@@ -158,7 +158,9 @@ def run_oracle(cfg: DemoConfig, command: str | None = None) -> dict[str, Any]:
         _loss_fn(cfg, method)
     settings = _study_settings(cfg)
     cache = RunCache(
-        None if cfg.cache_dir is None else cfg.cache_dir / "runs" / f"oracle-{settings_key(settings)}"
+        None
+        if cfg.cache_dir is None
+        else cfg.cache_dir / "runs" / f"oracle-{settings_key(settings)}"
     )
     data = OracleData(cfg)
     results: dict[str, Any] = {

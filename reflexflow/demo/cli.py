@@ -36,7 +36,7 @@ against u*'s from the same noise; its velocity error on its own states against c
 x_t). Rows: fm; fm-equal-compute (fm trained for the measured cost of the default
 preset); reflexflow = the library's default preset (defar: one grid step h = 1/50, mse
 ADR x1, velocity-space FC x1); the presets arioso, simpletuner, grid-direction; ss, ip;
-fm-stable, defar-stable; fm-long and reflexflow-long (3x the steps). results.md lists the
+fm-stable, defar-stable; fm-long and reflexflow-long (2x the steps). results.md lists the
 resolved knobs of every row. %(oracle_time)s; --quick %(quick_time)s.
 
 --dataset digits: the earlier study, a TinyUNet on scikit-learn's 8x8 digits scored in a
@@ -195,7 +195,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--long-factor",
         type=int,
         default=None,
-        help="oracle: the -long rows train this many times the steps (default: 3)",
+        help="oracle: the -long rows train this many times the steps (default: 2)",
     )
     p.add_argument(
         "--equal-compute-ratio",
@@ -210,7 +210,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="training steps per method and seed "
         + QUICK_HELP % ("400", "40")
-        + " (oracle: 300, 30 with --quick)",
+        + " (oracle: 200, 30 with --quick)",
     )
     p.add_argument(
         "--batch-size",

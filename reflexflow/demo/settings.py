@@ -60,20 +60,20 @@ DIGITS: dict[str, Any] = {
     "feature_steps": 0,  # digits: the classifier trains 30 epochs (metrics.train_classifier)
     "long_factor": 3,
 }
-# Sized from measured CPU time (docs/demo.md): about 10 minutes with 2 workers on 2 quiet
-# cores. Rows: fm, fm at equal compute, the default preset (``reflexflow``), the other
+# Sized from measured CPU time (docs/demo.md): about 8 minutes with 2 workers on 2 idle
+# cores (its CPU time over 2). Rows: fm, fm at equal compute, the default preset (``reflexflow``), the other
 # presets, ss, ip, stable targets, and fm / the default at long_factor x the steps.
 ORACLE: dict[str, Any] = {
     "methods": ORACLE_METHODS,
     "seeds": (0, 1, 2),
-    "steps": 300,
+    "steps": 200,
     "batch_size": 32,
     "lr": 2e-3,
     "channels": (16, 32),
     "eval_steps": (5, 10, 20),
-    "num_samples": 500,
-    "bias_samples": 256,
-    "long_factor": 3,
+    "num_samples": 400,
+    "bias_samples": 128,
+    "long_factor": 2,
 }
 ORACLE_QUICK: dict[str, Any] = {
     "methods": ORACLE_QUICK_METHODS,

@@ -62,7 +62,7 @@ def test_velocity_matches_a_monte_carlo_posterior_mean(path, t):
     a, s, da, ds = (float(f(tt)) for f in (path.a, path.s, path.da, path.ds))
     x1_true, _ = small.sample(3, gen)
     x_t = a * x1_true + s * torch.randn(x1_true.shape, generator=gen, dtype=torch.float64)
-    draws, _ = small.sample(400_000, gen)
+    draws, _ = small.sample(200_000, gen)
     exact = small.velocity(x_t, t, path)
     for i in range(3):
         logw = -(x_t[i] - a * draws).square().flatten(1).sum(1) / (2 * s * s)
@@ -89,11 +89,13 @@ def test_velocity_is_finite_at_both_ends_and_takes_the_limits(small):
 
 
 def test_integrating_the_exact_velocity_reproduces_the_mixture_moments(small):
-    """Heun with 200 steps of u* from N(0, I) lands on the mixture: its mean and its
+    """Heun with 100 steps of u* from N(0, I) lands on the mixture: its mean and its
     per-coefficient variances within sampling error."""
-    n = 6000
-    noise = torch.randn((n, *SMALL), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    x = sample(small, noise, 200, solver="heun")
+    n = 4000
+    noise = torch.randn(
+        (n, *SMALL), generator=torch.Generator().manual_seed(4), dtype=torch.float64
+    )
+    x = sample(small, noise, 100, solver="heun")
     y = small.to_coeffs(x).flatten(1)
     var = small.coefficient_variance().flatten()
     assert ((y.mean(0) - small.mean()).abs() < 4 * (var / n).sqrt()).all()

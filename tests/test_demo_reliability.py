@@ -133,6 +133,8 @@ def test_ctrl_c_stops_promptly_keeps_finished_runs_and_says_how_to_resume(tmp_pa
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # a terminal's child has SIGINT at its default; a background shell's has it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 900

@@ -454,6 +454,8 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict[str, Any]:
     from . import report  # imports matplotlib lazily (clear message when missing)
 
     report.check_plotting()
+    if cfg.dataset == "photos" and cfg.device == "cpu":
+        _say(cfg, "note: photos on a CPU is under-fitted: its samples are noise at this budget")
     wall0, cpu0 = time.perf_counter(), _cpu_seconds()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

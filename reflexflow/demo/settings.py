@@ -61,8 +61,9 @@ DIGITS: dict[str, Any] = {
     "long_factor": 3,
 }
 # Sized from measured CPU time (docs/demo.md): about 8 minutes with 2 workers on 2 idle
-# cores (its CPU time over 2). Rows: fm, fm at equal compute, the default preset (``reflexflow``), the other
-# presets, ss, ip, stable targets, and fm / the default at long_factor x the steps.
+# cores (its CPU time over 2). Rows: fm, fm at equal compute, the default preset
+# (``reflexflow``), the other presets, ss, ip, stable targets, and fm / the default at
+# long_factor x the steps.
 ORACLE: dict[str, Any] = {
     "methods": ORACLE_METHODS,
     "seeds": (0, 1, 2),

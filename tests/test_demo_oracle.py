@@ -194,3 +194,20 @@ def test_a_rerun_with_the_same_settings_resumes_from_the_run_cache(tiny_run, mon
     assert rc == 0
     again = json.loads((out / "again" / "results.json").read_text())
     assert [r["scores"] for r in again["runs"]] == [r["scores"] for r in first["runs"]]
+
+
+def test_plain_demo_runs_the_oracle_with_the_default_preset_as_reflexflow():
+    from reflexflow.cli import build_parser
+    from reflexflow.demo.cli import config_from_args
+    from reflexflow.demo.methods import method_knobs
+    from reflexflow.presets import DEFAULT_PRESET
+
+    parser = build_parser()
+    cfg = config_from_args(parser.parse_args(["demo"]))
+    assert cfg.dataset == "oracle" and "reflexflow" in cfg.methods and "fm" in cfg.methods
+    assert method_knobs("reflexflow", lambda_adr=3.0) == {"preset": DEFAULT_PRESET}
+    demo = parser._subparsers._group_actions[0].choices["demo"]
+    text = " ".join(demo.format_help().split())
+    assert f"reflexflow = the library's default preset ({DEFAULT_PRESET}" in text
+    digits = config_from_args(parser.parse_args(["demo", "--dataset", "digits"]))
+    assert "reflexflow" not in digits.methods and "gd-direction" in digits.methods

@@ -264,7 +264,7 @@ def test_photo_presets_resolve_by_size_and_device():
     assert cuda.arch == "sit" and cuda.amp and cuda.steps >= 20_000
     quick = DemoConfig(dataset="photos", quick=True, steps=7)
     assert quick.steps == 7 and quick.seeds == (0, 1)
-    digits = DemoConfig()
+    digits = DemoConfig(dataset="digits")
     assert (digits.steps, digits.num_samples, digits.channels) == (400, 500, (16, 32))
     with pytest.raises(ValueError, match="arch"):
         DemoConfig(dataset="photos", arch="mlp")

@@ -189,6 +189,7 @@ def test_progress_falls_back_without_tqdm(monkeypatch, capsys):
 
 
 def test_worker_processes_give_the_same_numbers(tmp_path):
+    # separate cache folders: with a shared one the second run would load the first's runs
     args = ["demo", "--dataset", "digits", "--methods", "fm,gd-direction", "--seeds", "2"]
     args += ["--steps", "8"]
     args += ["--eval-steps", "4", "--num-samples", "40", "--bias-samples", "16", "--no-progress"]
@@ -196,7 +197,8 @@ def test_worker_processes_give_the_same_numbers(tmp_path):
     for w in (1, 2):
         out = tmp_path / f"w{w}"
         assert (
-            main([*args, "--workers", str(w), "--out", str(out), "--cache-dir", str(tmp_path)]) == 0
+            main([*args, "--workers", str(w), "--out", str(out), "--cache-dir", str(out) + "-c"])
+            == 0
         )
         res.append(json.loads((out / "results.json").read_text()))
     for a, b in zip(res[0]["runs"], res[1]["runs"], strict=True):

@@ -37,13 +37,15 @@ x_t). Rows: fm; fm-equal-compute (fm trained for the measured cost of the defaul
 preset); reflexflow = the library's default preset (defar: one grid step h = 1/50, mse
 ADR x1, velocity-space FC x1); the presets arioso, simpletuner, grid-direction; ss, ip;
 fm-stable, defar-stable; fm-long and reflexflow-long (2x the steps). results.md lists the
-resolved knobs of every row. %(oracle_time)s; --quick %(quick_time)s.
+resolved knobs of every row.
+%(oracle_time)s; --quick %(quick_time)s.
 
 --dataset digits: the earlier study, a TinyUNet on scikit-learn's 8x8 digits scored in a
 digit classifier's features; rows fm, ip, ss and gd-direction, gd-mse, gd-adr-only,
 gd-fc-only: the grid-direction preset (direction ADR x10, state-space FC x1) with the
 digits knobs (--lambda-adr, --lambda-fc, --rollout-steps, --train-sampling-steps; rollout
-step h = 1/20). %(digits_time)s.
+step h = 1/20).
+%(digits_time)s.
 
 --dataset photos (optional): 32x32x3 crops of scikit-image's photographs. At the CPU
 budget its models emit coloured noise and its FD intervals are too wide to decide
@@ -55,9 +57,11 @@ with Ctrl-C resumes where it stopped. Needs the demo extra: pip install "reflexf
 
 # measured wall times (docs/demo.md "Timing"), printed in --help
 TIMES = {
-    "oracle_time": "About 10 minutes with 2 workers on 2 idle cores (measured: see docs/demo.md)",
-    "quick_time": "about a minute",
-    "digits_time": "About 3 minutes with 2 workers on 2 cores (measured, docs/demo.md)",
+    "oracle_time": "About 7 minutes with 2 workers on 2 idle cores (measured: CPU time 840 s;\n"
+    "17 minutes wall on a shared 2-core machine at load 6 to 2, docs/demo.md)",
+    "quick_time": "about 30 CPU-seconds",
+    "digits_time": "About 3 minutes with 2 workers on 2 idle cores (measured: CPU time 392 s,\n"
+    "docs/demo.md)",
 }
 
 QUICK_HELP = "(digits: %s, with --quick %s; oracle and photos: the presets of docs/demo.md)"

@@ -19,6 +19,7 @@ __all__ = [
     "markdown",
     "write_all",
     "summary_lines",
+    "rerender",
     "METRICS",
 ]
 
@@ -272,7 +273,7 @@ def _fd_png(plt: Any, path: Path, cfg: Any, results: dict[str, Any]) -> None:
     steps = list(cfg.eval_steps)
     summ = results["summary"]
     styles = _styles(list(summ))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for m, per in summ.items():
         mean = [per[str(n)]["fd"]["mean"] for n in steps]
         std = [per[str(n)]["fd"]["std"] for n in steps]
@@ -282,11 +283,16 @@ def _fd_png(plt: Any, path: Path, cfg: Any, results: dict[str, Any]) -> None:
     ax.axhline(results["exact_samples"]["fd"], color="gray", ls=":", label="exact samples")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.minorticks_off()
+    lo, hi = ax.get_ylim()
+    ticks = [v for v in (10, 20, 30, 50, 70, 100, 150, 200, 300, 500, 700, 1000) if lo <= v <= hi]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([str(v) for v in ticks])
     ax.set_xticks(steps)
     ax.set_xticklabels([str(n) for n in steps])
     ax.set_xlabel("Euler steps N")
     ax.set_ylabel("FD to the exact mixture (lower is better)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -302,6 +308,7 @@ def _bands_png(plt: Any, path: Path, cfg: Any, results: dict[str, Any]) -> None:
     steps = [str(n) for n in cfg.eval_steps]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
     width = 0.8 / (len(methods) + 1)
+    styles = _styles(methods)
     for ax, band in zip(axes, ("band_low", "band_high"), strict=True):
         for j, m in enumerate(methods + ["u* (exact field)"]):
             if m in summ:
@@ -311,7 +318,8 @@ def _bands_png(plt: Any, path: Path, cfg: Any, results: dict[str, Any]) -> None:
                 vals = [results["floor"]["scores"][n][band] for n in steps]
                 err = [0.0] * len(steps)
             xs = [i + (j - len(methods) / 2) * width for i in range(len(steps))]
-            ax.bar(xs, vals, width, yerr=err, label=m, color=None if m in summ else "k")
+            colour = styles[m]["color"] if m in summ else "#bbbbbb"
+            ax.bar(xs, vals, width, yerr=err, label=m, color=colour, edgecolor="k", lw=0.3)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xticks(range(len(steps)))
         ax.set_xticklabels([f"N={n}" for n in steps])
@@ -352,6 +360,30 @@ def _bias_png(plt: Any, path: Path, cfg: Any, results: dict[str, Any], n: str) -
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def rerender(out: Path) -> str:
+    """Rewrite results.md and every figure but samples.png from out/results.json."""
+    from types import SimpleNamespace
+
+    from .report import _pyplot
+
+    out = Path(out)
+    results = json.loads((out / "results.json").read_text())
+    cfg = SimpleNamespace(**results["config"])
+    cfg.eval_steps, cfg.channels, cfg.seeds = (
+        tuple(cfg.eval_steps),
+        tuple(cfg.channels),
+        tuple(cfg.seeds),
+    )
+    text = markdown(cfg, results)
+    (out / "results.md").write_text(text)
+    plt = _pyplot()
+    n = str(cfg.eval_steps[min(1, len(cfg.eval_steps) - 1)])
+    _fd_png(plt, out / "fd-vs-steps.png", cfg, results)
+    _bands_png(plt, out / "bands.png", cfg, results)
+    _bias_png(plt, out / "exposure-bias.png", cfg, results, n)
+    return text
 
 
 def write_all(cfg: Any, results: dict[str, Any], grids: dict[str, dict[str, Tensor]]) -> None:

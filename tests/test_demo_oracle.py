@@ -211,3 +211,12 @@ def test_plain_demo_runs_the_oracle_with_the_default_preset_as_reflexflow():
     assert f"reflexflow = the library's default preset ({DEFAULT_PRESET}" in text
     digits = config_from_args(parser.parse_args(["demo", "--dataset", "digits"]))
     assert "reflexflow" not in digits.methods and "gd-direction" in digits.methods
+
+
+def test_oracle_results_md_is_rendered_from_results_json(tiny_run):
+    from reflexflow.demo.oracle_report import rerender
+
+    out, _ = tiny_run
+    written = (out / "o" / "results.md").read_text()
+    assert rerender(out / "o") == written
+    assert "method=reflexflow, preset=defar" in written and "method=fm," in written

@@ -65,6 +65,7 @@ class OracleScorer:
         self.low = freq <= LOW_BAND
         self.high = freq >= HIGH_BAND
         self.clean_u = {t: self._clean_truth(t) for t in self.times}
+        self._oracle_states: dict[int, list[Tensor]] = {}  # u*'s Euler states per N
         self.floor = self._score(mixture, oracle=True)
         exact, _ = mixture.sample(num_samples, torch.Generator().manual_seed(seed + 1))
         self.exact = self.sample_scores(exact)
@@ -113,7 +114,6 @@ class OracleScorer:
                 own.append(float((v - u).square().mean()))
             s["err_own"] = sum(own) / n
             if oracle:
-                self._oracle_states = getattr(self, "_oracle_states", {})
                 self._oracle_states[n] = states
                 s["path_dev"] = 0.0
                 dev = [0.0] * n

@@ -107,23 +107,36 @@ def _diff(c: dict[str, Any]) -> str:
 
 
 def _knob_text(lc: dict[str, Any]) -> str:
-    if lc.get("method") != "reflexflow":
-        extra = " (stable target)" if lc.get("target") == "stable" else ""
-        return f"{lc.get('method')}{extra}"
-    keys = (
-        "preset",
-        "rollout_steps",
-        "num_sampling_steps",
-        "step_schedule",
-        "rollout_grad",
-        "fm_input",
-        "adr_loss",
-        "lambda_adr",
-        "lambda_fc",
-        "fc_source",
-        "fc_form",
-        "target",
-    )
+    """The knobs that define what a row trains (the rest of loss_config is in results.json)."""
+    method = lc.get("method")
+    keys: tuple[str, ...] = ("method",)
+    if method == "ss":
+        keys += ("rollout_steps", "num_sampling_steps", "step_schedule", "ss_prob")
+    elif method == "ip":
+        keys += ("ip_gamma",)
+    elif method == "reflexflow":
+        keys += (
+            "preset",
+            "rollout_steps",
+            "num_sampling_steps",
+            "step_schedule",
+            "k_draw",
+            "ss_prob",
+            "rollout_grad",
+            "fm_input",
+            "adr_loss",
+            "lambda_adr",
+            "norm_floor",
+            "lambda_fc",
+            "fc_source",
+            "fc_signed",
+            "fc_form",
+            "fc_filter",
+            "fc_sigma",
+            "fc_t_max",
+        )
+    keys += ("target",) + (("stable_ref",) if lc.get("target") == "stable" else ())
+    keys += ("path", "t_eps", "time_sampler")
     return ", ".join(f"{k}={lc[k]}" for k in keys if k in lc)
 
 

@@ -38,7 +38,8 @@ preset); reflexflow = the library's default preset (defar: one grid step h = 1/5
 ADR x1, velocity-space FC x1); the presets arioso, simpletuner, grid-direction; ss, ip;
 fm-stable, defar-stable; fm-long and reflexflow-long (2x the steps). results.md lists the
 resolved knobs of every row.
-%(oracle_time)s; --quick %(quick_time)s.
+%(oracle_time)s;
+--quick %(quick_time)s.
 
 --dataset digits: the earlier study, a TinyUNet on scikit-learn's 8x8 digits scored in a
 digit classifier's features; rows fm, ip, ss and gd-direction, gd-mse, gd-adr-only,

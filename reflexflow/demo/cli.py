@@ -60,7 +60,7 @@ with Ctrl-C resumes where it stopped. Needs the demo extra: pip install "reflexf
 TIMES = {
     "oracle_time": "About 7 minutes with 2 workers on 2 idle cores (measured: CPU time 840 s;\n"
     "17 minutes wall on a shared 2-core machine at load 6 to 2, docs/demo.md)",
-    "quick_time": "about 30 CPU-seconds",
+    "quick_time": "about 20 CPU-seconds (measured: 40 s wall at load 3)",
     "digits_time": "About 3 minutes with 2 workers on 2 idle cores (measured: CPU time 392 s,\n"
     "docs/demo.md)",
 }

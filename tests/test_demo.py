@@ -28,7 +28,17 @@ STATED_CLASSIFIER_ACCURACY = 0.95  # docs/demo.md; measured 0.963 on the test sp
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-quick")
     rc = main(
-        ["demo", "--quick", "--out", str(out), "--cache-dir", str(out / "cache"), "--no-progress"]
+        [
+            "demo",
+            "--dataset",
+            "digits",
+            "--quick",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(out / "cache"),
+            "--no-progress",
+        ]
     )
     assert rc == 0
     return out, json.loads((out / "results.json").read_text())
@@ -122,9 +132,9 @@ def test_digits_split_is_fixed_disjoint_and_scaled():
 
 
 def test_method_ablations_set_the_documented_lambdas():
-    assert method_knobs("adr-only")["lambda_fc"] == 0.0
-    assert method_knobs("fc-only")["lambda_adr"] == 0.0
-    assert method_knobs("reflexflow-mse")["adr_loss"] == "mse"
+    assert method_knobs("gd-adr-only")["lambda_fc"] == 0.0
+    assert method_knobs("gd-fc-only")["lambda_adr"] == 0.0
+    assert method_knobs("gd-mse")["adr_loss"] == "mse"
     assert method_knobs("fm", lambda_adr=3.0)["method"] == "fm"
     with pytest.raises(ValueError, match="method"):
         method_knobs("nope")
@@ -135,16 +145,17 @@ def test_toy_dataset_runs_the_adr_view(tmp_path):
     args += ["--eval-steps", "5", "--num-samples", "200", "--bias-samples", "64", "--workers", "1"]
     assert main([*args, "--out", str(tmp_path), "--no-progress"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
-    assert [r["method"] for r in res["runs"]] == ["fm", "ss", "adr-only", "adr-only-mse"]
+    assert [r["method"] for r in res["runs"]] == ["fm", "ss", "gd-adr-only", "gd-adr-only-mse"]
     assert all(math.isfinite(r["scores"]["5"]["mmd"]) for r in res["runs"])
-    assert (tmp_path / "samples-adr-only.png").is_file()
+    assert (tmp_path / "samples-gd-adr-only.png").is_file()
 
 
 def test_missing_extra_gives_a_clear_message(monkeypatch, tmp_path, capsys):
     with pytest.raises(deps.MissingExtraError, match=r'pip install "reflexflow\[demo\]"'):
         deps.require("reflexflow_no_such_module_xyz", "xyz")
     monkeypatch.setitem(__import__("sys").modules, "sklearn.datasets", None)
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 2
+    args = ["demo", "--dataset", "digits", "--quick", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 2
     assert 'pip install "reflexflow[demo]"' in capsys.readouterr().err
 
 
@@ -178,13 +189,16 @@ def test_progress_falls_back_without_tqdm(monkeypatch, capsys):
 
 
 def test_worker_processes_give_the_same_numbers(tmp_path):
-    args = ["demo", "--methods", "fm,reflexflow", "--seeds", "2", "--steps", "8"]
+    # separate cache folders: with a shared one the second run would load the first's runs
+    args = ["demo", "--dataset", "digits", "--methods", "fm,gd-direction", "--seeds", "2"]
+    args += ["--steps", "8"]
     args += ["--eval-steps", "4", "--num-samples", "40", "--bias-samples", "16", "--no-progress"]
     res = []
     for w in (1, 2):
         out = tmp_path / f"w{w}"
         assert (
-            main([*args, "--workers", str(w), "--out", str(out), "--cache-dir", str(tmp_path)]) == 0
+            main([*args, "--workers", str(w), "--out", str(out), "--cache-dir", str(out) + "-c"])
+            == 0
         )
         res.append(json.loads((out / "results.json").read_text()))
     for a, b in zip(res[0]["runs"], res[1]["runs"], strict=True):

@@ -34,6 +34,7 @@ from reflexflow.demo.report import paired_differences, rerender_markdown  # noqa
 from reflexflow.demo.settings import DemoConfig  # noqa: E402
 from reflexflow.demo.sit import SIT_S2, SiT  # noqa: E402
 from reflexflow.demo.spectrum import band_scores, radial_power_spectrum  # noqa: E402
+from reflexflow.presets import DEFAULT_PRESET  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -215,9 +216,11 @@ def test_method_rows_and_their_overrides():
     assert method_knobs("defar-stable")["target"] == "stable"
     assert method_knobs("fm-stable") == {"method": "fm", "target": "stable", "stable_ref": 256}
     # ... the digits rows take them, and a row's own override wins
-    assert method_knobs("reflexflow", lambda_adr=3.0)["lambda_adr"] == 3.0
-    assert method_knobs("reflexflow").get("preset", "grid-direction") == "grid-direction"
-    assert method_knobs("reflexflow:lambda_adr=0.1", lambda_adr=3.0)["lambda_adr"] == 0.1
+    assert method_knobs("gd-direction", lambda_adr=3.0)["lambda_adr"] == 3.0
+    assert method_knobs("gd-direction").get("preset", "grid-direction") == "grid-direction"
+    assert method_knobs("gd-direction:lambda_adr=0.1", lambda_adr=3.0)["lambda_adr"] == 0.1
+    # the reflexflow row is the library's default preset, untouched by the digits knobs
+    assert method_knobs("reflexflow", lambda_adr=3.0) == {"preset": DEFAULT_PRESET}
     assert set(PHOTO_METHODS) <= set(METHODS)
 
 
@@ -261,7 +264,7 @@ def test_photo_presets_resolve_by_size_and_device():
     assert cuda.arch == "sit" and cuda.amp and cuda.steps >= 20_000
     quick = DemoConfig(dataset="photos", quick=True, steps=7)
     assert quick.steps == 7 and quick.seeds == (0, 1)
-    digits = DemoConfig()
+    digits = DemoConfig(dataset="digits")
     assert (digits.steps, digits.num_samples, digits.channels) == (400, 500, (16, 32))
     with pytest.raises(ValueError, match="arch"):
         DemoConfig(dataset="photos", arch="mlp")
@@ -272,7 +275,7 @@ def photos_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("photos-quick")
     args = ["demo", "--dataset", "photos", "--quick", "--steps", "3", "--seeds", "2"]
     args += ["--eval-steps", "2,3", "--num-samples", "16", "--bias-samples", "8"]
-    args += ["--eval-size", "64", "--feature-steps", "5", "--methods", "fm,ss,reflexflow-mse"]
+    args += ["--eval-size", "64", "--feature-steps", "5", "--methods", "fm,ss,gd-mse"]
     rc = main([*args, "--out", str(out), "--cache-dir", str(out / "cache"), "--no-progress"])
     assert rc == 0
     return out, json.loads((out / "results.json").read_text())
@@ -288,7 +291,7 @@ def test_photos_quick_runs_end_to_end(photos_run):
         "spectrum.png",
         "samples-data.png",
         "samples-fm.png",
-        "samples-reflexflow-mse.png",
+        "samples-gd-mse.png",
     ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert res["config"]["dataset"] == "photos" and res["data"]["image_size"] == 32
@@ -300,10 +303,10 @@ def test_photos_quick_runs_end_to_end(photos_run):
             assert all(math.isfinite(v) for v in s.values())
             assert len(run["spectra"][n]) == 16
         assert len(run["term_curves"]["fm_term"]) == 3
-    mse = next(r for r in res["runs"] if r["method"] == "reflexflow-mse")
+    mse = next(r for r in res["runs"] if r["method"] == "gd-mse")
     assert all(v is not None and v > 0 for v in mse["term_curves"]["adr_term"])
     assert mse["loss_config"]["adr_loss"] == "mse"
-    assert set(res["vs_fm"]) == {"ss", "reflexflow-mse"}
+    assert set(res["vs_fm"]) == {"ss", "gd-mse"}
     assert res["vs_fm"]["ss"]["2"]["fd"]["n"] == 2
     clf = res["classifier"]
     assert 0 <= clf["accuracy"] <= 1 and "train-region" in clf["accuracy_on"]

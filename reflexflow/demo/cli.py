@@ -12,6 +12,8 @@ from .deps import MissingExtraError
 from .methods import (
     DEFAULT_METHODS,
     METHODS,
+    ORACLE_METHODS,
+    ORACLE_QUICK_METHODS,
     PHOTO_METHODS,
     PHOTO_QUICK_METHODS,
     QUICK_METHODS,
@@ -22,31 +24,79 @@ from .methods import (
 __all__ = ["add_demo_arguments", "run_from_args", "config_from_args"]
 
 DESCRIPTION = """\
-The main job: a measured exposure-bias and sample-quality study on real data.
-Every method trains at the same step budget, seeds and data order, and is scored on a
-held-out split at 10, 20 and 50 Euler steps, with differences from fm paired by seed.
+The main job: does ReflexFlow improve samples for what it costs? A measured study; every
+row trains on the same seeds and data order, differences from fm are paired by seed.
 
---dataset digits (default): a small time-conditioned UNet on scikit-learn's handwritten
-digits (8x8, embedded, nothing downloaded); rows fm, ip, ss, reflexflow (direction ADR),
-reflexflow-mse, adr-only, fc-only; scored by Frechet distance in the features of a small
-digit classifier (trained once, cached), its confidence, k-NN precision/recall and the
-exposure-bias curve (docs/method.md section 7). About 10 CPU-minutes (about 5 minutes with the
-default 2 workers on 2 cores); --quick under a minute.
+--dataset oracle (default): an exact oracle. A fixed mixture of 8 Gaussians on 4x16x16
+images (1024 dimensions, natural-image power spectra) whose true velocity u* is closed
+form, so every score is exact: Frechet distance to the mixture's analytic moments at 5,
+10 and 20 Euler steps with u*'s own samples as the floor, low/high-band variance ratios,
+mode coverage, exact log-likelihood, and exposure bias itself (the model's Euler path
+against u*'s from the same noise; its velocity error on its own states against clean
+x_t). Rows: fm; fm-equal-compute (fm trained for the measured cost of the default
+preset); reflexflow = the library's default preset (defar: one grid step h = 1/50, mse
+ADR x1, velocity-space FC x1); the presets arioso, simpletuner, grid-direction; ss, ip;
+fm-stable, defar-stable; fm-long and reflexflow-long (2x the steps). results.md lists the
+resolved knobs of every row.
+%(oracle_time)s;
+--quick %(quick_time)s.
 
---dataset photos: 32x32x3 crops (3072 dimensions) of the colour photographs inside
-scikit-image's wheel, random crops with rescale and flip from a train region of each
-photograph, held-out crops from a band training never sees; rows fm, ip, ss, the presets
-defar, arioso, simpletuner, grid-direction, and stable targets without and with ADR
-(fm-stable, defar-stable). Adds the photographs' power spectrum (low and high band) to
-the scores; the feature network tells which photograph a crop comes from. On a CPU a
-PatchUNet sized for under 15 minutes with 2 workers on 2 cores; --device cuda: SiT-S/2,
-20K steps, bf16 autocast.
+--dataset digits: the earlier study, a TinyUNet on scikit-learn's 8x8 digits scored in a
+digit classifier's features; rows fm, ip, ss and gd-direction, gd-mse, gd-adr-only,
+gd-fc-only: the grid-direction preset (direction ADR x10, state-space FC x1) with the
+digits knobs (--lambda-adr, --lambda-fc, --rollout-steps, --train-sampling-steps; rollout
+step h = 1/20).
+%(digits_time)s.
 
-Writes results.json, results.md, samples-<method>.png, exposure-bias.png, loss-curves.png,
-differences.png (and spectrum.png for photos) to --out. Needs the demo extra:
-pip install "reflexflow[demo]"."""
+--dataset photos (optional): 32x32x3 crops of scikit-image's photographs. At the CPU
+budget its models emit coloured noise and its FD intervals are too wide to decide
+(docs/demo.md); it is kept for GPU runs (--device cuda: SiT-S/2, 20K steps).
 
-QUICK_HELP = "(digits: %s, with --quick %s; photos: the presets of docs/demo.md)"
+Writes results.json, results.md and figures to --out (a new or empty folder; --force to
+replace the demo's files); finished runs are cached under --cache-dir, so a run stopped
+with Ctrl-C resumes where it stopped. Needs the demo extra: pip install "reflexflow[demo]"."""
+
+# measured wall times (docs/demo.md "Timing"), printed in --help
+TIMES = {
+    "oracle_time": "About 7 minutes with 2 workers on 2 idle cores (measured: CPU time 840 s;\n"
+    "17 minutes wall on a shared 2-core machine at load 6 to 2, docs/demo.md)",
+    "quick_time": "about 20 CPU-seconds (measured: 40 s wall at load 3)",
+    "digits_time": "About 3 minutes with 2 workers on 2 idle cores (measured: CPU time 392 s,\n"
+    "docs/demo.md)",
+}
+
+QUICK_HELP = "(digits: %s, with --quick %s; oracle and photos: the presets of docs/demo.md)"
+
+
+def _out_path(text: str) -> Path:
+    """--out: a folder path; a path naming an existing file is an argparse error."""
+    from .outdir import check_out_path
+
+    try:
+        return check_out_path(Path(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _device(text: str) -> str:
+    """--device: cpu, or cuda / cuda:N when torch sees a GPU; anything else an argparse error."""
+    import torch
+
+    name = text.strip().lower()
+    if name == "cpu":
+        return name
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and (not index or index.isdigit()):
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: torch.cuda.is_available() is False on this machine; use cpu"
+            )
+        if index and int(index) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+        return name
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -88,28 +138,35 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     """Register every option of ``reflexflow demo`` on parser ``p``."""
-    p.description = DESCRIPTION
+    p.description = DESCRIPTION % TIMES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a fast preset for smoke tests (digits: fm, ss, reflexflow; 2 seeds, 40 steps, "
-        "10 and 20 sampling steps, 100 samples; photos: fm, ss, reflexflow-mse, a narrow "
-        "PatchUNet, 2 seeds, 30 steps, 64 samples); options given explicitly still win",
+        help="a fast preset for smoke tests (oracle: fm, reflexflow, fm-long; 2 seeds, 30 "
+        "steps, 5 and 10 sampling steps, 128 samples; digits: fm, ss, gd-direction; 2 seeds, "
+        "40 steps, 100 samples; photos: fm, defar, defar-stable, a narrow PatchUNet, 2 seeds, "
+        "30 steps, 64 samples); options given explicitly still win",
     )
     p.add_argument(
         "--out",
-        type=Path,
+        type=_out_path,
         default=None,
-        help="output folder (default: reflexflow-demo, or reflexflow-demo-quick)",
+        help="output folder, new or empty (default: reflexflow-demo, or reflexflow-demo-quick)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out, removing the demo's own files there first "
+        "(results.json, results.md, *.png)",
     )
     p.add_argument(
         "--dataset",
-        choices=("digits", "photos", "checkerboard", "8gaussians"),
+        choices=("oracle", "digits", "photos", "checkerboard", "8gaussians"),
         default=None,
-        help="digits (default); photos (32x32x3 crops of scikit-image's photographs, the "
-        "higher-dimensional study); or a 2-D toy for a fast ADR-only view (an MLP, "
-        "scored by MMD^2 and precision/recall in data space)",
+        help="oracle (default: the exact-oracle study); digits (the 8x8 digits study); "
+        "photos (optional: 32x32x3 crops, noise at the CPU budget); or a 2-D toy for a "
+        "fast ADR-only view (an MLP, scored by MMD^2 and precision/recall in data space)",
     )
     p.add_argument(
         "--size",
@@ -124,7 +181,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated methods, or 'all'; choices: "
         + ", ".join(METHODS)
-        + f" (default: {','.join(DEFAULT_METHODS)} for digits, "
+        + f" (default: {','.join(ORACLE_METHODS)} for the oracle, "
+        + f"{','.join(ORACLE_QUICK_METHODS)} with --quick; {','.join(DEFAULT_METHODS)} for digits, "
         + f"{','.join(QUICK_METHODS)} with --quick, {','.join(TOY_METHODS)} for the toys, "
         + f"{','.join(PHOTO_METHODS)} for photos, {','.join(PHOTO_QUICK_METHODS)} with "
         + "--quick). A row takes overrides of its loss knobs as name:knob=value[:knob=value], "
@@ -139,10 +197,25 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         help="number of seeds (N -> 0..N-1) or a comma list " + QUICK_HELP % ("3", "2"),
     )
     p.add_argument(
+        "--long-factor",
+        type=int,
+        default=None,
+        help="oracle: the -long rows train this many times the steps (default: 2)",
+    )
+    p.add_argument(
+        "--equal-compute-ratio",
+        type=float,
+        default=None,
+        help="oracle: fm-equal-compute trains steps x this (default: measured, the CPU time "
+        "of one reflexflow step over one fm step on the study's model)",
+    )
+    p.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="training steps per method and seed " + QUICK_HELP % ("400", "40"),
+        help="training steps per method and seed "
+        + QUICK_HELP % ("400", "40")
+        + " (oracle: 200, 30 with --quick)",
     )
     p.add_argument(
         "--batch-size",
@@ -193,13 +266,14 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--lambda-adr",
         type=float,
         default=None,
-        help="ADR weight of the reflexflow rows (default: 10, the library's)",
+        help="ADR weight of the digits study's gd- rows (default: 10, the grid-direction "
+        "preset's; the library's default preset, defar, uses 1)",
     )
     p.add_argument(
         "--lambda-fc",
         type=float,
         default=None,
-        help="FC weight of the reflexflow rows (default: 1, the library's)",
+        help="FC weight of the digits study's gd- rows (default: 1)",
     )
     p.add_argument(
         "--rollout-steps", type=int, default=None, help="training rollout length K (default: 1)"
@@ -219,6 +293,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--device",
+        type=_device,
         default=None,
         help="torch device, e.g. cpu or cuda (default: cpu); photos on cuda switch to the "
         "SiT-S/2 preset (20K steps, batch 128, bf16 autocast)",
@@ -302,6 +377,8 @@ _FIELDS = {
     "amp": "amp",
     "eval_size": "eval_size",
     "feature_steps": "feature_steps",
+    "long_factor": "long_factor",
+    "equal_compute_ratio": "equal_compute_ratio",
 }
 
 
@@ -319,6 +396,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     given["out"] = args.out or Path("reflexflow-demo-quick" if args.quick else "reflexflow-demo")
     given["cache_dir"] = args.cache_dir or default_cache_dir()
     given["show_progress"] = not args.no_progress
+    given["force"] = bool(getattr(args, "force", False))
     if "workers" not in given:  # two processes on a 2-core CPU, except for --quick
         cpu = given.get("device", "cpu") == "cpu"
         given["workers"] = 1 if args.quick or not cpu else max(1, min(2, os.cpu_count() or 1))
@@ -341,7 +419,12 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run the demo; exit status 2 with a clear message when the demo extra is missing."""
+    """Run the demo; print a short summary and where the files are.
+
+    Exit status 2 with a clear message on bad settings or a missing demo extra; 130 on
+    Ctrl-C, after saying how many runs are cached for the next run with the same settings.
+    """
+    from .jobs import DemoInterrupted
     from .study import run_demo
 
     try:
@@ -353,6 +436,35 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print((cfg.out / "results.md").read_text())
-    print(f"results in {cfg.out}/ ({results['wall_seconds']:.0f} s)")
+    except DemoInterrupted as err:
+        where = f" in {err.cache_dir}" if err.cache_dir is not None else ""
+        print(
+            f"\ninterrupted: {err.finished} of {err.total} runs finished and are kept{where}; "
+            "the same command resumes from them",
+            file=sys.stderr,
+        )
+        return 130
+    for line in summary(cfg, results):
+        print(line)
     return 0
+
+
+def summary(cfg: Any, results: dict[str, Any]) -> list[str]:
+    """What the terminal shows after a run: a few lines of headline numbers and the files."""
+    lines: list[str] = []
+    if cfg.dataset == "oracle":
+        from .oracle_report import summary_lines
+
+        lines += summary_lines(cfg, results)
+    else:
+        from .report import table_metrics
+
+        metric = table_metrics(cfg.dataset)[0]
+        n = str(cfg.eval_steps[0])
+        lines.append(f"{'row':>16}  {metric}@{n} (mean over seeds)")
+        for m, per in results["summary"].items():
+            lines.append(f"{m:>16}  {per[n][metric]['mean']:.4g}")
+    files = sorted(p.name for p in Path(cfg.out).iterdir() if p.is_file())
+    lines.append(f"wrote {len(files)} files to {cfg.out}/ ({', '.join(files)})")
+    lines.append(f"full tables: {cfg.out}/results.md ({results['wall_seconds']:.0f} s wall time)")
+    return lines

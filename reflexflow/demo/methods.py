@@ -2,16 +2,18 @@
 
 Two kinds of rows:
 
-* the digits study's rows (fm, ip, ss, reflexflow, reflexflow-mse and the ablations) take
-  the demo's shared knobs (``--lambda-adr``, ``--lambda-fc``, ``--rollout-steps``,
-  ``--train-sampling-steps``) and then their own. They were defined on the library's
-  earlier defaults, which are the ``grid-direction`` preset: on a reflexflow with presets
-  (whose default is ``defar``) they pin ``preset="grid-direction"`` so that they keep
-  their meaning;
-* preset rows (defar, arioso, simpletuner, grid-direction) and stable-target rows
+* the digits study's rows (fm, ip, ss, and gd-direction, gd-mse, gd-adr-only,
+  gd-adr-only-mse, gd-fc-only) take the demo's shared knobs (``--lambda-adr``,
+  ``--lambda-fc``, ``--rollout-steps``, ``--train-sampling-steps``) and then their own.
+  They were defined on the library's earlier default, the ``grid-direction`` preset, and
+  pin ``preset="grid-direction"`` (hence ``gd-``); with the shared defaults they differ
+  from that preset only in the rollout step h = 1/20 (the preset's is 1/50);
+* ``reflexflow`` is the library's default preset (presets.DEFAULT_PRESET, ``defar``);
+  preset rows (defar, arioso, simpletuner, grid-direction) and stable-target rows
   (fm-stable, defar-stable) are complete on their own: ReflexFlowLoss(preset=...) or
   ReflexFlowLoss(method=..., target="stable") with the library's values, untouched by the
-  shared knobs.
+  shared knobs. ``fm-equal-compute``, ``fm-long`` and ``reflexflow-long`` are fm and the
+  default trained longer (ROW_STEPS; the oracle study).
 
 Any row takes per-row overrides written ``name:knob=value[:knob=value...]``, e.g.
 ``defar:lambda_adr=0.5`` (a separate row of the table, for sweeps on the validation split).
@@ -23,6 +25,8 @@ import inspect
 import math
 from typing import Any
 
+from ..presets import DEFAULT_PRESET
+
 __all__ = [
     "METHODS",
     "SHARED_KNOB_METHODS",
@@ -32,6 +36,9 @@ __all__ = [
     "PHOTO_METHODS",
     "PHOTO_QUICK_METHODS",
     "STABLE_REF",
+    "ROW_STEPS",
+    "ORACLE_METHODS",
+    "ORACLE_QUICK_METHODS",
     "LEGACY_PRESET",
     "method_knobs",
     "parse_method",
@@ -46,11 +53,17 @@ METHODS: dict[str, dict[str, Any]] = {
     "fm": {"method": "fm"},
     "ip": {"method": "ip"},
     "ss": {"method": "ss"},
-    "reflexflow": {"method": "reflexflow", "adr_loss": "direction"},
-    "reflexflow-mse": {"method": "reflexflow", "adr_loss": "mse"},
-    "adr-only": {"method": "reflexflow", "adr_loss": "direction", "lambda_fc": 0.0},
-    "adr-only-mse": {"method": "reflexflow", "adr_loss": "mse", "lambda_fc": 0.0},
-    "fc-only": {"method": "reflexflow", "lambda_adr": 0.0},
+    # the digits study's rows: grid-direction with the shared knobs (module docstring)
+    "gd-direction": {"method": "reflexflow", "adr_loss": "direction"},
+    "gd-mse": {"method": "reflexflow", "adr_loss": "mse"},
+    "gd-adr-only": {"method": "reflexflow", "adr_loss": "direction", "lambda_fc": 0.0},
+    "gd-adr-only-mse": {"method": "reflexflow", "adr_loss": "mse", "lambda_fc": 0.0},
+    "gd-fc-only": {"method": "reflexflow", "lambda_adr": 0.0},
+    # the library's default preset, and fm / the default trained longer (ROW_STEPS)
+    "reflexflow": {"preset": DEFAULT_PRESET},
+    "fm-equal-compute": {"method": "fm"},
+    "fm-long": {"method": "fm"},
+    "reflexflow-long": {"preset": DEFAULT_PRESET},
     # the library's presets (docs/method.md section 3, "The public readings")
     "defar": {"preset": "defar"},
     "arioso": {"preset": "arioso"},
@@ -64,16 +77,36 @@ SHARED_KNOB_METHODS = (
     "fm",
     "ip",
     "ss",
-    "reflexflow",
-    "reflexflow-mse",
-    "adr-only",
-    "adr-only-mse",
-    "fc-only",
+    "fm-equal-compute",
+    "fm-long",
+    "gd-direction",
+    "gd-mse",
+    "gd-adr-only",
+    "gd-adr-only-mse",
+    "gd-fc-only",
 )
-DIGITS_METHODS = SHARED_KNOB_METHODS
-DEFAULT_METHODS = tuple(m for m in DIGITS_METHODS if m != "adr-only-mse")  # 7 digits rows
-TOY_METHODS = ("fm", "ss", "adr-only", "adr-only-mse")
-QUICK_METHODS = ("fm", "ss", "reflexflow")
+DIGITS_METHODS = ("fm", "ip", "ss", "gd-direction", "gd-mse", "gd-adr-only", "gd-fc-only")
+DEFAULT_METHODS = DIGITS_METHODS  # the 7 digits rows
+TOY_METHODS = ("fm", "ss", "gd-adr-only", "gd-adr-only-mse")
+QUICK_METHODS = ("fm", "ss", "gd-direction")
+# row -> its training length: "equal-compute" (steps x the measured cost ratio of the
+# default preset over fm) or "long" (steps x long_factor); other rows train ``steps``
+ROW_STEPS = {"fm-equal-compute": "equal-compute", "fm-long": "long", "reflexflow-long": "long"}
+ORACLE_METHODS = (
+    "fm",
+    "fm-equal-compute",
+    "reflexflow",
+    "arioso",
+    "simpletuner",
+    "grid-direction",
+    "ss",
+    "ip",
+    "fm-stable",
+    "defar-stable",
+    "fm-long",
+    "reflexflow-long",
+)
+ORACLE_QUICK_METHODS = ("fm", "reflexflow", "fm-long")
 PHOTO_METHODS = (
     "fm",
     "ip",

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..presets import DEFAULT_PRESET
 from .deps import require
 
 __all__ = [
@@ -311,8 +312,9 @@ def markdown(cfg: Any, results: dict[str, Any]) -> str:
         f"steps, batch {cfg.batch_size}, "
         f"lr {cfg.lr} (cosine), the same seeds ({seeds}) and data order. Training rollouts "
         f"of the digits-study rows: K = {cfg.rollout_steps}, h = 1/{cfg.train_sampling_steps}; "
-        f"lambda_adr = {cfg.lambda_adr}, lambda_fc = {cfg.lambda_fc} (library defaults unless "
-        f"stated; preset and stable rows keep their own values). "
+        f"lambda_adr = {cfg.lambda_adr}, lambda_fc = {cfg.lambda_fc} (the grid-direction "
+        f"preset's weights, not the library's default preset {DEFAULT_PRESET!r}; preset and "
+        f"stable rows keep their own values, listed below). "
         f"Scores on the **{cfg.split}** split, {cfg.num_samples} Euler samples per model "
         f"from the same noise for every method; mean ± std over {len(cfg.seeds)} seed(s); "
         f"differences from fm paired by seed.",

@@ -2,6 +2,8 @@
 
 A field left at None takes the value of the preset that fits the dataset and size:
 
+    oracle (the default)        ORACLE: the exact-oracle study, 12 rows x 3 seeds of a TinyUNet
+                                on a 1024-d Gaussian mixture, sized for ~10 minutes on 2 cores
     digits (and the 2-D toys)   the original study: 400 steps of a TinyUNet, 500 samples
     photos on a CPU             PHOTOS_CPU: a PatchUNet, sized for 15 minutes on 2 cores
     photos with --device cuda   PHOTOS_CUDA: SiT-S/2, 20K steps, bf16 autocast
@@ -19,6 +21,8 @@ from typing import Any
 from .data import TOYS
 from .methods import (
     DEFAULT_METHODS,
+    ORACLE_METHODS,
+    ORACLE_QUICK_METHODS,
     PHOTO_METHODS,
     PHOTO_QUICK_METHODS,
     QUICK_METHODS,
@@ -26,9 +30,18 @@ from .methods import (
     parse_method,
 )
 
-__all__ = ["DemoConfig", "quick_config", "DATASETS", "SPLITS", "ARCHS", "preset_values"]
+__all__ = [
+    "DemoConfig",
+    "quick_config",
+    "DATASETS",
+    "DEFAULT_DATASET",
+    "SPLITS",
+    "ARCHS",
+    "preset_values",
+]
 
-DATASETS = ("digits", "photos", *TOYS)
+DATASETS = ("oracle", "digits", "photos", *TOYS)
+DEFAULT_DATASET = "oracle"
 SPLITS = ("test", "val")
 ARCHS = ("unet", "sit", "mlp")
 
@@ -45,6 +58,33 @@ DIGITS: dict[str, Any] = {
     "bias_times": 6,
     "eval_size": 0,  # digits and toys: the whole held-out split
     "feature_steps": 0,  # digits: the classifier trains 30 epochs (metrics.train_classifier)
+    "long_factor": 3,
+}
+# Sized from measured CPU time (docs/demo.md): about 8 minutes with 2 workers on 2 idle
+# cores (its CPU time over 2). Rows: fm, fm at equal compute, the default preset
+# (``reflexflow``), the other presets, ss, ip, stable targets, and fm / the default at
+# long_factor x the steps.
+ORACLE: dict[str, Any] = {
+    "methods": ORACLE_METHODS,
+    "seeds": (0, 1, 2),
+    "steps": 200,
+    "batch_size": 32,
+    "lr": 2e-3,
+    "channels": (16, 32),
+    "eval_steps": (5, 10, 20),
+    "num_samples": 400,
+    "bias_samples": 128,
+    "long_factor": 2,
+}
+ORACLE_QUICK: dict[str, Any] = {
+    "methods": ORACLE_QUICK_METHODS,
+    "seeds": (0, 1),
+    "steps": 30,
+    "channels": (8, 16),
+    "eval_steps": (5, 10),
+    "num_samples": 128,
+    "bias_samples": 32,
+    "long_factor": 2,
 }
 DIGITS_QUICK: dict[str, Any] = {
     "methods": QUICK_METHODS,
@@ -99,7 +139,12 @@ def preset_values(dataset: str, quick: bool, device: str) -> dict[str, Any]:
     """The preset values for a dataset, size (quick or not) and device (module docstring)."""
     values = dict(DIGITS)
     cuda = device.startswith("cuda")
-    if dataset == "photos":
+    if dataset == "oracle":
+        values.update(ORACLE)
+        values["arch"] = "unet"
+        if quick:
+            values.update(ORACLE_QUICK)
+    elif dataset == "photos":
         values.update(PHOTOS_CPU)
         values["arch"] = "unet"
         if cuda:
@@ -127,7 +172,7 @@ class DemoConfig:
     """
 
     out: Path = Path("reflexflow-demo")
-    dataset: str = "digits"
+    dataset: str = DEFAULT_DATASET
     size: int = 8
     methods: tuple[str, ...] | None = None
     seeds: tuple[int, ...] | None = None
@@ -155,6 +200,9 @@ class DemoConfig:
     amp: bool | None = None
     eval_size: int | None = None
     feature_steps: int | None = None
+    long_factor: int | None = None
+    equal_compute_ratio: float | None = None
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -194,6 +242,10 @@ class DemoConfig:
             raise ValueError(f"num_samples must be >= 10, got {self.num_samples}")
         if not 0 < self.bias_span < 1:
             raise ValueError(f"bias_span must lie in (0, 1), got {self.bias_span}")
+        if self.long_factor < 1:
+            raise ValueError(f"long_factor must be >= 1, got {self.long_factor}")
+        if self.equal_compute_ratio is not None and not self.equal_compute_ratio > 0:
+            raise ValueError(f"equal_compute_ratio must be > 0, got {self.equal_compute_ratio}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.workers < 1:

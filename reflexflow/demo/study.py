@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from ..loss import ReflexFlowLoss
 from ..sampler import sample
 from . import metrics as M
 from .data import TOYS, load_digits_split
+from .jobs import RunCache, run_jobs, settings_key
 from .methods import check_method, method_knobs
 from .model import DigitClassifier, PatchUNet, PhotoClassifier, TinyUNet, ToyMLP
 from .progress import progress, say
@@ -247,9 +249,6 @@ def _run_one(
     return run, grids
 
 
-_WORKER: dict[str, Any] = {}
-
-
 def _classifier(cfg: DemoConfig, data: _Data) -> nn.Module:
     """An untrained feature classifier of the dataset's kind (weights loaded by the caller)."""
     if cfg.dataset == "photos":
@@ -259,22 +258,30 @@ def _classifier(cfg: DemoConfig, data: _Data) -> nn.Module:
     return DigitClassifier(size=cfg.size)
 
 
-def _init_worker(cfg: DemoConfig, clf_state: dict[str, Tensor] | None) -> None:
-    """Worker process: one torch thread budget, its own data and scorer (classifier given)."""
+def _init_state(cfg: DemoConfig, clf_state: dict[str, Tensor] | None) -> dict[str, Any]:
+    """One process's state: its thread budget, its own data and scorer (classifier given)."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     data = _Data(cfg)
     clf = None
     if clf_state is not None:
-        clf = _classifier(cfg, data)
+        clf = _classifier(cfg, data).to(cfg.device)
         clf.load_state_dict(clf_state)
         clf.eval()
-    _WORKER.update(cfg=cfg, data=data, scorer=Scorer(cfg.dataset, data.eval_x, clf))
+    return {"cfg": cfg, "data": data, "scorer": Scorer(cfg.dataset, data.eval_x, clf)}
 
 
-def _worker_job(method: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    run, grids = _run_one(_WORKER["cfg"], _WORKER["data"], _WORKER["scorer"], method, seed)
+def _job(state: dict[str, Any], method: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    run, grids = _run_one(state["cfg"], state["data"], state["scorer"], method, seed)
     return run, {k: v.numpy() for k, v in grids.items()}
+
+
+def _run_settings(cfg: DemoConfig) -> dict[str, Any]:
+    """The settings a run's numbers depend on (the run cache's key)."""
+    d = cfg.as_dict()
+    for k in ("out", "cache_dir", "show_progress", "workers", "threads", "methods", "seeds"):
+        d.pop(k, None)
+    return d
 
 
 def _run_jobs(
@@ -287,54 +294,47 @@ def _run_jobs(
     """Run every (method, seed), in this process or in ``cfg.workers`` processes.
 
     Every job is seeded on its own, so the numbers do not depend on the worker count.
+    Finished runs go to the run cache under cfg.cache_dir (jobs.RunCache): a rerun with the
+    same settings resumes; Ctrl-C stops promptly (jobs.DemoInterrupted).
     """
-    done: dict[int, tuple[dict[str, Any], dict[str, Tensor]]] = {}
     key = "fd" if clf is not None else "mmd"
     main_n = str(cfg.eval_steps[0])
 
-    def report(i: int, run: dict[str, Any], grids: dict[str, Tensor]) -> None:
-        done[i] = (run, grids)
+    def report(i: int, result: Any, cached: bool) -> None:
+        run = result[0]
         _say(
             cfg,
             f"{run['method']:>14} seed {run['seed']}: {key}@{main_n} "
             f"{run['scores'][main_n][key]:.4g}, bias@{main_n} "
-            f"{run['bias'][main_n]['mean_mse']:.4g}, train {run['train_seconds']:.1f}s "
-            f"eval {run['eval_seconds']:.1f}s",
+            f"{run['bias'][main_n]['mean_mse']:.4g}"
+            + (" (from the run cache)" if cached else f", train {run['train_seconds']:.1f}s"),
         )
 
-    workers = min(cfg.workers, len(jobs))
-    if workers <= 1:
-        for i, (method, seed) in enumerate(
-            progress(jobs, desc="runs", disable=not cfg.show_progress)
-        ):
-            report(i, *_run_one(cfg, data, scorer, method, seed))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        wcfg = dataclasses.replace(cfg, show_progress=False)
-        state = None if clf is None else {k: v.cpu() for k, v in clf.state_dict().items()}
-        with ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(wcfg, state),
-        ) as pool:
-            futures = {pool.submit(_worker_job, m, s): i for i, (m, s) in enumerate(jobs)}
-            bar = progress(
-                as_completed(futures),
-                desc=f"runs ({workers} workers)",
-                total=len(jobs),
-                disable=not cfg.show_progress,
-            )
-            for fut in bar:
-                run, grids = fut.result()
-                report(futures[fut], run, {k: torch.from_numpy(v) for k, v in grids.items()})
-    runs = [done[i][0] for i in range(len(jobs))]
+    settings = _run_settings(cfg)
+    root = None
+    if cfg.cache_dir is not None:
+        root = Path(cfg.cache_dir) / "runs" / f"{cfg.dataset}-{settings_key(settings)}"
+    specs = []
+    for method, seed in jobs:
+        run_key = {"settings": settings, "method": method, "seed": seed}
+        run_key["loss"] = resolved_knobs(_loss_fn(cfg, method))
+        specs.append((f"{method}-s{seed}", run_key, (method, seed)))
+    wcfg = dataclasses.replace(cfg, show_progress=False)
+    state = None if clf is None else {k: v.cpu() for k, v in clf.state_dict().items()}
+    results = run_jobs(
+        specs,
+        _job,
+        init=_init_state,
+        initargs=(wcfg, state),
+        workers=cfg.workers,
+        cache=RunCache(root),
+        on_done=report,
+    )
+    runs = [r[0] for r in results]
     grids = {}
-    for i, (method, seed) in enumerate(jobs):
+    for (method, seed), (_, g) in zip(jobs, results, strict=True):
         if seed == cfg.seeds[0]:
-            grids[method] = done[i][1]
+            grids[method] = {k: torch.from_numpy(v) for k, v in g.items()}
     return runs, grids
 
 
@@ -444,9 +444,18 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict[str, Any]:
 
     ``command`` is recorded in the results (the CLI passes the command line).
     """
+    from .outdir import prepare_out
+
+    prepare_out(cfg.out, cfg.force)  # before any training: a bad --out fails now
+    if cfg.dataset == "oracle":
+        from .oracle_study import run_oracle
+
+        return run_oracle(cfg, command)
     from . import report  # imports matplotlib lazily (clear message when missing)
 
     report.check_plotting()
+    if cfg.dataset == "photos" and cfg.device == "cpu":
+        _say(cfg, "note: photos on a CPU is under-fitted: its samples are noise at this budget")
     wall0, cpu0 = time.perf_counter(), _cpu_seconds()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -454,7 +463,6 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict[str, Any]:
         raise ValueError(f"device={cfg.device!r} but torch.cuda.is_available() is False")
     for method in cfg.methods:  # fail before any training if a row cannot be built
         _loss_fn(cfg, method)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     env = environment()
     data = _Data(cfg)
     results: dict[str, Any] = {

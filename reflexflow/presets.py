@@ -16,6 +16,9 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any
 
+from .objective import NORM_EPS, NORM_FLOOR
+from .time_sampling import ShiftedLogitNormalTime
+
 __all__ = ["PRESETS", "SOURCES", "PRESET_FIELDS", "DEFAULT_PRESET", "preset_knobs", "describe"]
 
 DEFAULT_PRESET = "defar"
@@ -42,8 +45,21 @@ PRESET_FIELDS = (
     "fc_sigma",
     "fc_per_channel",
     "fc_t_max",
+    "fc_normalize",
+    "fc_channel_reduce",
+    "fc_adds_fm",
     "target",
+    "adr_target_grad",
+    "adr_x1_from",
+    "norm_eps",
+    "norm_floor",
+    "biased_input",
+    "time_sampler",
 )
+
+# takenoko's trainer draw of t0 (its timestep_sampling "shift", discrete_flow_shift 3): a
+# noise-ward sigma, whatever the loss's convention
+TAKENOKO_TIME = ShiftedLogitNormalTime(3.0, convention="noise_at_1")
 
 _COMMON: dict[str, Any] = {
     "method": "reflexflow",
@@ -59,7 +75,16 @@ _COMMON: dict[str, Any] = {
     "fc_sigma": 2.0,
     "fc_per_channel": False,
     "fc_t_max": None,
+    "fc_normalize": "mean",
+    "fc_channel_reduce": "mean_abs",
+    "fc_adds_fm": False,
     "target": "conditional",
+    "adr_target_grad": False,
+    "adr_x1_from": None,
+    "norm_eps": NORM_EPS,
+    "norm_floor": NORM_FLOOR,
+    "biased_input": "rollout",
+    "time_sampler": "uniform",
 }
 
 PRESETS: MappingProxyType = MappingProxyType(
@@ -75,6 +100,7 @@ PRESETS: MappingProxyType = MappingProxyType(
                 "lambda_adr": 1.0,
                 "lambda_fc": 1.0,
                 "fc_source": "velocity",
+                "adr_x1_from": 0.9,
             }
         ),
         # A public reimplementation of DEFAR's Algorithm 1.
@@ -89,23 +115,53 @@ PRESETS: MappingProxyType = MappingProxyType(
                 "lambda_adr": 1.0,
                 "lambda_fc": 0.0,
                 "fc_source": "state",
+                "adr_target_grad": True,
+                "norm_eps": 1e-8,
+                "norm_floor": 0.0,
             }
         ),
         # SimpleTuner's reading of ReflexFlow v1 (scheduled sampling over training steps).
         "simpletuner": MappingProxyType(
             {
                 **_COMMON,
-                "rollout_steps": 4,
+                "rollout_steps": 10,
                 "num_sampling_steps": 1000,
+                "k_min": 0,
+                "time_draw": "end",
                 "step_schedule": "grid",
+                "time_sampler": "logit_normal",
                 "fm_input": "biased",
                 "adr_loss": "direction",
                 "lambda_adr": 10.0,
                 "lambda_fc": 1.0,
                 "fc_source": "velocity",
                 "fc_signed": True,
-                "fc_form": "squared",
+                "fc_form": "weight",
                 "fc_filter": "none",
+                "fc_normalize": "sum",
+                "norm_floor": 0.0,
+            }
+        ),
+        # takenoko's ReflexFlow: no rollout; the input re-noised at an independent time.
+        "takenoko": MappingProxyType(
+            {
+                **_COMMON,
+                "rollout_steps": 1,
+                "num_sampling_steps": 50,
+                "step_schedule": "grid",
+                "biased_input": "renoise",
+                "time_sampler": TAKENOKO_TIME,
+                "fm_input": "biased",
+                "adr_loss": "direction",
+                "lambda_adr": 10.0,
+                "lambda_fc": 1.0,
+                "fc_source": "velocity",
+                "fc_filter": "none",
+                "fc_form": "squared",
+                "fc_normalize": "sum",
+                "fc_channel_reduce": "l2",
+                "fc_adds_fm": True,
+                "norm_floor": 0.0,
             }
         ),
         # The library's own earlier default (before the DEFAR figure was public).

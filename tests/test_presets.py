@@ -158,10 +158,11 @@ def test_a_reference_bank_knob_without_a_bank_is_an_error():
         rf.reflexflow_loss(ConvVelocity(), torch.randn(2, 3, 6, 6), target="stable", stable_ref=8)
 
 
-def test_draw_knobs_default_to_the_drawn_start_and_k_from_one_in_every_preset():
+def test_only_simpletuner_draws_the_rollouts_end_and_k_from_zero():
     for name in presets.PRESETS:
         cfg = rf.ReflexFlowConfig(preset=name)
-        assert (cfg.k_min, cfg.time_draw) == (1, "start"), name
+        want = (0, "end") if name == "simpletuner" else (1, "start")
+        assert (cfg.k_min, cfg.time_draw) == want, name
 
 
 @pytest.mark.parametrize(

@@ -109,9 +109,12 @@ def adr_ratio(path: PathLike, t1: Tensor) -> Tensor:
 def data_error_scale(path: PathLike, t: Tensor) -> Tensor:
     """c(t) = s(t) / (a'(t) s(t) - a(t) s'(t)): the factor that turns a velocity error at
     (x, t) into the error of the data prediction it implies (x1^ = (s v - s' x) / (a' s -
-    a s'), so d x1^ = c dv). Linear path: c = 1 - t."""
+    a s'), so d x1^ = c dv). Linear path: c = 1 - t. 0 where s(t) = 0."""
     a, s = path.a(t), path.s(t)
-    return s / (path.da(t) * s - a * path.ds(t))
+    # at s = 0 (t = 1) c is 0; s' may be infinite there (vp), so the ratio is not formed
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    c = safe / (path.da(t) * safe - a * torch.where(s > 0, path.ds(t), torch.zeros_like(s)))
+    return torch.where(s > 0, c, torch.zeros_like(s))
 
 
 def adr_x1_weight(path: PathLike, t1: Tensor, t_c: float) -> Tensor:

@@ -384,3 +384,14 @@ def test_adr_x1_weight_is_one_up_to_t_c_and_the_squared_data_error_ratio_beyond(
     t_end = torch.tensor([0.999], dtype=torch.float64)
     ratio = ref.data_error_scale(path, t_end) * ref.adr_ratio(path, t_end).abs()
     assert abs(float(ratio) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("path_name", ["linear", "gvp", "vp"])
+def test_adr_x1_weight_is_zero_not_nan_at_t_one(path_name):
+    from reflexflow.paths import get_path
+
+    # a row that does not roll out may sit at t1 = 1 (a user's t), where s = 0 and vp's s'
+    # is infinite: c(1) = 0, so the weight is 0 and the row stays finite
+    for dtype in (torch.float64, torch.float32):
+        w = ref.adr_x1_weight(get_path(path_name), torch.tensor([1.0, 0.5], dtype=dtype), 0.9)
+        assert w.tolist() == [0.0, 1.0]

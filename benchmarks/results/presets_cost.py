@@ -79,7 +79,10 @@ def main() -> None:
         "command": "PYTHONPATH=. python " + " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_avg_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
-        "note": "times: medians of round-robin reps, each step with fresh draws (simpletuner's k ~ U{0..10} varies per step); FLOPs, calls and sample forwards: one step with seed 0",
+        "note": (
+            "times: medians of round-robin reps, each step with fresh draws (simpletuner's "
+            "k ~ U{0..10} varies per step); FLOPs, calls, sample forwards: one step, seed 0"
+        ),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "machine": platform.machine() + ", " + str(os.cpu_count()) + " cores, 1 thread",
         "model": {"name": "dit", "size": "quick", "shape": list(shape), "batch": args.batch},

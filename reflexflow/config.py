@@ -34,6 +34,9 @@ ADR_LOSSES = ("direction", "mse")
 FM_INPUTS = ("clean", "biased")
 FC_FORMS = ("weight", "squared")
 TARGETS = ("conditional", "stable")
+FC_NORMALIZE = ("mean", "sum")
+FC_CHANNEL_REDUCE = ("mean_abs", "l2")
+BIASED_INPUTS = ("rollout", "renoise")
 ROLLOUT_MODES = ("eval", "train")
 MEMORY_MODES = ("default", "lean")
 
@@ -142,10 +145,10 @@ class ReflexFlowConfig:
     )
     t_eps: float = knob(1e-3, "rolled-out samples keep t1 <= 1 - t_eps, so s(t1) > 0", "ours")
     time_sampler: Any = knob(
-        "uniform",
-        'or `"logit_normal"` (SD3) or a callable; draws u in [0, 1] (your convention), '
-        "scaled to t0 = u (1 - t_eps - k h)",
-        "the papers (uniform)",
+        FROM_PRESET,
+        '`"uniform"`, `"logit_normal"` (SD3) or a callable; draws u in [0, 1] (your '
+        "convention, unless the sampler has a `convention` attribute), scaled to "
+        "t0 = u (1 - t_eps - k h)",
     )
     logit_mean: float = knob(0.0, 'mean of `"logit_normal"` time sampling', "SD3")
     logit_std: float = knob(1.0, 'std of `"logit_normal"` time sampling', "SD3")
@@ -174,7 +177,22 @@ class ReflexFlowConfig:
     fc_signed: bool = knob(
         FROM_PRESET, "signed element-wise map normalised by mean |m| (SimpleTuner)"
     )
-    fc_form: str = knob(FROM_PRESET, '`"weight"`: w r^2; `"squared"`: (w r)^2 (SimpleTuner)')
+    fc_form: str = knob(FROM_PRESET, '`"weight"`: w r^2; `"squared"`: (w r)^2')
+    fc_normalize: str = knob(
+        FROM_PRESET,
+        '`"mean"`: w = 1 + lambda_fc m / mean(m); `"sum"`: m / max(sum m, 1e-6) (SimpleTuner, '
+        "takenoko: w - 1 of size 1/N, a near no-op on large latents)",
+    )
+    fc_channel_reduce: str = knob(
+        FROM_PRESET,
+        '`"mean_abs"`: unsigned map m = mean_c |delta|; `"l2"`: max(||delta||_channels, 1e-6) '
+        "(takenoko)",
+    )
+    fc_adds_fm: bool = knob(
+        FROM_PRESET,
+        "`True`: the FC term is plain FM plus the FC-weighted FM on top (takenoko: the FM "
+        "error counts twice)",
+    )
     fc_t_max: float | None = knob(
         FROM_PRESET, "a float applies FC only where canonical t0 < fc_t_max (high noise)"
     )
@@ -202,14 +220,39 @@ class ReflexFlowConfig:
         "diffusers' training scripts",
     )
     weight_adr: bool = knob(False, "also weight the ADR term (at t1) by `loss_weighting`", "ours")
-    norm_eps: float = knob(NORM_EPS, "absolute lower bound of the norms in the direction loss")
+    norm_eps: float = knob(
+        FROM_PRESET,
+        f"absolute lower bound of the norms in the direction loss ({NORM_EPS:g}; Arioso 1e-8)",
+    )
     norm_floor: float = knob(
-        NORM_FLOOR,
+        FROM_PRESET,
         "the direction loss also bounds |v1| below by `norm_floor * |v_adr|`, "
         "so a zero-initialised output layer (SiT, DiT) does not get ~1/norm_eps gradients; "
-        "0 turns it off",
-        "ours: 0.01 left the demo's direction-ADR rows unchanged, 0.1 made them worse "
-        "(docs/demo.md)",
+        f"0 turns it off ({NORM_FLOOR:g} in ours: 0.01 left the demo's direction-ADR rows "
+        "unchanged, 0.1 made them worse, docs/demo.md; the peers have none)",
+    )
+    adr_target_grad: bool = knob(
+        FROM_PRESET,
+        "`True`: the ADR target v_adr is not detached, so the ADR gradient also flows "
+        "through x^_t1 into v(x_t0, t0) (Arioso; needs `rollout_grad`)",
+    )
+    adr_x1_from: float | None = knob(
+        FROM_PRESET,
+        "near-t = 1 remedy of the mse ADR term: rows with t1 > t_c are weighted "
+        "min(1, (c(t1)/c(t_c))^2), c = s / (a' s - a s') (the data-space error; linear: "
+        "c = 1 - t), so the per-sample loss stays bounded as t1 -> 1; None: off",
+    )
+    biased_input: str = knob(
+        FROM_PRESET,
+        '`"rollout"`: x^_t1 by the model\'s own Euler rollout; `"renoise"` (takenoko): '
+        "x^ = x_t1 on the path at an independent t1 (no rollout), the model called at "
+        "(x^, t0) with the original label",
+    )
+    renoise_shift: float = knob(
+        0.6, '`biased_input="renoise"`: shift of the noise-ward re-noise time', "takenoko"
+    )
+    renoise_range: tuple[float, float] = knob(
+        (0.05, 0.95), '`biased_input="renoise"`: clamp of the noise-ward re-noise time', "takenoko"
     )
     rollout_grad: bool = knob(
         FROM_PRESET,
@@ -323,6 +366,13 @@ class ReflexFlowConfig:
         object.__setattr__(self, "loss_weighting", check_loss_weighting(self.loss_weighting))
         _check_number("norm_eps", self.norm_eps, low=0, low_open=True)
         _check_number("norm_floor", self.norm_floor, low=0, high=1)
+        _check_choice("fc_normalize", self.fc_normalize, FC_NORMALIZE)
+        _check_choice("fc_channel_reduce", self.fc_channel_reduce, FC_CHANNEL_REDUCE)
+        if self.adr_x1_from is not None:
+            _check_number("adr_x1_from", self.adr_x1_from, low=0, high=1, low_open=True)
+            if self.adr_x1_from >= 1:
+                raise ValueError(f"adr_x1_from must be < 1 (a time t_c), got {self.adr_x1_from}")
+        self._validate_renoise()
         _check_choice("rollout_mode", self.rollout_mode, ROLLOUT_MODES)
         _check_choice("memory", self.memory, MEMORY_MODES)
         _check_number("ip_gamma", self.ip_gamma, low=0)
@@ -336,6 +386,8 @@ class ReflexFlowConfig:
             "cuda_graph",
             "stable_gather",
             "weight_adr",
+            "fc_adds_fm",
+            "adr_target_grad",
         ):
             _check_bool(name, getattr(self, name))
         for name in ("joint_forward", "share_first_call"):
@@ -361,11 +413,39 @@ class ReflexFlowConfig:
                 "rollout_grad needs one Euler step per rollout: use "
                 "step_schedule='single' or rollout_steps=1"
             )
+        if self.adr_target_grad and not self.rollout_grad:
+            raise ValueError(
+                "adr_target_grad=True needs rollout_grad=True (without it x^_t1 has no "
+                "graph, and the target no gradient to keep)"
+            )
         if self.target == "stable" and self.method == "ip":
             raise ValueError("target='stable' is defined for method fm, ss and reflexflow, not ip")
         # user objects and environment (reflexflow.config_checks)
         object.__setattr__(self, "rollout_modules", check_rollout_modules(self.rollout_modules))
         check_user_objects(self)
+
+    def _validate_renoise(self) -> None:
+        _check_choice("biased_input", self.biased_input, BIASED_INPUTS)
+        _check_number("renoise_shift", self.renoise_shift, low=0, low_open=True)
+        span = self.renoise_range
+        if not (isinstance(span, (tuple, list)) and len(span) == 2):
+            raise TypeError(f"renoise_range must be a pair (low, high), got {span!r}")
+        for value in span:
+            _check_number("renoise_range", value, low=0, high=1)
+        if not span[0] < span[1]:
+            raise ValueError(f"renoise_range must have low < high, got {span!r}")
+        object.__setattr__(self, "renoise_range", (float(span[0]), float(span[1])))
+        if self.biased_input == "renoise":
+            if self.method != "reflexflow" or self.fm_input != "biased":
+                raise ValueError(
+                    "biased_input='renoise' (takenoko) needs method='reflexflow' and "
+                    "fm_input='biased': its one gradient call v(x^, t0) serves both terms"
+                )
+            if self.rollout_grad or self.time_draw != "start":
+                raise ValueError(
+                    "biased_input='renoise' has no rollout: rollout_grad must be False and "
+                    "time_draw 'start'"
+                )
 
     def _resolve_forward_mode(self) -> None:
         """How the gradient-carrying model calls run: ``shares_first_call`` and ``joint_call``.

@@ -19,6 +19,15 @@ so t from SiT's sampler (uniform on [0, 1)) is always accepted. Explicit k must 
 explicit t, and k <= rollout_steps. With time_draw "end" the user's t is the end time.
 With lambda_adr = lambda_fc = 0 nothing rolls out (k = 0 for every sample,
 t0 = u (1 - t_eps)).
+
+biased_input "renoise" (takenoko): no rollout; k_i = 1 (re-noised) with probability
+ss_prob, t0_i = u_i in [0, 1] and t1_i = 1 - sigma_i, sigma_i ~
+ShiftedLogitNormalTime(renoise_shift, *renoise_range) (noise-ward, independent of t0).
+
+A time sampler with a ``convention`` attribute ("noise_at_1": it draws sigma) is read in
+that convention instead of the loss's. An explicit t1 (the user's convention) is taken
+for the rolled-out rows of the single-step schedule (t0 <= t1 <= 1 - t_eps) and of
+"renoise" (t1 in [0, 1]); rows with k = 0 keep t1 = t0.
 """
 
 from __future__ import annotations
@@ -215,6 +224,7 @@ def draw(
     t: Tensor | None,
     k: Tensor | None,
     generator: torch.Generator | None,
+    t1: Tensor | None = None,
 ) -> Draws:
     """eps, k, t0, t1 and the Euler step of every sample (see the module docstring)."""
     batch, device, dtype = x1.shape[0], x1.device, state_dtype(x1)
@@ -238,8 +248,16 @@ def draw(
         if not cfg.rolls_out:  # lambda_adr = lambda_fc = 0: plain FM, nothing rolls out
             k = torch.zeros_like(k)
     h = cfg.step
+    renoise = cfg.biased_input == "renoise"
+    if t1 is not None and not (renoise or cfg.step_schedule == "single"):
+        raise ValueError(
+            "an explicit t1 needs step_schedule='single' or biased_input='renoise' (on the "
+            "grid t1 = t0 + k h)"
+        )
     if cfg.time_draw == "end":
         return _draw_end(cfg, x1, eps, t, k, k_given, generator, dtype)
+    if renoise:
+        return _draw_renoise(cfg, x1, eps, t, t1, k, generator, dtype)
     single = cfg.step_schedule == "single"
     room = (1 - cfg.t_eps) - (0 if single else h) * k.to(torch.float64)  # t0 <= room
     if t is None:
@@ -248,11 +266,14 @@ def draw(
             u = _check_sampler_output(u, batch, device).to(torch.float64)
             if bool(((u < 0) | (u > 1) | u.isnan()).any()):  # one sync, user samplers only
                 raise ValueError("time_sampler must return values in [0, 1]")
-        t0 = to_canonical_time(u.to(torch.float64), cfg.convention) * room
+        t0 = to_canonical_time(u.to(torch.float64), _sampler_convention(cfg)) * room
     else:
         _check_t(t, batch, device)
         t0, k = _user_times(cfg, t, k, room, k_given)
-    if single:
+    if single and t1 is not None:
+        t1 = _user_t1(cfg, t1, t0, k, 1 - cfg.t_eps)
+        step = t1 - t0
+    elif single:
         frac = torch.rand(batch, device=device, generator=generator, dtype=torch.float64)
         t1 = torch.where(k > 0, t0 + (1 - cfg.t_eps - t0) * frac, t0)
         step = t1 - t0
@@ -260,6 +281,65 @@ def draw(
         t1 = t0 + h * k.to(torch.float64)
         step = torch.full_like(t0, h)
     return Draws(eps, k, t0.to(dtype), t1.to(dtype), step.to(dtype), fixed_k)
+
+
+def _sampler_convention(cfg: ReflexFlowConfig) -> str:
+    """The convention of the time sampler's values: its own ``convention`` attribute
+    (a preset's sampler, e.g. takenoko's noise-ward sigma), else the loss's."""
+    return getattr(cfg.sampler, "convention", None) or cfg.convention
+
+
+def _user_t1(cfg: ReflexFlowConfig, t1: Tensor, t0: Tensor, k: Tensor, high: float) -> Tensor:
+    """Canonical t1 from the user's t1 for rows with k > 0 (t0 elsewhere); ValueError
+    unless t0 <= t1 <= high on those rows (one host sync)."""
+    _check_t(t1, t0.shape[0], t0.device)
+    t1 = to_canonical_time(t1.to(torch.float64), cfg.convention)
+    rolled = k > 0
+    bad = rolled & ~((t1 >= t0 - T_TOL) & (t1 <= high + T_TOL))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"t1[{i}] = {float(t1[i]):.6g} (canonical) must lie in [t0 = {float(t0[i]):.6g}, "
+            f"{high:.6g}]"
+        )
+    return torch.where(rolled, t1.clamp(max=high), t0)
+
+
+def _draw_renoise(
+    cfg: ReflexFlowConfig,
+    x1: Tensor,
+    eps: Tensor,
+    t: Tensor | None,
+    t1: Tensor | None,
+    k: Tensor,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+) -> Draws:
+    """biased_input "renoise" (takenoko): t0 = u, t1 = 1 - sigma with sigma from the
+    noise-ward ShiftedLogitNormalTime(renoise_shift, *renoise_range); see the module
+    docstring. k (0 or 1) marks the re-noised rows."""
+    batch, device = x1.shape[0], x1.device
+    if t is None:
+        u = cfg.sampler(batch, device, generator)
+        if not isinstance(cfg.sampler, _BUILTIN_SAMPLERS):
+            u = _check_sampler_output(u, batch, device).to(torch.float64)
+            if bool(((u < 0) | (u > 1) | u.isnan()).any()):
+                raise ValueError("time_sampler must return values in [0, 1]")
+        t0 = to_canonical_time(u.to(torch.float64), _sampler_convention(cfg))
+    else:
+        _check_t(t, batch, device)
+        t0, _ = _user_times(
+            cfg, t, torch.zeros_like(k), torch.ones_like(t, dtype=torch.float64), True
+        )
+    k = k.clamp_max(1)
+    if t1 is None:
+        low, high = cfg.renoise_range
+        sigma = ShiftedLogitNormalTime(cfg.renoise_shift, low, high)(batch, device, generator)
+        t1 = torch.where(k > 0, 1 - sigma, t0)
+    else:
+        t1 = _user_t1(cfg, t1, torch.zeros_like(t0), k, 1.0)
+        t1 = torch.where(k > 0, t1, t0)
+    return Draws(eps, k, t0.to(dtype), t1.to(dtype), (t1 - t0).to(dtype), None)
 
 
 def _draw_end(
@@ -281,7 +361,7 @@ def _draw_end(
             u = _check_sampler_output(u, batch, device).to(torch.float64)
             if bool(((u < 0) | (u > 1) | u.isnan()).any()):
                 raise ValueError("time_sampler must return values in [0, 1]")
-        sigma_end = _noise_ward(u.to(torch.float64), cfg.convention)
+        sigma_end = _noise_ward(u.to(torch.float64), _sampler_convention(cfg))
     else:
         _check_t(t, batch, device)
         tt = t.to(torch.float64)

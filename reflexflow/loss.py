@@ -135,6 +135,7 @@ def reflexflow_loss(
     noise: Tensor | None = None,
     t: Tensor | None = None,
     k: Tensor | None = None,
+    t1: Tensor | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
     config: ReflexFlowConfig | None = None,
@@ -148,8 +149,9 @@ def reflexflow_loss(
     LP(|delta|)/mean; L_ADR compares v(x^_t1, t1) with v_adr = u_t1 + (s'(t1)/s(t1))
     delta (mse or direction). ``knobs`` are the fields of :class:`ReflexFlowConfig`
     (``preset=`` and any override; or pass ``config``). model is called as
-    ``model(x, t, **model_kwargs)`` in the loss's convention; t (start times) and k (int64
-    rollout lengths) may be given. ``stable_bank``: a
+    ``model(x, t, **model_kwargs)`` in the loss's convention; t (start times), k (int64
+    rollout lengths) and t1 (end times: single-step schedule, biased_input "renoise")
+    may be given. ``stable_bank``: a
     :class:`reflexflow.stable.StableReferenceBank` for target="stable" (else the batch).
     ``engine``: the :class:`reflexflow.engine.RolloutEngine` that runs the rollout (and
     holds its CUDA graphs); default a fresh one per call (``ReflexFlowLoss`` keeps one).
@@ -159,7 +161,7 @@ def reflexflow_loss(
         cfg = cfg.replace(**knobs)
     validate(cfg, model, x1, noise, model_kwargs, generator, stable_bank)
     ctx = step_context(cfg, model, x1, model_kwargs, generator, stable_bank, engine)
-    d = draw(cfg, x1, noise, t, k, generator)
+    d = draw(cfg, x1, noise, t, k, generator, t1)
     state = rollout_state(ctx, d)
     calls = gradient_calls(ctx, d, state)
     targets = term_targets(ctx, d, state, calls)
@@ -232,6 +234,7 @@ class ReflexFlowLoss(nn.Module):
         noise: Tensor | None = None,
         t: Tensor | None = None,
         k: Tensor | None = None,
+        t1: Tensor | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
     ) -> ReflexFlowOutput:
@@ -241,6 +244,7 @@ class ReflexFlowLoss(nn.Module):
             noise=noise,
             t=t,
             k=k,
+            t1=t1,
             model_kwargs=model_kwargs,
             generator=generator,
             config=self.config,

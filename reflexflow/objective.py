@@ -25,6 +25,8 @@ __all__ = [
     "ADR_LOSSES",
     "FC_FILTERS",
     "FC_FORMS",
+    "FC_NORMALIZE",
+    "FC_CHANNEL_REDUCE",
     "NORM_EPS",
     "NORM_FLOOR",
     "FCSpec",
@@ -36,6 +38,8 @@ __all__ = [
 ADR_LOSSES = ("direction", "mse")
 FC_FILTERS = ("gaussian", "box", "fft", "none")
 FC_FORMS = ("weight", "squared")
+FC_NORMALIZE = ("mean", "sum")  # the FC map's denominator: mean of m (ours) or sum (peers)
+FC_CHANNEL_REDUCE = ("mean_abs", "l2")  # unsigned map: mean_c |delta| or ||delta||_c
 NORM_EPS = 1e-6  # absolute lower bound of the per-sample norms in the direction loss
 # |v1| is also bounded below by NORM_FLOOR * |v_adr|: a model whose output starts at zero
 # (SiT/DiT zero-initialise their last layer) would otherwise see gradients ~ 1/NORM_EPS.
@@ -76,6 +80,24 @@ class FCSpec:
         default=False, metadata={"help": "signed element-wise map, normalised by mean |m|"}
     )
     form: str = field(default="weight", metadata={"help": "weight: w r^2; squared: (w r)^2"})
+    normalize: str = field(
+        default="mean",
+        metadata={
+            "help": "m / (mean m + tiny) (mean) or m / max(sum m, 1e-6) (sum: SimpleTuner, "
+            "takenoko; w - 1 of size 1/N)"
+        },
+    )
+    channel_reduce: str = field(
+        default="mean_abs",
+        metadata={
+            "help": "unsigned map: m = mean_c |delta| (mean_abs) or max(||delta||_c, 1e-6) "
+            "(l2: takenoko)"
+        },
+    )
+    adds_fm: bool = field(
+        default=False,
+        metadata={"help": "fc_i = mean r^2 + mean (w r)^2 on FC rows: FC on top of FM (takenoko)"},
+    )
 
     def __post_init__(self) -> None:
         _number("lambda_fc", self.lambda_fc, low=0)
@@ -89,6 +111,15 @@ class FCSpec:
         if self.cutoff > 1:
             raise ValueError(f"fc_cutoff must be <= 1, got {self.cutoff!r}")
         _choice("fc_form", self.form, FC_FORMS)
+        _choice("fc_normalize", self.normalize, FC_NORMALIZE)
+        _choice("fc_channel_reduce", self.channel_reduce, FC_CHANNEL_REDUCE)
+        if not isinstance(self.adds_fm, bool):
+            raise TypeError(f"fc_adds_fm must be a bool, got {self.adds_fm!r}")
+
+    @property
+    def is_default_form(self) -> bool:
+        """normalize, channel_reduce and adds_fm at their defaults (what the kernels do)."""
+        return (self.normalize, self.channel_reduce, self.adds_fm) == ("mean", "mean_abs", False)
 
 
 @dataclass(frozen=True)
@@ -108,6 +139,13 @@ class ObjectiveSpec:
         default=NORM_FLOOR,
         metadata={"help": "direction loss: |v1| bounded below by norm_floor * |v_adr|"},
     )
+    adr_target_grad: bool = field(
+        default=False,
+        metadata={
+            "help": "v_adr keeps its gradient (through x^_t1 into v(x_t0, t0) with "
+            "rollout_grad: Arioso); default detached"
+        },
+    )
 
     def __post_init__(self) -> None:
         _number("lambda_adr", self.lambda_adr, low=0)
@@ -116,6 +154,15 @@ class ObjectiveSpec:
             raise TypeError(f"fc must be an FCSpec, got {type(self.fc).__name__}")
         _number("norm_eps", self.norm_eps, low=0, low_open=True)
         _number("norm_floor", self.norm_floor, low=0)
+        if not isinstance(self.adr_target_grad, bool):
+            raise TypeError(f"adr_target_grad must be a bool, got {self.adr_target_grad!r}")
+
+    @property
+    def reference_only(self) -> bool:
+        """True when an option the fused kernels do not implement is not at its default
+        (fc normalize / channel_reduce / adds_fm, adr_target_grad): such a spec runs on
+        :func:`reflexflow.reference.objective` whatever the backend."""
+        return self.adr_target_grad or not self.fc.is_default_form
 
     @classmethod
     def from_config(cls, cfg: Any) -> ObjectiveSpec:
@@ -132,9 +179,13 @@ class ObjectiveSpec:
                 per_channel=bool(cfg.fc_per_channel),
                 signed=bool(cfg.fc_signed),
                 form=cfg.fc_form,
+                normalize=cfg.fc_normalize,
+                channel_reduce=cfg.fc_channel_reduce,
+                adds_fm=bool(cfg.fc_adds_fm),
             ),
             norm_eps=float(cfg.norm_eps),
             norm_floor=float(cfg.norm_floor),
+            adr_target_grad=bool(cfg.adr_target_grad),
         )
 
     def replace(self, **changes: Any) -> ObjectiveSpec:

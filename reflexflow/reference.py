@@ -40,6 +40,8 @@ __all__ = [
     "velocity_target",
     "adr_target",
     "adr_target_linear",
+    "data_error_scale",
+    "adr_x1_weight",
     "lowpass",
     "adr_ratio",
     "fc_weight",
@@ -66,6 +68,7 @@ __all__ = [
 
 FILTERS = FC_FILTERS  # one definition each, in reflexflow.objective
 TINY = 1e-12  # added to the per-sample mean of the FC map before dividing
+PEER_NORM_MIN = 1e-6  # the peers' clamp of the FC map's sum and channel norm
 
 
 def bcast(t: Tensor, x: Tensor) -> Tensor:
@@ -101,6 +104,28 @@ def adr_ratio(path: PathLike, t1: Tensor) -> Tensor:
     s1 = path.s(t1)
     safe = torch.where(s1 != 0, s1, torch.ones_like(s1))
     return torch.where(s1 != 0, path.ds(t1) / safe, torch.zeros_like(s1))
+
+
+def data_error_scale(path: PathLike, t: Tensor) -> Tensor:
+    """c(t) = s(t) / (a'(t) s(t) - a(t) s'(t)): the factor that turns a velocity error at
+    (x, t) into the error of the data prediction it implies (x1^ = (s v - s' x) / (a' s -
+    a s'), so d x1^ = c dv). Linear path: c = 1 - t. 0 where s(t) = 0."""
+    a, s = path.a(t), path.s(t)
+    # at s = 0 (t = 1) c is 0; s' may be infinite there (vp), so the ratio is not formed
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    c = safe / (path.da(t) * safe - a * torch.where(s > 0, path.ds(t), torch.zeros_like(s)))
+    return torch.where(s > 0, c, torch.zeros_like(s))
+
+
+def adr_x1_weight(path: PathLike, t1: Tensor, t_c: float) -> Tensor:
+    """(B,) min(1, (c(t1) / c(t_c))^2), c of :func:`data_error_scale`: the near-t = 1
+    remedy of the mse ADR term (docs/peer-readings.md). Rows with t1 <= t_c keep weight 1
+    (the velocity error); beyond t_c the row is the data-space error c(t1) (v1 - v_adr)
+    scaled by 1 / c(t_c) to meet it, bounded as t1 -> 1 where |v1 - v_adr| grows like
+    |delta| / (1 - t1). Detached."""
+    t1 = t1.detach()
+    c_c = data_error_scale(path, torch.full_like(t1, t_c))
+    return (data_error_scale(path, t1) / c_c).square().clamp_max(1.0)
 
 
 def adr_target_linear(x1: Tensor, x_hat: Tensor, t1: Tensor) -> Tensor:
@@ -188,6 +213,8 @@ def fc_weight(
     sigma: float = 2.0,
     size: int = 5,
     cutoff: float = 0.25,
+    normalize: str = "mean",
+    channel_reduce: str = "mean_abs",
 ) -> Tensor:
     """Frequency-compensation weight w = 1 + lambda_fc * m / (mean(m) + tiny).
 
@@ -198,8 +225,19 @@ def fc_weight(
     may fall below 1 or 0 (use it with fc_form="squared"). Rows with active False (k = 0,
     or outside fc_t_max) get w = 1. Shape: (B, 1, *S) broadcasting over channels,
     (B, C, *S) per channel or signed, (B, D) for vectors. The result carries no gradient.
+
+    The peers' forms (docs/peer-readings.md): normalize "sum" divides by
+    max(sum m, 1e-6) over the same axes instead of mean m + tiny (so w - 1 has size 1/N:
+    SimpleTuner's signed map, takenoko's unsigned one); channel_reduce "l2" (unsigned)
+    takes m = max(||delta||_2 over channels, 1e-6) instead of mean_c |delta| (takenoko).
     """
     delta = delta.detach()
+
+    def normalised(m: Tensor, norm: Tensor, dims: tuple[int, ...]) -> Tensor:
+        if normalize == "sum":
+            return m / norm.sum(dim=dims, keepdim=True).clamp_min(PEER_NORM_MIN)
+        return m / (norm.mean(dim=dims, keepdim=True) + TINY)
+
     n_axes = _spatial_ndim(delta)
     if signed:
         m = delta
@@ -208,14 +246,17 @@ def fc_weight(
         else:
             m = lowpass(m, kind=kind, n_axes=n_axes, sigma=sigma, size=size, cutoff=cutoff)
         norm_dims = tuple(range(1, m.dim()))
-        m = m / (m.abs().mean(dim=norm_dims, keepdim=True) + TINY)
+        m = normalised(m, m.abs(), norm_dims)
     else:
-        m = delta.abs()
-        if delta.dim() > 2 and not per_channel:
-            m = m.mean(dim=1, keepdim=True)
+        if channel_reduce == "l2" and delta.dim() > 2 and not per_channel:
+            m = delta.norm(dim=1, keepdim=True).clamp_min(PEER_NORM_MIN)
+        else:
+            m = delta.abs()
+            if delta.dim() > 2 and not per_channel:
+                m = m.mean(dim=1, keepdim=True)
         m = lowpass(m, kind=kind, n_axes=n_axes, sigma=sigma, size=size, cutoff=cutoff)
         norm_dims = tuple(range(2 if delta.dim() > 2 else 1, m.dim()))
-        m = m / (m.mean(dim=norm_dims, keepdim=True) + TINY)
+        m = normalised(m, m, norm_dims)
     w = 1 + lambda_fc * m
     if active is not None:
         w = torch.where(bcast(active, w).bool(), w, torch.ones_like(w))
@@ -264,11 +305,16 @@ def adr_mse_loss(v1: Tensor, v_adr: Tensor) -> Tensor:
 
 
 def per_sample_adr_direction(
-    v1: Tensor, v_adr: Tensor, norm_eps: float = NORM_EPS, norm_floor: float = NORM_FLOOR
+    v1: Tensor,
+    v_adr: Tensor,
+    norm_eps: float = NORM_EPS,
+    norm_floor: float = NORM_FLOOR,
+    target_grad: bool = False,
 ) -> Tensor:
-    """(B,) || v1/n - v_adr/n_a ||^2 with the norms of :func:`adr_direction_loss`."""
+    """(B,) || v1/n - v_adr/n_a ||^2 with the norms of :func:`adr_direction_loss`; v_adr
+    detached unless target_grad."""
     v = v1.flatten(1)
-    a = v_adr.detach().flatten(1)
+    a = (v_adr if target_grad else v_adr.detach()).flatten(1)
     a_norm = a.norm(dim=1, keepdim=True)
     floor = (norm_floor * a_norm).clamp_min(norm_eps)
     d = v / torch.maximum(v.norm(dim=1, keepdim=True), floor) - a / a_norm.clamp_min(norm_eps)
@@ -281,13 +327,17 @@ def per_sample_adr(
     adr_loss: str = "direction",
     norm_eps: float = NORM_EPS,
     norm_floor: float = NORM_FLOOR,
+    target_grad: bool = False,
 ) -> Tensor:
     """(B,) per-sample ADR term: mean (v1 - v_adr)^2 (mse) or ||v1/n - v_adr/n_a||^2
-    (direction, norms as in :func:`adr_direction_loss`); v_adr detached."""
+    (direction, norms as in :func:`adr_direction_loss`); v_adr detached unless
+    target_grad."""
+    if not target_grad:
+        v_adr = v_adr.detach()
     if adr_loss == "direction":
-        return per_sample_adr_direction(v1, v_adr, norm_eps, norm_floor)
+        return per_sample_adr_direction(v1, v_adr, norm_eps, norm_floor, target_grad)
     if adr_loss == "mse":
-        return per_sample_mean((v1 - v_adr.detach()).square())
+        return per_sample_mean((v1 - v_adr).square())
     raise ValueError(f"adr_loss must be 'direction' or 'mse', got {adr_loss!r}")
 
 
@@ -309,18 +359,28 @@ def fc_term(
     w: Tensor | None,
     form: str = "weight",
     weight: Tensor | None = None,
+    adds_fm: bool = False,
+    active: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(rows (B,), L_FC) of the FC (FM-type) term, from one squared error.
 
     e = w (v0 - u0)^2 (w^2 for form "squared"; the plain squared error when w is None),
     rows_i = weight_i * mean over sample i of e, L_FC = mean_i rows_i; without weight
     L_FC = mean of e over all elements (rounding as :func:`fm_loss` / :func:`fc_loss`).
-    w and weight are detached.
+    w and weight are detached. adds_fm (takenoko: FC on top of the base loss):
+    e = (v0 - u0)^2 + [active_i] w (v0 - u0)^2 (w^2 for "squared"), so rows with an FC
+    map count their FM error twice, rows without one (active False) once.
     """
     e = (v0 - u0).square()
     if w is not None:
         w = w.detach()
-        e = (w.square() if form == "squared" else w) * e
+        weighted = (w.square() if form == "squared" else w) * e
+        if adds_fm:
+            if active is not None:
+                weighted = bcast(active, weighted) * weighted
+            e = e + weighted
+        else:
+            e = weighted
     rows = per_sample_mean(e)
     if weight is None:
         return rows, e.mean()
@@ -331,15 +391,18 @@ def fc_term(
 def adr_term(
     v1: Tensor, v_adr: Tensor, spec: ObjectiveSpec, weight: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(rows (B,), L_ADR) of the ADR term, v_adr detached.
+    """(rows (B,), L_ADR) of the ADR term, v_adr detached (unless spec.adr_target_grad).
 
     rows_i = weight_i * (mean (v1 - v_adr)^2 (mse) or ||v1/n - v_adr/n_a||^2 (direction,
     norms of :func:`adr_direction_loss` with spec.norm_eps, spec.norm_floor)), L_ADR =
     mean_i rows_i (unweighted mse: the mean over all elements, as :func:`adr_mse_loss`).
     The one ADR term of the reference objective and of memory="lean".
     """
-    v_adr = v_adr.detach()
-    rows = per_sample_adr(v1, v_adr, spec.adr_loss, spec.norm_eps, spec.norm_floor)
+    if not spec.adr_target_grad:
+        v_adr = v_adr.detach()
+    rows = per_sample_adr(
+        v1, v_adr, spec.adr_loss, spec.norm_eps, spec.norm_floor, spec.adr_target_grad
+    )
     if weight is not None:
         rows = weight.detach().to(rows.dtype) * rows
         return rows, rows.mean()
@@ -350,7 +413,8 @@ def adr_term(
 
 def fc_map(fc: FCSpec, delta: Tensor, active: Tensor | None = None) -> Tensor:
     """The FC map w = 1 + lambda_fc * m / (mean m + tiny) of :func:`fc_weight`, with the
-    choices of ``fc`` (filter, sigma, size, cutoff, per_channel, signed)."""
+    choices of ``fc`` (filter, sigma, size, cutoff, per_channel, signed, normalize,
+    channel_reduce)."""
     return fc_weight(
         delta,
         lambda_fc=fc.lambda_fc,
@@ -361,6 +425,8 @@ def fc_map(fc: FCSpec, delta: Tensor, active: Tensor | None = None) -> Tensor:
         sigma=fc.sigma,
         size=fc.size,
         cutoff=fc.cutoff,
+        normalize=fc.normalize,
+        channel_reduce=fc.channel_reduce,
     )
 
 
@@ -379,7 +445,10 @@ def objective(path: PathLike, spec: ObjectiveSpec, inputs: ObjectiveInputs) -> O
     targets). With v1 None the ADR term is skipped; with spec.fc.lambda_fc = 0 w is None;
     with both, L is the flow-matching loss of the (v0, u0) pair (fm, ip and ss use it so)
     and delta is not computed. This is the contract of the fused kernels
-    (:func:`reflexflow.kernels.fused_objective`): same inputs, outputs and gradients.
+    (:func:`reflexflow.kernels.fused_objective`): same inputs, outputs and gradients,
+    except for the options of ``spec.reference_only`` (fc normalize "sum",
+    channel_reduce "l2", adds_fm; adr_target_grad: v_adr keeps the graph of inputs.x_hat),
+    which only this function implements.
     """
     v0, v1 = inputs.model_outputs()
     x1, eps, x_hat = inputs.x1, inputs.eps, inputs.x_hat
@@ -388,17 +457,18 @@ def objective(path: PathLike, spec: ObjectiveSpec, inputs: ObjectiveInputs) -> O
     if lambda_fc != 0 or v1 is not None:
         delta = x_hat - interpolate(path, x1, eps, inputs.t1)
     u0 = inputs.u0 if inputs.u0 is not None else velocity_target(path, x1, eps, inputs.t0)
-    w = None
+    w = active = None
     if lambda_fc != 0:
         active = (inputs.k > 0) if inputs.fc_active is None else inputs.fc_active
         w = fc_map(spec.fc, delta if inputs.fc_delta is None else inputs.fc_delta, active)
-    fc_rows, fc_value = fc_term(v0, u0, w, spec.fc.form, inputs.fm_weight)
+    fc_rows, fc_value = fc_term(v0, u0, w, spec.fc.form, inputs.fm_weight, spec.fc.adds_fm, active)
     if v1 is None:
         return ObjectiveTerms(loss=fc_value, fc_loss=fc_value, per_sample=fc_rows, w=w, delta=delta)
     v_adr = (
         inputs.v_adr if inputs.v_adr is not None else adr_target(path, x1, eps, x_hat, inputs.t1)
     )
-    v_adr = v_adr.detach()
+    if not spec.adr_target_grad:
+        v_adr = v_adr.detach()
     adr_rows, adr_value = adr_term(v1, v_adr, spec, inputs.adr_weight)
     return ObjectiveTerms(
         loss=fc_value + spec.lambda_adr * adr_value,

@@ -249,6 +249,9 @@ def rollout_state(ctx: StepContext, d: Draws) -> RolloutState:
     x_t0 = ref.interpolate(ctx.path, ctx.data, d.eps, d.t0)
     if not ctx.cfg.rolls_out:  # k = 0 and t1 = t0 for every sample
         return RolloutState(x_t0, x_t0, x_t0, None, None)
+    if ctx.cfg.biased_input == "renoise":  # takenoko: on the path at t1, no model call
+        x_t1 = ref.interpolate(ctx.path, ctx.data, d.eps, d.t1)
+        return RolloutState(x_t0, x_t1, x_t1, None, torch.zeros_like(d.t1))
     x_hat, v0 = _rolled(ctx, d, x_t0)
     x_t1 = ref.interpolate(ctx.path, ctx.data, d.eps, d.t1)
     bias_norm = (x_hat - x_t1).detach().flatten(1).norm(dim=1)
@@ -294,7 +297,7 @@ def _calls(ctx: StepContext, d: Draws, state: RolloutState) -> GradientCalls:
         x_in = _perturbed(ctx, d, state.x_t0) if cfg.method == "ip" else state.x_t0
         return GradientCalls(v0=velocity(x_in, d.t0, kwargs))
     if cfg.method == "ss" or cfg.fm_input == "biased":  # one call at the biased input
-        v = velocity(state.x_hat, d.t1, kwargs)
+        v = velocity(state.x_hat, biased_label(cfg, d), kwargs)
         return GradientCalls(v0=v) if cfg.method == "ss" else GradientCalls(v0=v, v1=v)
     if cfg.joint_call:
         x = torch.cat([state.x_t0, state.x_hat])
@@ -309,6 +312,12 @@ def _calls(ctx: StepContext, d: Draws, state: RolloutState) -> GradientCalls:
     if ctx.defers_adr:
         return GradientCalls(v0=v0, deferred=True)
     return GradientCalls(v0=v0, v1=velocity(state.x_hat, d.t1, kwargs))
+
+
+def biased_label(cfg: ReflexFlowConfig, d: Draws) -> Tensor:
+    """The time the model is told at the biased input x^: t1, or t0 with biased_input
+    "renoise" (takenoko keeps the original label: its exposure is the label mismatch)."""
+    return d.t0 if cfg.biased_input == "renoise" else d.t1
 
 
 def gradient_calls(ctx: StepContext, d: Draws, state: RolloutState) -> GradientCalls:
@@ -333,8 +342,10 @@ def select_objective(
     ``kernels.supports`` refuses (float64, inputs that need a gradient). "auto": the
     kernels for CUDA data when triton imports and supports the call (they fall back to
     the reference, one warning, if they fail to compile or launch), else the reference.
+    A spec with an option the kernels do not implement (``spec.reference_only``: the
+    peers' FC forms, adr_target_grad) runs on the reference under every backend.
     """
-    if backend == "torch":
+    if backend == "torch" or spec.reference_only:
         return ref.objective
     from . import kernels
 
@@ -365,7 +376,8 @@ def objective_terms(
     inputs = ObjectiveInputs(
         x1=ctx.data,
         eps=d.eps,
-        x_hat=state.x_hat.detach(),
+        # the target keeps x^'s graph only when it carries gradient (Arioso)
+        x_hat=state.x_hat if ctx.spec.adr_target_grad else state.x_hat.detach(),
         t0=targets.fm_time,
         t1=d.t1,
         k=d.k,

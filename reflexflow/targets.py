@@ -6,7 +6,12 @@
 * the ADR target v_adr = u_t1 + (s'/s)(t1) (x^_t1 - x_t1), or v~(x^_t1, t1);
 * the velocity-space bias v(x^_t1, t1) - v(x_t1, t1) that drives FC with
   fc_source="velocity";
-* the FC rows (rolled out, below fc_t_max) and the loss weights at t_fm and t1.
+* the FC rows (rolled out, below fc_t_max) and the loss weights at t_fm and t1, with
+  the near-t = 1 remedy of the mse ADR term (adr_x1_from: rows beyond t_c weighted
+  min(1, (c(t1)/c(t_c))^2), :func:`reflexflow.reference.adr_x1_weight`).
+
+biased_input "renoise" (takenoko): the FM term's point is (x_t0, t0) while its call is
+v(x^, t0); the bias is v(x^, t0) - v(x_t0, t0).
 
 A target left None is the objective's own conditional default (the fused kernels then
 compute it in registers).
@@ -23,7 +28,7 @@ from . import reference as ref
 from .draws import Draws
 from .finite import check_stage
 from .model_state import mode_sensitive
-from .stages import GradientCalls, RolloutState, StepContext
+from .stages import GradientCalls, RolloutState, StepContext, biased_label
 from .weighting import loss_weights
 
 __all__ = ["Targets", "term_targets", "velocity_bias", "reference_set"]
@@ -64,13 +69,15 @@ def velocity_bias(ctx: StepContext, d: Draws, state: RolloutState, calls: Gradie
     """
     cfg = ctx.cfg
     velocity = ctx.velocity.with_mode(cfg.rollout_mode)
+    label = biased_label(cfg, d)  # t1; renoise: t0, and the clean side at (x_t0, t0)
+    x_clean = state.x_t0 if cfg.biased_input == "renoise" else state.x_t1
     with torch.no_grad():
-        clean = velocity(state.x_t1, d.t1, ctx.kwargs)
+        clean = velocity(x_clean, label, ctx.kwargs)
         biased = calls.biased_output(ctx.batch)
         if biased is None or (
             cfg.rollout_mode == "eval" and mode_sensitive(ctx.model, cfg.rollout_modules)
         ):
-            biased = velocity(state.x_hat, d.t1, ctx.kwargs)
+            biased = velocity(state.x_hat, label, ctx.kwargs)
         return biased - clean
 
 
@@ -82,6 +89,8 @@ def _fm_point(ctx: StepContext, d: Draws, state: RolloutState) -> tuple[Tensor, 
         return state.x_t0, d.t0
     if cfg.method == "ss":
         return state.x_t1, d.t1
+    if cfg.biased_input == "renoise":  # the call v(x^, t0) against u_t0
+        return state.x_t0, d.t0
     if cfg.fm_input == "biased":
         return state.x_hat, d.t1
     return state.x_t0, d.t0
@@ -91,6 +100,17 @@ def _weights(ctx: StepContext, t: Tensor) -> Tensor | None:
     """Per-sample loss weights at times t, in the state dtype (None: no weighting)."""
     w = loss_weights(ctx.cfg.loss_weighting, t, ctx.cfg.convention)
     return None if w is None else w.to(ctx.data.dtype)
+
+
+def _adr_weights(ctx: StepContext, d: Draws) -> Tensor | None:
+    """(B,) weights of the ADR rows: loss_weighting at t1 (weight_adr) times the near-t = 1
+    remedy min(1, (c(t1)/c(t_c))^2) of the mse term (adr_x1_from = t_c), or None."""
+    cfg = ctx.cfg
+    w = _weights(ctx, d.t1) if cfg.weight_adr else None
+    if cfg.adr_x1_from is not None and ctx.spec.adr_loss == "mse":
+        cap = ref.adr_x1_weight(ctx.path, d.t1, cfg.adr_x1_from).to(ctx.data.dtype)
+        w = cap if w is None else w * cap
+    return w
 
 
 def _fc_active(ctx: StepContext, d: Draws) -> Tensor | None:
@@ -135,5 +155,5 @@ def term_targets(ctx: StepContext, d: Draws, state: RolloutState, calls: Gradien
         fc_delta=fc_delta,
         fc_active=_fc_active(ctx, d),
         fm_weight=_weights(ctx, t_fm),
-        adr_weight=_weights(ctx, d.t1) if cfg.weight_adr and has_adr else None,
+        adr_weight=_adr_weights(ctx, d) if has_adr else None,
     )

@@ -62,7 +62,9 @@ class ShiftedLogitNormalTime:
     _sample_shifted_logit_normal, seruva19/takenoko@72c42ad; there a noise-ward sigma); with
     low 0, high 1 and SimpleTuner's flow_schedule_shift it is SimpleTuner's flow sigma
     (sample_flow_sigmas + apply_flow_schedule_shift, bghira/SimpleTuner@bc8e6ab). The value
-    is in the user's convention like every time sampler's.
+    is in the user's convention like every time sampler's, unless ``convention`` names
+    its own ("noise_at_1": the value is a sigma = 1 - t, whatever the loss's convention:
+    a preset's sampler says so, since presets do not fix the convention).
     """
 
     def __init__(
@@ -72,7 +74,13 @@ class ShiftedLogitNormalTime:
         high: float = 1.0,
         mean: float = 0.0,
         std: float = 1.0,
+        convention: str | None = None,
     ) -> None:
+        if convention not in (None, "data_at_1", "noise_at_1"):
+            raise ValueError(
+                f"convention must be None, 'data_at_1' or 'noise_at_1', got {convention!r}"
+            )
+        self.convention = convention
         for name, value in (("shift", shift), ("low", low), ("high", high), ("mean", mean)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {value!r}")
@@ -102,7 +110,9 @@ class ShiftedLogitNormalTime:
     def __repr__(self) -> str:
         return (
             f"ShiftedLogitNormalTime(shift={self.shift}, low={self.low}, high={self.high}, "
-            f"mean={self.mean}, std={self.std})"
+            f"mean={self.mean}, std={self.std}"
+            + ("" if self.convention is None else f", convention={self.convention!r}")
+            + ")"
         )
 
 

@@ -574,3 +574,18 @@ def test_v_joint_alone_needs_no_v0_v1():
     got = fused_objective(p, ObjectiveSpec(), ObjectiveInputs(v_joint=v, **kw))
     want = ref.objective(p, ObjectiveSpec(), ObjectiveInputs(v_joint=v, **kw))
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"adr_target_grad": True}, {"fc_normalize": "sum"}, {"fc_adds_fm": True}],
+    ids=["adr-target-grad", "fc-sum", "fc-adds-fm"],
+)
+def test_supports_refuses_specs_the_kernels_do_not_implement(changes):
+    x = torch.zeros(2, 3, 4, 4)
+    t = torch.full((2,), 0.3)
+    inputs = ObjectiveInputs(x1=x, eps=x, x_hat=x, t0=t, t1=t, k=t.long(), v0=x, v1=x.clone())
+    assert fo.supports(get_path("linear"), ObjectiveSpec(), inputs)
+    spec = ObjectiveSpec().replace(**changes)
+    assert spec.reference_only
+    assert not fo.supports(get_path("linear"), spec, inputs)

@@ -237,3 +237,227 @@ def test_arioso_single_step_end_is_within_t_eps_of_arioso_on_the_same_uniform():
     torch.testing.assert_close(d.t1, t0 + (1 - cfg.t_eps - t0) * ours, rtol=0, atol=1e-15)
     # on Arioso's U the two ends differ by at most t_eps
     assert float(((t0 + (1 - cfg.t_eps - t0) * frac) - t1).abs().max()) <= cfg.t_eps
+
+
+# --------------------------------------------------------------- phase 2: losses and gradients
+#
+# Each preset named after a source, on the fixture's own inputs and draws (explicit t, k,
+# t1 and noise), against the loss, terms and parameter gradients the source's own code
+# returned. Tolerances: float64 1e-6 relative on the loss and the terms, 1e-5 on the
+# gradients (max abs error / max abs gradient, per parameter); the residual is the
+# sources' own float32 casts (docs/peer-readings.md). float32: 1e-5 on the loss, 1e-4 on
+# the gradients (both sides round in float32; measured 9e-8 and 3.4e-7 at most).
+
+TOL = {"float64": (1e-6, 1e-5), "float32": (1e-5, 1e-4)}
+
+
+class _TinyVelocity(torch.nn.Module):
+    """The fixtures' model: v(x, tau) = W2 silu(W1 [flatten(x), tau] + b1) + b2."""
+
+    def __init__(self, dim: int, hidden: int = 12) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(dim + 1, hidden)
+        self.l2 = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([x.flatten(1), tau.reshape(-1, 1).to(x.dtype)], dim=1)
+        return self.l2(torch.nn.functional.silu(self.l1(h))).reshape(x.shape)
+
+
+class _AriosoPath(rf.paths.AffinePath):
+    """Arioso's path x_t = (1 - (1 - sigma) t) x0 + t x1, sigma = 1e-4 (Arioso/cfm.py)."""
+
+    sigma = 1e-4
+
+    def a(self, t):
+        return t
+
+    def s(self, t):
+        return 1 - (1 - self.sigma) * t
+
+    def da(self, t):
+        return torch.ones_like(t)
+
+    def ds(self, t):
+        return torch.full_like(t, -(1 - self.sigma))
+
+
+def _model(fixture: dict, dtype: torch.dtype) -> _TinyVelocity:
+    net = _TinyVelocity(32).to(dtype)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.tensor(fixture["model"]["weights"][name], dtype=torch.float64))
+    return net
+
+
+def _tensor(values, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64).to(dtype)
+
+
+def _assert_agrees(net, out, case, terms):
+    loss_tol, grad_tol = TOL[case["dtype"]]
+    assert abs(float(out.loss.detach()) - case["loss"]) <= loss_tol * abs(case["loss"])
+    for ours, theirs in terms:
+        assert abs(float(ours.detach()) - theirs) <= loss_tol * abs(theirs)
+    for name, p in net.named_parameters():
+        want = torch.tensor(case["grads"][name], dtype=torch.float64)
+        err = float((p.grad.double() - want).abs().max() / want.abs().max())
+        assert err <= grad_tol, (name, err)
+
+
+def _cases(name: str, label: str | None = None) -> list:
+    fixture = _fixture(name)
+    return [c for c in fixture["cases"] if label is None or c.get("label") == label]
+
+
+@pytest.mark.parametrize(
+    "case", _cases("simpletuner", "grid_1000_sigma_on_grid"), ids=lambda c: c["dtype"]
+)
+def test_simpletuner_preset_reproduces_simpletuners_loss_and_gradients(case):
+    fixture = _fixture("simpletuner")
+    dtype = getattr(torch, case["dtype"])
+    net = _model(fixture, dtype)
+    out = rf.reflexflow_loss(
+        net,  # SimpleTuner's model sees sigma (timesteps / 1000) and predicts eps - x1
+        _tensor(fixture["inputs"]["x1_latents"], dtype),
+        noise=_tensor(fixture["inputs"]["noise"], dtype),
+        t=torch.tensor(case["sigmas"], dtype=torch.float64),  # the drawn END sigma
+        k=torch.tensor(case["plan"]["rollout_steps"]),  # its offsets, 0 included
+        preset="simpletuner",
+        convention="noise_at_1",
+        backend="torch",
+    )
+    out.loss.backward()
+    terms = []
+    if "fm_fc_term" in case:  # the float32 case records the loss and gradients only
+        terms = [(out.fc_loss, case["fm_fc_term"]), (out.adr_loss, case["adr_term_unweighted"])]
+    _assert_agrees(net, out, case, terms)
+
+
+@pytest.mark.parametrize(
+    "label, worst",
+    [("as_shipped_sigma_on_grid", 7.5e-4), ("grid_1000_continuous_sigma", 3.0e-4)],
+)
+def test_simpletuner_preset_does_not_copy_the_grid_slip_or_the_off_grid_clean_call(label, worst):
+    # the two SimpleTuner effects the library does not copy (its 1/999 state grid, its
+    # clean prediction at the continuous sigma) move the gradients by 3e-4 to 7.5e-4
+    fixture = _fixture("simpletuner")
+    (case,) = _cases("simpletuner", label)
+    net = _model(fixture, torch.float64)
+    out = rf.reflexflow_loss(
+        net,
+        _tensor(fixture["inputs"]["x1_latents"], torch.float64),
+        noise=_tensor(fixture["inputs"]["noise"], torch.float64),
+        t=torch.tensor(case["sigmas"], dtype=torch.float64),
+        k=torch.tensor(case["plan"]["rollout_steps"]),
+        preset="simpletuner",
+        convention="noise_at_1",
+        backend="torch",
+    )
+    out.loss.backward()
+    errs = [
+        float((p.grad - torch.tensor(case["grads"][n])).abs().max())
+        / float(torch.tensor(case["grads"][n]).abs().max())
+        for n, p in net.named_parameters()
+    ]
+    assert 1e-5 < max(errs) < 1.5 * worst
+
+
+@pytest.mark.parametrize("case", _cases("arioso"), ids=lambda c: f"{c['label']}-{c['dtype']}")
+def test_arioso_preset_reproduces_ariosos_loss_and_gradients(case):
+    fixture = _fixture("arioso")
+    dtype = getattr(torch, case["dtype"])
+    net = _model(fixture, dtype)
+    inputs = fixture["inputs"]
+    out = rf.reflexflow_loss(
+        net,
+        _tensor(inputs["x1"], dtype),
+        noise=_tensor(inputs["x0_noise"], dtype),  # its prior mel, the path's x0
+        t=torch.tensor(inputs["t0"], dtype=torch.float64),
+        t1=torch.tensor(inputs["t1"], dtype=torch.float64),  # its own sample_t1
+        k=torch.ones(6, dtype=torch.int64),
+        preset="arioso",
+        path=_AriosoPath(),
+        backend="torch",
+        # as shipped its target carries gradient; "target_detached" is its code with
+        # .detach() added, the library's adr_target_grad=False
+        adr_target_grad=case["label"] == "as_shipped",
+    )
+    out.loss.backward()
+    terms = [(out.fc_loss, case["fm_loss"]), (out.adr_loss, case["adr_loss"])]
+    _assert_agrees(net, out, case, terms)
+
+
+@pytest.mark.parametrize("case", _cases("takenoko"), ids=lambda c: c["dtype"])
+def test_takenoko_preset_reproduces_takenokos_loss_and_gradients(case):
+    fixture = _fixture("takenoko")
+    dtype = getattr(torch, case["dtype"])
+    net = _model(fixture, dtype)
+    out = rf.reflexflow_loss(
+        net,
+        _tensor(fixture["inputs"]["x1_latents"], dtype),
+        noise=_tensor(fixture["inputs"]["noise"], dtype),
+        t=torch.tensor(case["sigmas"], dtype=torch.float64),  # the trainer's sigma
+        t1=torch.tensor(case["ts"], dtype=torch.float64),  # the helper's re-noise sigma
+        k=torch.ones(6, dtype=torch.int64),
+        preset="takenoko",
+        convention="noise_at_1",
+        backend="torch",
+    )
+    out.loss.backward()
+    # the library's FC term is takenoko's base FM loss plus its FC term (fc_adds_fm)
+    terms = [
+        (out.fc_loss, case["base_fm_loss"] + case["fc_loss"]),
+        (out.adr_loss, case["adr_loss"]),
+    ]
+    _assert_agrees(net, out, case, terms)
+
+
+def test_takenokos_adr_target_is_colinear_with_its_fm_target():
+    # the fixture's cosine, and the library's own v_adr on a re-noised input: u_t1 = x1 - eps
+    fixture = _fixture("takenoko")
+    cosines = torch.tensor(fixture["cases"][0]["cosine_adr_target_vs_fm_target"])
+    torch.testing.assert_close(cosines, torch.ones_like(cosines), rtol=0, atol=1e-12)
+    x1 = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    eps = torch.randn_like(x1)
+    t1 = torch.tensor([0.1, 0.4, 0.7, 0.95], dtype=torch.float64)
+    path = rf.paths.LinearPath()
+    x_hat = rf.reference.interpolate(path, x1, eps, t1)
+    v_adr = rf.reference.adr_target(path, x1, eps, x_hat, t1)
+    torch.testing.assert_close(v_adr, x1 - eps)
+
+
+def test_preset_draws_follow_their_sources():
+    x1 = torch.zeros(4000, 2, dtype=torch.float64)
+    # takenoko: every sample re-noised at t1 = 1 - ts, ts in takenoko's clamp [0.05, 0.95]
+    cfg = rf.ReflexFlowConfig(preset="takenoko")
+    d = draw(cfg, x1, None, None, None, torch.Generator().manual_seed(0))
+    assert bool((d.k == 1).all())
+    sigma = 1 - d.t1
+    assert float(sigma.min()) >= 0.05 - 1e-12 and float(sigma.max()) <= 0.95 + 1e-12
+    assert abs(float(sigma.median()) - 0.375) < 0.02  # shift 0.6 moves the median to 0.375
+    # its t0 is the trainer's sigma = shift-3 logit-normal (median 0.75), read noise-ward
+    assert abs(float((1 - d.t0).median()) - 0.75) < 0.02
+    # SimpleTuner: k ~ U{0..10}, the end on the 1/1000 grid, the start k steps before it
+    cfg = rf.ReflexFlowConfig(preset="simpletuner")
+    d = draw(cfg, x1, None, None, None, torch.Generator().manual_seed(0))
+    assert int(d.k.min()) == 0 and int(d.k.max()) == 10
+    rolled = d.k > 0
+    ends = 1000 * (1 - d.t1[rolled])
+    torch.testing.assert_close(ends, ends.round(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        d.t0[rolled], d.t1[rolled] - 1e-3 * d.k[rolled].double(), rtol=0, atol=1e-12
+    )
+    # Arioso: one step, t1 within [t0, 1 - t_eps]
+    cfg = rf.ReflexFlowConfig(preset="arioso")
+    d = draw(cfg, x1, None, None, None, torch.Generator().manual_seed(0))
+    assert bool((d.k == 1).all()) and bool((d.t1 >= d.t0).all())
+    assert float(d.t1.max()) <= 1 - cfg.t_eps
+
+
+@pytest.mark.parametrize("name", ["simpletuner", "arioso", "takenoko"])
+def test_describe_names_the_sources_file_and_commit(name):
+    fixture = _fixture(name)
+    text = rf.presets.describe(name)
+    assert fixture["source"]["commit"][:7] in text
+    assert any(Path(f.split(":")[0]).name in text for f in fixture["source"]["files"])

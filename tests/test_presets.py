@@ -158,10 +158,11 @@ def test_a_reference_bank_knob_without_a_bank_is_an_error():
         rf.reflexflow_loss(ConvVelocity(), torch.randn(2, 3, 6, 6), target="stable", stable_ref=8)
 
 
-def test_draw_knobs_default_to_the_drawn_start_and_k_from_one_in_every_preset():
+def test_only_simpletuner_draws_the_rollouts_end_and_k_from_zero():
     for name in presets.PRESETS:
         cfg = rf.ReflexFlowConfig(preset=name)
-        assert (cfg.k_min, cfg.time_draw) == (1, "start"), name
+        want = (0, "end") if name == "simpletuner" else (1, "start")
+        assert (cfg.k_min, cfg.time_draw) == want, name
 
 
 @pytest.mark.parametrize(
@@ -186,3 +187,41 @@ def test_an_end_time_draw_with_unrolled_samples_trains_a_step():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def _worst_row_at_the_end(path: str, t_eps: float, remedy: float | None) -> float:
+    """defar's largest per-sample loss with every rollout ending at t1 = 1 - t_eps."""
+    torch.manual_seed(0)
+    net = ConvVelocity().double()
+    g = torch.Generator().manual_seed(1)
+    x1 = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(x1.shape, generator=g, dtype=torch.float64)
+    t = torch.full((4,), 1 - t_eps - 1 / 50, dtype=torch.float64)  # t1 = t + h = 1 - t_eps
+    out = rf.reflexflow_loss(
+        net,
+        x1,
+        noise=noise,
+        t=t,
+        k=torch.ones(4, dtype=torch.int64),
+        path=path,
+        t_eps=t_eps,
+        adr_x1_from=remedy,
+        backend="torch",
+    )
+    torch.testing.assert_close(out.t1, torch.full_like(t, 1 - t_eps))
+    return float(out.per_sample_loss.detach().max())
+
+
+@pytest.mark.parametrize("path", ["linear", "gvp", "vp"])
+def test_defar_per_sample_loss_stays_bounded_as_t1_goes_to_one(path):
+    assert rf.ReflexFlowConfig().adr_x1_from == 0.9  # the remedy is the default
+    t_eps = (1e-2, 1e-3, 1e-4, 1e-5)
+    on = [_worst_row_at_the_end(path, e, 0.9) for e in t_eps]
+    off = [_worst_row_at_the_end(path, e, None) for e in t_eps]
+    # with the remedy the worst row does not grow as t1 -> 1 (measured: flat within 3%)
+    assert max(on) <= 1.05 * on[0]
+    # without it, it grows like 1 / (1 - t1)^2: x100 per decade of t_eps
+    # (measured; x22 on vp from 1e-2 to 1e-3)
+    for near, nearer in zip(off, off[1:], strict=False):
+        assert nearer > 10 * near
+    assert off[-1] > 1e5 * on[-1]

@@ -239,3 +239,159 @@ def test_squared_fc_form_weights_the_residual_before_squaring():
     )
     w = out.w
     torch.testing.assert_close(out.fc_loss, (w * (v0 - (x1 - eps))).square().mean())
+
+
+# --------------------------------------------------- the peers' options (docs/peer-readings.md)
+
+
+def _peer_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(3, 2, 4, 5, generator=g, dtype=torch.float64)
+    eps = torch.randn(x1.shape, generator=g, dtype=torch.float64)
+    delta = torch.randn(x1.shape, generator=g, dtype=torch.float64)
+    return x1, eps, delta
+
+
+def test_signed_sum_normalised_fc_weight_is_simpletuners_and_the_mean_form_over_n():
+    _, _, delta = _peer_inputs()
+    w = ref.fc_weight(delta, signed=True, kind="none", normalize="sum")
+    want = 1 + delta / delta.abs().flatten(1).sum(1).clamp_min(1e-6).view(-1, 1, 1, 1)
+    torch.testing.assert_close(w, want, rtol=1e-14, atol=0)
+    # sum = N mean: SimpleTuner's weight is the mean form with lambda_fc = 1 / (C H W)
+    n = delta[0].numel()
+    mean_form = ref.fc_weight(delta, signed=True, kind="none", lambda_fc=1 / n)
+    torch.testing.assert_close(w, mean_form, rtol=1e-10, atol=0)
+    assert float((w - 1).abs().max()) < 1.0  # of size 1/N, where the mean form reaches ~N/N
+
+
+def test_l2_channel_sum_normalised_fc_weight_is_takenokos():
+    _, _, delta = _peer_inputs(1)
+    w = ref.fc_weight(delta, kind="none", normalize="sum", channel_reduce="l2")
+    e = delta.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    want = 1 + e / e.flatten(1).sum(1).clamp_min(1e-6).view(-1, 1, 1, 1)
+    torch.testing.assert_close(w, want, rtol=1e-14, atol=0)
+    assert w.shape == (3, 1, 4, 5)
+
+
+def test_fc_adds_fm_puts_the_weighted_term_on_top_of_plain_fm_on_fc_rows_only():
+    x1, eps, delta = _peer_inputs(2)
+    v0 = torch.randn_like(x1)
+    u0 = x1 - eps
+    w = ref.fc_weight(delta, kind="none", normalize="sum", channel_reduce="l2")
+    active = torch.tensor([True, False, True])
+    rows, value = ref.fc_term(v0, u0, w, "squared", adds_fm=True, active=active)
+    r2 = (v0 - u0).square()
+    want = ref.per_sample_mean(r2) + active.double() * ref.per_sample_mean(w.square() * r2)
+    torch.testing.assert_close(rows, want, rtol=1e-14, atol=0)
+    torch.testing.assert_close(value, want.mean(), rtol=1e-14, atol=0)
+
+
+def test_adr_target_grad_lets_the_gradient_flow_through_the_target():
+    x1, eps, _ = _peer_inputs(3)
+    path = LinearPath()
+    t0 = torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64)
+    t1 = torch.tensor([0.6, 0.8, 0.9], dtype=torch.float64)
+    grads = {}
+    for target_grad in (False, True):
+        v0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(4), dtype=x1.dtype)
+        v0.requires_grad_(True)
+        x_hat = ref.interpolate(path, x1, eps, t0) + ref.bcast(t1 - t0, x1) * v0
+        spec = ObjectiveSpec(
+            adr_loss="direction",
+            fc=FCSpec(lambda_fc=0.0),
+            norm_floor=0.0,
+            adr_target_grad=target_grad,
+        )
+        inputs = ObjectiveInputs(
+            x1=x1,
+            eps=eps,
+            x_hat=x_hat,
+            t0=t0,
+            t1=t1,
+            k=torch.ones(3, dtype=torch.int64),
+            v0=v0,
+            v1=1.3 * x_hat,
+        )
+        loss = ref.objective(path, spec, inputs).loss
+        (got,) = torch.autograd.grad(loss, v0, retain_graph=True)
+        # by hand: plain FM at t0 + 10 x direction loss of v1 = 1.3 x^ against
+        # v_adr = (x1 - x^) / (1 - t1), detached or not
+        v = (1.3 * x_hat).flatten(1)
+        a = ((x1 - x_hat) / ref.bcast(1 - t1, x1)).flatten(1)
+        a = a if target_grad else a.detach()
+        d = v / v.norm(dim=1, keepdim=True) - a / a.norm(dim=1, keepdim=True)
+        by_hand = (v0 - (x1 - eps)).square().mean() + 10 * d.square().sum(1).mean()
+        (want,) = torch.autograd.grad(by_hand, v0)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+        grads[target_grad] = got
+    assert not torch.allclose(grads[False], grads[True])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ObjectiveSpec(fc=FCSpec(normalize="sum")),
+        ObjectiveSpec(fc=FCSpec(channel_reduce="l2")),
+        ObjectiveSpec(fc=FCSpec(adds_fm=True)),
+        ObjectiveSpec(adr_target_grad=True),
+    ],
+    ids=["normalize", "channel_reduce", "adds_fm", "adr_target_grad"],
+)
+def test_a_spec_the_kernels_do_not_implement_is_routed_to_the_reference(spec):
+    from reflexflow.stages import select_objective
+
+    x1, eps, _ = _peer_inputs()
+    x1, eps = x1.float(), eps.float()
+    t = torch.full((3,), 0.5)
+    inputs = ObjectiveInputs(
+        x1=x1, eps=eps, x_hat=x1, t0=t, t1=t, k=torch.ones(3, dtype=torch.int64), v0=x1, v1=x1
+    )
+    assert spec.reference_only and not ObjectiveSpec().reference_only
+    for backend in ("torch", "auto", "triton"):
+        assert select_objective(backend, LinearPath(), spec, inputs) is ref.objective
+
+
+def test_the_default_spec_still_goes_to_the_kernels_under_backend_triton():
+    from reflexflow import kernels
+    from reflexflow.stages import select_objective
+
+    x1, eps, _ = _peer_inputs()
+    x1, eps = x1.float(), eps.float()
+    t = torch.full((3,), 0.5)
+    inputs = ObjectiveInputs(
+        x1=x1, eps=eps, x_hat=x1, t0=t, t1=t, k=torch.ones(3, dtype=torch.int64), v0=x1, v1=x1
+    )
+    if not kernels.supports(LinearPath(), ObjectiveSpec(), inputs):
+        pytest.skip("the kernels do not run here")
+    chosen = select_objective("triton", LinearPath(), ObjectiveSpec(), inputs)
+    assert chosen is kernels.fused_objective
+
+
+@pytest.mark.parametrize("path_name", ["linear", "gvp", "vp"])
+def test_adr_x1_weight_is_one_up_to_t_c_and_the_squared_data_error_ratio_beyond(path_name):
+    from reflexflow.paths import get_path
+
+    path = get_path(path_name)
+    t = torch.linspace(0.0, 0.999, 1000, dtype=torch.float64)
+    w = ref.adr_x1_weight(path, t, 0.9)
+    c = ref.data_error_scale(path, t)
+    c_c = ref.data_error_scale(path, torch.tensor([0.9], dtype=torch.float64))
+    torch.testing.assert_close(w, (c / c_c).square().clamp_max(1.0))
+    assert bool((w[t <= 0.9] == 1).all()) and bool((w[t > 0.9] < 1).all())
+    if path_name == "linear":  # c = 1 - t
+        torch.testing.assert_close(c, 1 - t)
+    # c |s'/s| -> 1 as t -> 1: the weighted mse error c (v1 - v_adr) stays bounded
+    t_end = torch.tensor([0.999], dtype=torch.float64)
+    ratio = ref.data_error_scale(path, t_end) * ref.adr_ratio(path, t_end).abs()
+    assert abs(float(ratio) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("path_name", ["linear", "gvp", "vp"])
+def test_adr_x1_weight_is_zero_not_nan_at_t_one(path_name):
+    from reflexflow.paths import get_path
+
+    # a row that does not roll out may sit at t1 = 1 (a user's t), where s = 0 and vp's s'
+    # is infinite: c(1) = 0, so the weight is 0 and the row stays finite
+    for dtype in (torch.float64, torch.float32):
+        w = ref.adr_x1_weight(get_path(path_name), torch.tensor([1.0, 0.5], dtype=dtype), 0.9)
+        assert w.tolist() == [0.0, 1.0]

@@ -167,8 +167,10 @@ def _names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
-_FC_FIELDS = _names(FCSpec)
-_SPEC_FIELDS = tuple(n for n in _names(ObjectiveSpec) if n != "fc")
+# The spec fields the kernels implement (OpArgs carries them); a spec with any other field
+# off its default is ObjectiveSpec.reference_only, which supports() refuses.
+_FC_FIELDS = tuple(n for n in _names(FCSpec) if f"fc_{n}" in OpArgs.__annotations__)
+_SPEC_FIELDS = tuple(n for n in _names(ObjectiveSpec) if n in OpArgs.__annotations__)
 _DATA_FIELDS = tuple(n for n in _names(ObjectiveInputs) if n not in ("v0", "v1", "v_joint"))
 _TENSOR_FIELDS = tuple(n for n, a in OpArgs.__annotations__.items() if "Tensor" in str(a))
 
@@ -672,9 +674,14 @@ def supports(path: Any, spec: ObjectiveSpec, inputs: ObjectiveInputs) -> bool:
     """True when :func:`fused_objective` computes this call, False when it must stay on
     the reference: a device Triton cannot run here (CUDA needs triton; CPU needs
     TRITON_INTERPRET=1), float64 tensors (the kernels compute in fp32), x1, eps, x_hat
-    or u0 requiring grad while grad mode is on, an empty batch. Every spec (validated on
-    construction), any layout, strides and path take the fused path. Metadata only."""
+    or u0 requiring grad while grad mode is on, an empty batch, a spec with an option the
+    kernels do not implement (``spec.reference_only``: the peers' FC normalisation, channel
+    reduction, FC added to FM, an ADR target with gradient). Every other spec, any layout,
+    strides and path take the fused path. Metadata only."""
     from . import triton_usable
+
+    if spec.reference_only:
+        return False
 
     v, x1 = inputs.v_joint if inputs.v_joint is not None else inputs.v0, inputs.x1
     if not isinstance(v, Tensor) or not isinstance(x1, Tensor):

@@ -27,24 +27,44 @@ def _expand(knobs: dict[str, Any]) -> dict[str, Any]:
     return {**preset_knobs(name), **knobs, "preset": name}
 
 
+# Knobs whose preset values changed after the cases were recorded, pinned to the values
+# they were recorded with (phase 2 of the peer-readings issue: the near-t = 1 remedy in
+# defar, the sources' own values in arioso and simpletuner).
+_DEFAR_RECORDED = {"adr_x1_from": None}
+_ARIOSO_RECORDED = {"adr_target_grad": False, "norm_eps": 1e-6, "norm_floor": 0.01}
+_SIMPLETUNER_RECORDED = {
+    "rollout_steps": 4,
+    "k_min": 1,
+    "time_draw": "start",
+    "time_sampler": "uniform",
+    "fc_form": "squared",
+    "fc_normalize": "mean",
+    "norm_floor": 0.01,
+}
+
 # name -> knobs; every case runs on ConvVelocity images unless "vectors" is set
 CASES: dict[str, dict[str, Any]] = {
-    "defar": {"preset": "defar"},
-    "arioso": {"preset": "arioso"},
-    "simpletuner": {"preset": "simpletuner"},
+    "defar": {"preset": "defar", **_DEFAR_RECORDED},
+    "arioso": {"preset": "arioso", **_ARIOSO_RECORDED},
+    "simpletuner": {"preset": "simpletuner", **_SIMPLETUNER_RECORDED},
     "grid-direction": {"preset": "grid-direction"},
-    "fm": {"preset": "defar", "method": "fm"},
-    "ip": {"preset": "defar", "method": "ip"},
+    "fm": {"preset": "defar", **_DEFAR_RECORDED, "method": "fm"},
+    "ip": {"preset": "defar", **_DEFAR_RECORDED, "method": "ip"},
     "ss": {"preset": "grid-direction", "method": "ss", "rollout_steps": 2},
-    "fm-stable": {"preset": "defar", "method": "fm", "target": "stable"},
-    "defar-stable": {"preset": "defar", "target": "stable"},
-    "ss-stable": {"preset": "defar", "method": "ss", "target": "stable"},
-    "defar-lean": {"preset": "defar", "memory": "lean"},
+    "fm-stable": {"preset": "defar", **_DEFAR_RECORDED, "method": "fm", "target": "stable"},
+    "defar-stable": {"preset": "defar", **_DEFAR_RECORDED, "target": "stable"},
+    "ss-stable": {"preset": "defar", **_DEFAR_RECORDED, "method": "ss", "target": "stable"},
+    "defar-lean": {"preset": "defar", **_DEFAR_RECORDED, "memory": "lean"},
     "grid-lean": {"preset": "grid-direction", "memory": "lean", "rollout_steps": 2},
-    "defar-gvp": {"preset": "defar", "path": "gvp"},
-    "defar-vp": {"preset": "defar", "path": "vp"},
+    "defar-gvp": {"preset": "defar", **_DEFAR_RECORDED, "path": "gvp"},
+    "defar-vp": {"preset": "defar", **_DEFAR_RECORDED, "path": "vp"},
     "grid-gvp": {"preset": "grid-direction", "path": "gvp"},
-    "defar-noise-at-1": {"preset": "defar", "convention": "noise_at_1", "timestep_scale": 1000.0},
+    "defar-noise-at-1": {
+        "preset": "defar",
+        **_DEFAR_RECORDED,
+        "convention": "noise_at_1",
+        "timestep_scale": 1000.0,
+    },
     "grid-noise-at-1": {"preset": "grid-direction", "convention": "noise_at_1"},
     "grid-k3-uniform": {"preset": "grid-direction", "rollout_steps": 3},
     "grid-k2-fixed": {"preset": "grid-direction", "rollout_steps": 2, "k_draw": "fixed"},
@@ -56,13 +76,18 @@ CASES: dict[str, dict[str, Any]] = {
     "grid-per-channel": {"preset": "grid-direction", "fc_per_channel": True},
     "grid-signed-squared": {"preset": "grid-direction", "fc_signed": True, "fc_form": "squared"},
     "grid-fc-t-max": {"preset": "grid-direction", "fc_t_max": 0.4},
-    "defar-weighted": {"preset": "defar", "loss_weighting": "cosmap", "weight_adr": True},
-    "defar-logit-normal": {"preset": "defar", "time_sampler": "logit_normal"},
+    "defar-weighted": {
+        "preset": "defar",
+        **_DEFAR_RECORDED,
+        "loss_weighting": "cosmap",
+        "weight_adr": True,
+    },
+    "defar-logit-normal": {"preset": "defar", **_DEFAR_RECORDED, "time_sampler": "logit_normal"},
     "grid-fc-only": {"preset": "grid-direction", "lambda_adr": 0.0},
     "grid-adr-only": {"preset": "grid-direction", "lambda_fc": 0.0},
     "grid-mse-floor0": {"preset": "grid-direction", "adr_loss": "mse", "norm_floor": 0.0},
-    "arioso-single-k": {"preset": "defar", "step_schedule": "single"},
-    "defar-vectors": {"preset": "defar", "vectors": True},
+    "arioso-single-k": {"preset": "defar", **_DEFAR_RECORDED, "step_schedule": "single"},
+    "defar-vectors": {"preset": "defar", **_DEFAR_RECORDED, "vectors": True},
     "grid-vectors": {"preset": "grid-direction", "vectors": True},
 }
 

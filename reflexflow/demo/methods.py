@@ -210,6 +210,21 @@ def _accepted_knobs() -> set[str]:
     return names - {"self"}
 
 
+def _used_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
+    """``knobs`` without those the row's configuration never reads (the study passes its
+    shared knobs to every row: fm has no rollout to take rollout_steps), so the library's
+    ignored-knob warning is kept for users' own mistakes."""
+    import warnings
+
+    from ..config import ReflexFlowConfig
+    from ..config_checks import ignored_knobs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ignored = ignored_knobs(ReflexFlowConfig(**knobs))
+    return {k: v for k, v in knobs.items() if k not in ignored}
+
+
 def check_method(name: str, knobs: dict[str, Any]) -> Any:
     """Build ReflexFlowLoss(**knobs) for row ``name``; a clear ValueError if it cannot.
 
@@ -221,7 +236,7 @@ def check_method(name: str, knobs: dict[str, Any]) -> Any:
     from ..loss import ReflexFlowLoss
 
     try:
-        return ReflexFlowLoss(**knobs)
+        return ReflexFlowLoss(**_used_knobs(knobs))
     except TypeError as err:
         missing = sorted(set(knobs) - _accepted_knobs())
         if missing and "keyword" in str(err):

@@ -64,11 +64,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "fm-equal-compute": {"method": "fm"},
     "fm-long": {"method": "fm"},
     "reflexflow-long": {"preset": DEFAULT_PRESET},
+    # the default without its near-t = 1 remedy (mse ADR rows weighted as before)
+    "reflexflow-no-remedy": {"preset": DEFAULT_PRESET, "adr_x1_from": None},
     # the library's presets (docs/method.md section 3, "The public readings")
     "defar": {"preset": "defar"},
     "arioso": {"preset": "arioso"},
     "simpletuner": {"preset": "simpletuner"},
     "grid-direction": {"preset": "grid-direction"},
+    "takenoko": {"preset": "takenoko"},
     # stable (posterior-weighted) targets, without and with ADR (docs/method.md section 3)
     "fm-stable": {"method": "fm", "target": "stable", "stable_ref": STABLE_REF},
     "defar-stable": {"preset": "defar", "target": "stable", "stable_ref": STABLE_REF},
@@ -96,8 +99,10 @@ ORACLE_METHODS = (
     "fm",
     "fm-equal-compute",
     "reflexflow",
+    "reflexflow-no-remedy",
     "arioso",
     "simpletuner",
+    "takenoko",
     "grid-direction",
     "ss",
     "ip",

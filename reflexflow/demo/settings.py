@@ -2,7 +2,7 @@
 
 A field left at None takes the value of the preset that fits the dataset and size:
 
-    oracle (the default)        ORACLE: the exact-oracle study, 12 rows x 3 seeds of a TinyUNet
+    oracle (the default)        ORACLE: the exact-oracle study, 14 rows x 3 seeds of a TinyUNet
                                 on a 1024-d Gaussian mixture, sized for ~10 minutes on 2 cores
     digits (and the 2-D toys)   the original study: 400 steps of a TinyUNet, 500 samples
     photos on a CPU             PHOTOS_CPU: a PatchUNet, sized for 15 minutes on 2 cores

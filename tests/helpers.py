@@ -5,7 +5,7 @@ are the seeded generator and the call-counting wrapper the tests add to them."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from reflexflow.demo.toy_models import (
     ConvVelocity,
@@ -14,12 +14,44 @@ from reflexflow.demo.toy_models import (
     TinyNet,
 )
 
-__all__ = ["ConvVelocity", "MLPVelocity", "SiTStandIn", "TinyNet", "Counting", "gen"]
+__all__ = [
+    "ConvVelocity",
+    "MLPVelocity",
+    "SiTStandIn",
+    "TinyNet",
+    "Counting",
+    "gen",
+    "negative_velocity",
+    "DropoutBN",
+]
 
 
 def gen(seed: int = 0) -> torch.Generator:
     """A CPU generator seeded with ``seed``."""
     return torch.Generator().manual_seed(seed)
+
+
+def negative_velocity(x: Tensor, t: Tensor, **kwargs) -> Tensor:
+    """v(x, t) = -x: a model with no parameters, for input checks."""
+    return -x
+
+
+class DropoutBN(nn.Module):
+    """Dropout and BatchNorm: computes differently, and updates statistics, in train mode.
+
+    Records (grad enabled, training, frozen.training) of every call; ``frozen`` is a
+    submodule the user keeps in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.drop = nn.Dropout(0.5)
+        self.frozen = nn.Sequential(nn.Dropout(0.5)).eval()
+        self.modes = []
+
+    def forward(self, x, t):
+        self.modes.append((torch.is_grad_enabled(), self.training, self.frozen.training))
+        return self.drop(self.bn(x))
 
 
 class Counting:

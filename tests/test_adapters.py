@@ -15,11 +15,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 import reflexflow as rf
 from reflexflow import adapters
 from reflexflow import reference as ref
+from tests.helpers import ConvVelocity
 from tests.sit_standin import SiTStandIn, sit_linear_training_losses
+
+B = 4
+X = torch.randn(B, 3, 8, 8)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = torch.linspace(0.0, 0.99, 23, dtype=torch.float64)
@@ -514,3 +519,53 @@ def test_sit_sample_ode_num_steps_is_num_sampling_steps_plus_one():
 def test_sit_adapter_refuses_the_lean_memory_mode():
     with pytest.raises(ValueError, match="memory='lean' does not fit SiT's contract"):
         adapters.SiTTransportAdapter("Linear", memory="lean")
+
+
+class _RenamedTableEmbedder(nn.Module):
+    """A LabelEmbedder whose table is not named embedding_table."""
+
+    def __init__(self, num_classes: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.table = nn.Embedding(num_classes + 1, 4)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+
+class _SiTWithRenamedTable(nn.Module):
+    def __init__(self, dropout_prob: float) -> None:
+        super().__init__()
+        self.y_embedder = _RenamedTableEmbedder(3, dropout_prob)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, t, y):
+        return self.lin(x) + self.y_embedder.table(y)
+
+
+def test_sit_adapter_refuses_a_label_dropping_embedder_outside_the_contract():
+    adapter = adapters.SiTTransportAdapter("Linear", num_sampling_steps=10)
+    x1, y = torch.randn(B, 4), {"y": torch.zeros(B, dtype=torch.long)}
+    with pytest.raises(
+        ValueError, match=r"does not follow SiT's LabelEmbedder contract.*embedding_table"
+    ):
+        adapter.training_losses(_SiTWithRenamedTable(0.1), x1, y)
+    out = adapter.training_losses(_SiTWithRenamedTable(0.0), x1, y)  # drops nothing itself
+    assert out["loss"].shape == (B,)
+
+
+def test_adapter_helpers_name_bad_arguments():
+    with pytest.raises(TypeError, match="y must hold integer class labels"):
+        adapters.drop_labels(torch.zeros(B), 0.1, 3)
+    with pytest.raises(TypeError, match="prob must be a number"):
+        adapters.drop_labels(torch.zeros(B, dtype=torch.long), "0.1", 3)
+    with pytest.raises(ValueError, match=r"tokens must have shape \(4, 16, 12\)"):
+        adapters.flux_unpack_latents(torch.randn(4, 16, 8), torch.randn(4, 3, 8, 8))
+    with pytest.raises(ValueError, match="height must be an even int"):
+        adapters.flux_latent_image_ids(7, 8)
+    with pytest.raises(TypeError, match="sample_arg must be a keyword name"):
+        adapters.DiffusersModelAdapter(nn.Identity(), sample_arg=None)
+    with pytest.raises(TypeError, match="unpack must be callable or None"):
+        adapters.DiffusersModelAdapter(nn.Identity(), pack=lambda x: x, unpack=3)
+    adapter = adapters.SiTTransportAdapter("Linear", class_dropout_prob=0.0)
+    with pytest.raises(TypeError, match="model_kwargs must be a dict or None, got list"):
+        adapter.training_losses(ConvVelocity(), X, [1])
+    with pytest.raises(TypeError, match="label_key must be a str"):
+        adapters.SiTTransportAdapter("Linear", label_key=0)

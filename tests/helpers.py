@@ -23,12 +23,23 @@ __all__ = [
     "gen",
     "negative_velocity",
     "DropoutBN",
+    "data_and_noise",
 ]
 
 
 def gen(seed: int = 0) -> torch.Generator:
     """A CPU generator seeded with ``seed``."""
     return torch.Generator().manual_seed(seed)
+
+
+def data_and_noise(
+    seed: int = 0, dtype: torch.dtype = torch.float64, shape: tuple = (6, 3, 8, 8)
+) -> tuple[Tensor, Tensor]:
+    """(x1, noise): two standard-normal batches of ``shape`` drawn from one seeded generator."""
+    g = gen(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype), torch.randn(
+        *shape, generator=g, dtype=dtype
+    )
 
 
 def negative_velocity(x: Tensor, t: Tensor, **kwargs) -> Tensor:

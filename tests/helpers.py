@@ -1,6 +1,8 @@
-"""The tests' fixtures for toy models, in one place: the models come from
+"""The tests' fixtures, in one place: the toy models come from
 :mod:`reflexflow.demo.toy_models` (shared with the demo, benchmarks and examples); here
-are the seeded generator and the call-counting wrapper the tests add to them."""
+are what the tests add to them: the seeded generator, batches (data and noise, rollout
+inputs), small models (negative_velocity, DropoutBN), the call-counting wrapper and the
+rollout oracle check."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from reflexflow.demo.toy_models import (
     SiTStandIn,
     TinyNet,
 )
+from reflexflow.reference import euler_rollout_per_sample
 
 __all__ = [
     "ConvVelocity",
@@ -24,6 +27,8 @@ __all__ = [
     "negative_velocity",
     "DropoutBN",
     "data_and_noise",
+    "rollout_inputs",
+    "assert_rollout_matches_oracle",
 ]
 
 
@@ -40,6 +45,25 @@ def data_and_noise(
     return torch.randn(*shape, generator=g, dtype=dtype), torch.randn(
         *shape, generator=g, dtype=dtype
     )
+
+
+def rollout_inputs(batch: int = 7, kmax: int = 3, seed: int = 0, dtype=torch.float32):
+    """(x, t0, k, h) of a rollout: x (batch, 3, 6, 6), k in {0..kmax} with k[0] = 0,
+    h = 1/20, t0 uniform on [0, 1 - kmax h)."""
+    g = gen(seed)
+    x = torch.randn(batch, 3, 6, 6, generator=g, dtype=dtype)
+    k = torch.randint(0, kmax + 1, (batch,), generator=g)
+    k[0] = 0  # at least one zero
+    h = torch.full((batch,), 1 / 20, dtype=dtype)
+    t0 = torch.rand(batch, generator=g, dtype=dtype) * (1 - kmax * h)
+    return x, t0, k, h
+
+
+def assert_rollout_matches_oracle(engine, velocity, x, t0, k, h) -> None:
+    """engine(velocity, x, t0, k, h) equals the per-sample loop oracle
+    (reference.euler_rollout_per_sample) to rtol 1e-5, atol 1e-6."""
+    want = euler_rollout_per_sample(velocity, x, t0, k, h)
+    torch.testing.assert_close(engine(velocity, x, t0, k, h), want, rtol=1e-5, atol=1e-6)
 
 
 def negative_velocity(x: Tensor, t: Tensor, **kwargs) -> Tensor:

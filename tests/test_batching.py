@@ -41,3 +41,17 @@ def test_unbatched_kwargs_reach_the_model_as_they_are_even_with_batch_size_rows(
     )
     assert all(s[0] is ids for s in seen)  # never sorted, indexed or concatenated
     assert all(s[1] == s[2] for s in seen)  # the labels follow the samples (BATCH, then 2B)
+
+
+def test_map_tensors_reaches_tensors_in_any_mapping_and_keeps_other_values():
+    from types import MappingProxyType
+
+    from reflexflow.batching import map_batched, map_tensors
+
+    y = torch.arange(3)
+    nested = MappingProxyType({"y": y, "extra": [y, "text"], "n": 5})
+    doubled = map_tensors(nested, lambda a: 2 * a)
+    assert isinstance(doubled, dict) and doubled["n"] == 5 and doubled["extra"][1] == "text"
+    assert torch.equal(doubled["y"], 2 * y) and torch.equal(doubled["extra"][0], 2 * y)
+    other = torch.zeros(4)  # not batch-shaped for B = 3: left alone by map_batched
+    assert map_batched({"o": other}, 3, lambda a: a + 1)["o"] is other

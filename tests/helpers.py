@@ -29,6 +29,7 @@ __all__ = [
     "data_and_noise",
     "rollout_inputs",
     "assert_rollout_matches_oracle",
+    "hide_module",
 ]
 
 
@@ -64,6 +65,18 @@ def assert_rollout_matches_oracle(engine, velocity, x, t0, k, h) -> None:
     (reference.euler_rollout_per_sample) to rtol 1e-5, atol 1e-6."""
     want = euler_rollout_per_sample(velocity, x, t0, k, h)
     torch.testing.assert_close(engine(velocity, x, t0, k, h), want, rtol=1e-5, atol=1e-6)
+
+
+def hide_module(monkeypatch, name: str) -> None:
+    """Make importlib.util.find_spec(name) return None, as if ``name`` were not installed."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda spec_name, *a, **k: None if spec_name == name else real(spec_name, *a, **k),
+    )
 
 
 def negative_velocity(x: Tensor, t: Tensor, **kwargs) -> Tensor:

@@ -29,6 +29,11 @@ def test_check_finite_catches_nan_data_and_nan_model_output(x1):
     assert torch.isnan(rf.reflexflow_loss(model, bad).loss)
 
 
+def _checked_loss(model, **knobs):
+    """The loss with check_finite=True on a (4, 3, 6, 6) batch."""
+    return rf.reflexflow_loss(model, torch.randn(4, 3, 6, 6), check_finite=True, **knobs)
+
+
 def _nan_when(condition):
     """A conv velocity whose output is NaN when condition() holds at call time."""
     net = ConvVelocity()
@@ -51,27 +56,19 @@ def test_check_finite_names_the_data_stage_for_nan_noise():
 def test_check_finite_names_the_rollout_state_when_only_no_grad_calls_return_nan():
     model = _nan_when(lambda: not torch.is_grad_enabled())
     with pytest.raises(ValueError, match="x_hat has non-finite values .* 'rollout state'"):
-        rf.reflexflow_loss(
+        _checked_loss(
             model,
-            torch.randn(4, 3, 6, 6),
             t=torch.full((4,), 0.3),
             k=torch.full((4,), 2),
             preset="grid-direction",
             rollout_steps=2,
-            check_finite=True,
         )
 
 
 def test_check_finite_names_the_model_outputs_when_the_gradient_calls_return_nan():
     model = _nan_when(torch.is_grad_enabled)
     with pytest.raises(ValueError, match="v0 has non-finite values .* 'model outputs'"):
-        rf.reflexflow_loss(
-            model,
-            torch.randn(4, 3, 6, 6),
-            preset="grid-direction",
-            share_first_call=False,
-            check_finite=True,
-        )
+        _checked_loss(model, preset="grid-direction", share_first_call=False)
 
 
 def test_check_finite_names_the_velocity_bias_when_its_no_grad_calls_return_nan():
@@ -79,13 +76,8 @@ def test_check_finite_names_the_velocity_bias_when_its_no_grad_calls_return_nan(
     without grad."""
     model = _nan_when(lambda: not torch.is_grad_enabled())
     with pytest.raises(ValueError, match="fc_delta has non-finite values .* 'velocity bias'"):
-        rf.reflexflow_loss(
-            model,
-            torch.randn(4, 3, 6, 6),
-            t=torch.full((4,), 0.3),
-            k=torch.zeros(4, dtype=torch.int64),
-            preset="defar",
-            check_finite=True,
+        _checked_loss(
+            model, t=torch.full((4,), 0.3), k=torch.zeros(4, dtype=torch.int64), preset="defar"
         )
 
 

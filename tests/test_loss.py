@@ -9,6 +9,13 @@ from tests.helpers import ConvVelocity, MLPVelocity, data_and_noise, gen
 B, SHAPE = 6, (6, 3, 8, 8)
 
 
+def _two_step_loss(model, x1, noise, t, k, **knobs):
+    """The loss on given draws with rollout_steps=2, num_sampling_steps=10."""
+    return rf.reflexflow_loss(
+        model, x1, noise=noise, t=t, k=k, rollout_steps=2, num_sampling_steps=10, **knobs
+    )
+
+
 @pytest.mark.parametrize("path", ["linear", "gvp", "vp"])
 def test_zero_lambdas_equal_plain_fm_on_the_same_draws(path):
     model = ConvVelocity().double()
@@ -16,18 +23,7 @@ def test_zero_lambdas_equal_plain_fm_on_the_same_draws(path):
     t = torch.linspace(0.0, 0.7, B, dtype=torch.float64)
     k = torch.tensor([1, 2, 0, 1, 2, 1])
     plain = rf.reflexflow_loss(model, x1, noise=noise, t=t, path=path, method="fm")
-    zero = rf.reflexflow_loss(
-        model,
-        x1,
-        noise=noise,
-        t=t,
-        k=k,
-        path=path,
-        rollout_steps=2,
-        num_sampling_steps=10,
-        lambda_adr=0.0,
-        lambda_fc=0.0,
-    )
+    zero = _two_step_loss(model, x1, noise, t, k, path=path, lambda_adr=0.0, lambda_fc=0.0)
     torch.testing.assert_close(zero.loss, plain.loss, rtol=0, atol=0)
 
 
@@ -127,17 +123,7 @@ def test_shared_joint_and_two_call_modes_give_the_same_loss_and_gradients(preset
     grads = {}
     for name, mode in modes.items():
         model = ConvVelocity().double()
-        out = rf.reflexflow_loss(
-            model,
-            x1,
-            noise=noise,
-            t=t,
-            k=k,
-            preset=preset,
-            rollout_steps=2,
-            num_sampling_steps=10,
-            **mode,
-        )
+        out = _two_step_loss(model, x1, noise, t, k, preset=preset, **mode)
         out.loss.backward()
         grads[name] = (out.loss.detach(), [p.grad.clone() for p in model.parameters()])
     for name in ("joint", "two-call"):

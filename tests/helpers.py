@@ -30,6 +30,7 @@ __all__ = [
     "rollout_inputs",
     "assert_rollout_matches_oracle",
     "hide_module",
+    "assert_same_path",
 ]
 
 
@@ -77,6 +78,12 @@ def hide_module(monkeypatch, name: str) -> None:
         "find_spec",
         lambda spec_name, *a, **k: None if spec_name == name else real(spec_name, *a, **k),
     )
+
+
+def assert_same_path(p, q, t: Tensor) -> None:
+    """Paths p and q agree on a, s, da, ds at times t (to 1e-12)."""
+    for name in ("a", "s", "da", "ds"):
+        torch.testing.assert_close(getattr(p, name)(t), getattr(q, name)(t), rtol=1e-12, atol=1e-12)
 
 
 def negative_velocity(x: Tensor, t: Tensor, **kwargs) -> Tensor:

@@ -100,3 +100,19 @@ def test_sample_passes_unbatched_kwargs_as_they_are():
 def test_sample_refuses_a_model_returning_a_non_floating_tensor():
     with pytest.raises(TypeError, match="floating-point velocity"):
         rf.sample(lambda x, t: x.long(), X, 2)
+
+
+def test_sampler_timestep_scale_and_noise_at_1_equal_canonical_sampling():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4)
+    seen = []
+
+    def sd3_model(x, timestep):  # noise_at_1 model taking timesteps in [0, 1000]
+        seen.append(timestep)
+        return net(x) * (timestep[:, None] / 1000.0)
+
+    noise = torch.randn(3, 4)
+    a = rf.sample(sd3_model, noise, steps=5, convention="noise_at_1", timestep_scale=1000.0)
+    b = rf.sample(lambda x, t: -sd3_model(x, 1000 * (1 - t)), noise, steps=5)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(seen[0], torch.full((3,), 1000.0))  # starts at sigma = 1

@@ -176,12 +176,17 @@ def check_user_objects(cfg: Any) -> None:
 
 # -- knobs the configuration never reads -----------------------------------------------
 
-
-def _fc_knobs(cfg: Any) -> tuple[str, ...]:
-    """The FC term's knobs: every configuration field named fc_*."""
-    return tuple(f.name for f in dataclasses.fields(cfg) if f.name.startswith("fc_"))
-
-
+_FC_KNOBS = (
+    "fc_source",
+    "fc_signed",
+    "fc_form",
+    "fc_filter",
+    "fc_sigma",
+    "fc_per_channel",
+    "fc_t_max",
+    "fc_size",
+    "fc_cutoff",
+)
 _ROLLOUT_KNOBS = (
     "rollout_steps",
     "num_sampling_steps",
@@ -220,7 +225,7 @@ def ignored_knobs(cfg: Any) -> dict[str, str]:
             ("lambda_adr", "adr_loss", "weight_adr", "fm_input"),
             f"method={method!r} has no ADR term",
         )
-        ignore(("lambda_fc", *_fc_knobs(cfg)), f"method={method!r} has no FC term")
+        ignore(("lambda_fc", *_FC_KNOBS), f"method={method!r} has no FC term")
     if method in ("fm", "ip"):
         reason = f"method={method!r} has no rollout"
         ignore((*_ROLLOUT_KNOBS, "rollout_modules"), reason)
@@ -231,7 +236,7 @@ def ignored_knobs(cfg: Any) -> dict[str, str]:
             ignore(("adr_loss", "weight_adr"), "lambda_adr = 0: there is no ADR term")
             ignore(("memory",), "lambda_adr = 0: memory='lean' has no ADR term to defer")
         if cfg.lambda_fc == 0:
-            ignore(_fc_knobs(cfg), "lambda_fc = 0: there is no FC term")
+            ignore(_FC_KNOBS, "lambda_fc = 0: there is no FC term")
         if cfg.lambda_adr == 0 and cfg.lambda_fc == 0:
             ignore(
                 (*_ROLLOUT_KNOBS, "rollout_modules"),

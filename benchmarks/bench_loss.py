@@ -19,7 +19,6 @@ the model dtype of every shape.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.machinery.report import write_device_result
 from benchmarks.suites.loss import copy_bandwidth, floor_bytes, objective_call, objective_inputs
 from reflexflow import reference as ref
 from reflexflow.kernels import triton_usable
@@ -92,10 +92,7 @@ def _write_results():
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "rows": _ROWS,
     }
-    RESULTS.mkdir(exist_ok=True)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
-    path = RESULTS / f"loss-{slug}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    path = write_device_result(RESULTS, "loss", name, out)
     print(f"\nwrote {path}\n")
     print(f"copy: {out['copy_gbps']:.1f} GB/s (dst.copy_(src), read + write)\n")
     print(
@@ -121,21 +118,18 @@ def _write_results():
         )
 
 
+def _row(shape: str, size: tuple, dtype: torch.dtype, impl: str, **fields) -> dict:
+    """One result row: the case (shape, size, v dtype, impl) and its measured ``fields``."""
+    v_dtype = str(dtype).removeprefix("torch.")
+    return dict(shape=shape, size=list(size), v_dtype=v_dtype, impl=impl, **fields)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 def test_loss_forward_backward(benchmark, shape, impl):
     size, dtype = SHAPES[shape][0], _dtype(shape)
     if impl == "triton" and (DEV != "cuda" or not triton_usable(DEV)):
-        _ROWS.append(
-            dict(
-                shape=shape,
-                size=list(size),
-                v_dtype=str(dtype).removeprefix("torch."),
-                impl=impl,
-                median_s=None,
-                note="needs CUDA",
-            )
-        )
+        _ROWS.append(_row(shape, size, dtype, impl, median_s=None, note="needs CUDA"))
         pytest.skip("Triton rows need CUDA (the CPU interpreter is not a timing): not measured")
     kw = objective_inputs(size, DEV, dtype)
     fn = _objective(impl)
@@ -154,11 +148,11 @@ def test_loss_forward_backward(benchmark, shape, impl):
     median = benchmark.stats.stats.median
     floor = floor_bytes(kw)
     _ROWS.append(
-        dict(
-            shape=shape,
-            size=list(size),
-            v_dtype=str(dtype).removeprefix("torch."),
-            impl=impl,
+        _row(
+            shape,
+            size,
+            dtype,
+            impl,
             median_s=median,
             floor_bytes=floor,
             floor_gbps=floor / median / 1e9,

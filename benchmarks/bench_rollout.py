@@ -1,20 +1,10 @@
 """Benchmark of the scheduled-sampling rollout: per-sample loop vs batched engines.
 
-Rows (each: median seconds per rollout, sample-forwards per rollout, speedup vs the
-per-sample loop):
-
-  per_sample     one batch-1 model call per sample and step (SimpleTuner's ReflexFlow
-                 option; reflexflow.reference.euler_rollout_per_sample)
-  lockstep       full batch for max k steps, finished samples masked (B * max k forwards)
-  engine_torch   RolloutEngine("torch"): prefix-compacted, pure PyTorch (sum k forwards)
-  engine_native  RolloutEngine("native"): the same with the C++/CUDA ops
-  fixed_native   RolloutEngine("native") with fixed_k=K: the masked static plan, no host
-                 sync (fixed k only)
-  graph          RolloutEngine("native", cuda_graph=True) with fixed_k=K, fixed k only,
-                 CUDA only
-
-plus a micro-benchmark of the fused Euler update (torch.ops.reflexflow.euler_update_)
-against plain PyTorch (state += h * v; xin.copy_(state)).
+Rows: the rollout modes of benchmarks/suites/rollout.py (per_sample, lockstep,
+engine_torch, engine_native, fixed_native, graph; its docstring says what each runs),
+each with its median seconds per rollout, sample-forwards per rollout and speedup vs the
+per-sample loop, plus a micro-benchmark of the fused Euler update
+(torch.ops.reflexflow.euler_update_) against plain PyTorch (state += h * v; xin.copy_(state)).
 
     python benchmarks/bench_rollout.py                      # CPU: the committed run
     python benchmarks/bench_rollout.py --device cuda --batch 64 --size 32 --repeats 20

@@ -21,7 +21,6 @@ of the SiT-S/2 forward and the load average at start and end:
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 from pathlib import Path
@@ -30,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.machinery.report import write_device_result
 from benchmarks.suites.stable import stable_inputs
 from reflexflow.demo.toy_models import build_model
 from reflexflow.stable import stable_target
@@ -82,10 +82,7 @@ def _write_results():
         "load_avg_end": _LOAD["end"],
         "rows": _ROWS,
     }
-    RESULTS.mkdir(exist_ok=True)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
-    path = RESULTS / f"stable-{slug}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    path = write_device_result(RESULTS, "stable", name, out)
     print(f"\nwrote {path}; load average {_LOAD['start']} -> {_LOAD['end']}\n")
     print("| op | B | R | D | median ms | % of SiT-S/2 forward |")
     print("|---|---|---|---|---|---|")

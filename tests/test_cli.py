@@ -9,6 +9,7 @@ import torch
 
 from reflexflow import cli
 from reflexflow.cli import build_parser, main
+from tests.helpers import hide_module
 
 
 def test_example_command_trains_both_methods_and_reports_finite_mmd(capsys):
@@ -94,14 +95,7 @@ def test_info_reports_extension_triton_cuda_and_versions(capsys):
 
 
 def test_info_without_triton_names_the_extra(monkeypatch, capsys):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a, **k: None if name == "triton" else real(name, *a, **k),
-    )
+    hide_module(monkeypatch, "triton")
     assert main(["info"]) == 0
     printed = capsys.readouterr().out
     assert 'Triton: not installed (pip install "reflexflow[triton]")' in printed

@@ -1,23 +1,18 @@
 """tools/compile_check.py (the sm_90 compile check of the Triton kernels) without Triton:
 one message naming what to install, no traceback."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import hide_module
 from tools import compile_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_without_triton_main_names_the_extra_and_exits_2(monkeypatch, capsys):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a, **k: None if name == "triton" else real(name, *a, **k),
-    )
+    hide_module(monkeypatch, "triton")
     assert compile_check.main(["--case", "sit_4x32x32_fp32"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'install the "triton" extra' in err

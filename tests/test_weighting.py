@@ -10,6 +10,9 @@ import torch
 import reflexflow as rf
 from reflexflow import reference as ref
 from reflexflow.weighting import loss_weights
+from tests.helpers import ConvVelocity
+
+X = torch.randn(4, 3, 8, 8)
 
 
 def test_named_weightings_are_functions_of_sigma():
@@ -58,3 +61,12 @@ def test_weighted_fm_term_is_the_mean_of_weighted_per_sample_errors(method):
     w = loss_weights("cosmap", t, "data_at_1")
     torch.testing.assert_close(out.fc_loss, (w * per_sample).mean())
     torch.testing.assert_close(out.per_sample_loss, w * per_sample)
+
+
+def test_loss_weighting_of_the_wrong_signature_or_with_negative_weights_is_refused():
+    with pytest.raises(TypeError, match=r"loss_weighting must be callable as loss_weighting\(t\)"):
+        rf.ReflexFlowConfig(loss_weighting=lambda: 1.0)
+    with pytest.raises(ValueError, match="finite, non-negative weights; got min -1"):
+        rf.reflexflow_loss(ConvVelocity(), X, loss_weighting=lambda t: -torch.ones_like(t))
+    with pytest.raises(TypeError, match="floating-point weights, got torch.int64"):
+        rf.reflexflow_loss(ConvVelocity(), X, loss_weighting=lambda t: torch.ones_like(t).long())

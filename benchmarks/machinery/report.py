@@ -124,6 +124,18 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def write_device_result(
+    results: str | Path, prefix: str, name: str, payload: dict[str, Any]
+) -> Path:
+    """Write ``payload`` to results/<prefix>-<slug>.json (indent 2), slug = ``name`` lowered
+    with every non-alphanumeric character a dash; creates the folder, returns the path."""
+    slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
+    path = Path(results) / f"{prefix}-{slug}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
 def step_markdown(payload: dict[str, Any]) -> str:
     """The step rows of a result file as a Markdown table (for benchmarks/README.md)."""
     env, step = payload["environment"], payload["step"]

@@ -1,4 +1,5 @@
-"""RolloutEngine against the per-sample loop oracle (reference.euler_rollout_per_sample)."""
+"""RolloutEngine (reflexflow/engine.py) against the per-sample loop oracle
+(reference.euler_rollout_per_sample); its CUDA graphs are tests/test_graphs.py's."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ import pytest
 import torch
 
 import reflexflow as rf
-from reflexflow import graphs as graphs_mod
 from reflexflow import native
 from reflexflow.engine import RolloutEngine
 from reflexflow.reference import euler_rollout_per_sample
-from tests.helpers import Counting, TinyNet
+from tests.helpers import Counting, TinyNet, assert_rollout_matches_oracle, rollout_inputs
 
 BACKENDS = ["torch", "native"]
 
@@ -21,21 +21,11 @@ def _backend(name: str) -> RolloutEngine:
     return RolloutEngine(name)
 
 
-def _inputs(batch=7, kmax=3, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, 6, 6, generator=gen, dtype=dtype)
-    k = torch.randint(0, kmax + 1, (batch,), generator=gen)
-    k[0] = 0  # at least one zero
-    h = torch.full((batch,), 1 / 20, dtype=dtype)
-    t0 = torch.rand(batch, generator=gen, dtype=dtype) * (1 - kmax * h)
-    return x, t0, k, h
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_k_with_zeros_matches_per_sample_loop(backend):
     engine = _backend(backend)
     vm = rf.VelocityModel(TinyNet())
-    x, t0, k, h = _inputs()
+    x, t0, k, h = rollout_inputs()
     got = engine(vm, x, t0, k, h)
     want = euler_rollout_per_sample(vm, x, t0, k, h)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -46,31 +36,27 @@ def test_random_k_with_zeros_matches_per_sample_loop(backend):
 def test_fixed_k_matches_per_sample_loop(backend):
     engine = _backend(backend)
     vm = rf.VelocityModel(TinyNet())
-    x, t0, _, h = _inputs()
+    x, t0, _, h = rollout_inputs()
     k = torch.full((x.shape[0],), 3)
-    torch.testing.assert_close(
-        engine(vm, x, t0, k, h), euler_rollout_per_sample(vm, x, t0, k, h), rtol=1e-5, atol=1e-6
-    )
+    assert_rollout_matches_oracle(engine, vm, x, t0, k, h)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_step_schedule_with_per_sample_steps(backend):
     engine = _backend(backend)
     vm = rf.VelocityModel(TinyNet())
-    x, t0, _, _ = _inputs()
+    x, t0, _, _ = rollout_inputs()
     gen = torch.Generator().manual_seed(3)
     k = (torch.rand(x.shape[0], generator=gen) < 0.6).long()
     h = (1 - 1e-3 - t0) * torch.rand(x.shape[0], generator=gen)  # t1 = t0 + (1 - t0) U
-    torch.testing.assert_close(
-        engine(vm, x, t0, k, h), euler_rollout_per_sample(vm, x, t0, k, h), rtol=1e-5, atol=1e-6
-    )
+    assert_rollout_matches_oracle(engine, vm, x, t0, k, h)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_model_kwargs_follow_the_permutation(backend):
     engine = _backend(backend)
     vm = rf.VelocityModel(TinyNet())
-    x, t0, k, h = _inputs(batch=9, kmax=4, seed=1)
+    x, t0, k, h = rollout_inputs(batch=9, kmax=4, seed=1)
     gen = torch.Generator().manual_seed(2)
     kwargs = {"y": torch.randint(0, 5, (9,), generator=gen), "emb": torch.randn(9, 2, 4)}
     got = engine(vm, x, t0, k, h, kwargs)
@@ -91,7 +77,7 @@ def test_bf16_model_with_float32_state(backend):
         return net(x, t)
 
     vm = rf.VelocityModel(model, input_dtype=torch.bfloat16)
-    x, t0, k, h = _inputs(seed=4)
+    x, t0, k, h = rollout_inputs(seed=4)
     got = engine(vm, x, t0, k, h)
     assert got.dtype == torch.float32 and set(seen) == {torch.bfloat16}
     torch.testing.assert_close(got, euler_rollout_per_sample(vm, x, t0, k, h), rtol=0, atol=2e-2)
@@ -100,7 +86,7 @@ def test_bf16_model_with_float32_state(backend):
 def test_native_and_torch_engines_agree_bit_for_bit():
     native_engine = _backend("native")
     vm = rf.VelocityModel(TinyNet().to(torch.bfloat16), input_dtype=torch.bfloat16)
-    x, t0, k, h = _inputs(batch=11, kmax=5, seed=5)
+    x, t0, k, h = rollout_inputs(batch=11, kmax=5, seed=5)
     assert torch.equal(native_engine(vm, x, t0, k, h), RolloutEngine("torch")(vm, x, t0, k, h))
 
 
@@ -108,7 +94,7 @@ def test_native_and_torch_engines_agree_bit_for_bit():
 def test_float64_state_stays_float64(backend):
     engine = _backend(backend)
     vm = rf.VelocityModel(TinyNet().double())
-    x, t0, k, h = _inputs(dtype=torch.float64)
+    x, t0, k, h = rollout_inputs(dtype=torch.float64)
     got = engine(vm, x, t0, k, h)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, euler_rollout_per_sample(vm, x, t0, k, h))
@@ -117,7 +103,7 @@ def test_float64_state_stays_float64(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_counting_model_sees_sum_of_k_sample_forwards(backend):
     engine = _backend(backend)
-    x, t0, k, h = _inputs(batch=10, kmax=4, seed=6)
+    x, t0, k, h = rollout_inputs(batch=10, kmax=4, seed=6)
     counting = Counting(rf.VelocityModel(TinyNet()))
     engine(counting, x, t0, k, h)
     assert sum(counting.sizes) == int(k.sum())
@@ -131,7 +117,7 @@ def test_counting_model_sees_sum_of_k_sample_forwards(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_zero_k_makes_no_model_call(backend):
     engine = _backend(backend)
-    x, t0, _, h = _inputs()
+    x, t0, _, h = rollout_inputs()
     counting = Counting(rf.VelocityModel(TinyNet()))
     out = engine(counting, x, t0, torch.zeros(x.shape[0], dtype=torch.int64), h)
     assert torch.equal(out, x) and counting.sizes == []
@@ -152,7 +138,7 @@ def test_torch_backend_never_touches_the_extension(monkeypatch):
 
     monkeypatch.setattr(native, "has_kernel", boom)
     vm = rf.VelocityModel(TinyNet())
-    x, t0, k, h = _inputs()
+    x, t0, k, h = rollout_inputs()
     torch.testing.assert_close(
         RolloutEngine("torch")(vm, x, t0, k, h), euler_rollout_per_sample(vm, x, t0, k, h)
     )
@@ -189,67 +175,12 @@ def test_loss_cuda_graph_knob_is_validated():
 def test_autocast_bf16_model_keeps_a_float32_state(backend):
     engine = _backend(backend)
     vm = rf.VelocityModel(TinyNet())
-    x, t0, k, h = _inputs(seed=10)
+    x, t0, k, h = rollout_inputs(seed=10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = engine(vm, x, t0, k, h)
         want = euler_rollout_per_sample(vm, x, t0, k, h)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=3e-2)
-
-
-def test_clear_graphs_empties_the_engines_cache():
-    eng = RolloutEngine("torch", cuda_graph=True)
-    eng.graphs.graphs[("fake",)] = object()
-    eng.graphs.uncapturable.add(("other",))
-    eng.clear_graphs()
-    assert len(eng.graphs) == 0 and not eng.graphs.uncapturable
-
-
-def test_a_copied_engine_leaves_the_captured_graphs_behind():
-    import copy
-    import pickle
-
-    eng = RolloutEngine("torch", cuda_graph=True)
-    eng.graphs.graphs[("fake",)] = object()
-    for twin in (copy.deepcopy(eng), pickle.loads(pickle.dumps(eng))):
-        assert len(twin.graphs) == 0 and twin.graphs is not eng.graphs
-        assert (twin.backend, twin.cuda_graph) == ("torch", True)
-    assert len(eng.graphs) == 1
-
-
-def test_each_loss_owns_its_engine_and_deleting_the_loss_frees_its_graphs(monkeypatch):
-    """No process-wide registry: the graphs (and the model they keep alive) go with the
-    ReflexFlowLoss that captured them; the functional form uses a fresh or a given engine."""
-    import gc
-    import weakref
-
-    _patch_graphs(monkeypatch, fail=False)
-    monkeypatch.setattr(RolloutEngine, "uses_graph", lambda self, x: self.cuda_graph)
-    kw = dict(rollout_steps=2, num_sampling_steps=20, k_draw="fixed", cuda_graph=True)
-    x1 = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(19))
-    net = TinyNet()
-    loss_fn = rf.ReflexFlowLoss(**kw)
-    assert loss_fn.engine is not rf.ReflexFlowLoss(**kw).engine
-    loss_fn(net, x1, generator=torch.Generator().manual_seed(0))
-    assert len(loss_fn.engine.graphs) == 1 and len(_FakeGraph.made) == 1
-    loss_fn(net, x1, generator=torch.Generator().manual_seed(1))
-    assert len(_FakeGraph.made) == 1  # replayed from the loss's own cache
-    given = RolloutEngine(cuda_graph=True)
-    for seed in (2, 3):
-        rf.reflexflow_loss(net, x1, generator=torch.Generator().manual_seed(seed), **kw)
-        rf.reflexflow_loss(
-            net, x1, generator=torch.Generator().manual_seed(seed), engine=given, **kw
-        )
-    assert len(_FakeGraph.made) == 4  # a fresh engine per call without engine=
-    assert len(given.graphs) == 1
-    alive = weakref.ref(net)
-    _FakeGraph.made.clear()
-    del net, given
-    gc.collect()
-    assert alive() is not None  # loss_fn's graph still holds the model
-    del loss_fn
-    gc.collect()
-    assert alive() is None
 
 
 def test_rollout_backend_is_the_rollouts_knob_and_backend_the_objectives(monkeypatch):
@@ -272,7 +203,7 @@ def test_native_rollout_backend_without_the_extension_is_a_clear_value_error(mon
     monkeypatch.setattr(native, "has_kernel", lambda device: False)
     monkeypatch.setitem(native._state, "reason", "REFLEXFLOW_NO_EXT=1")
     vm = rf.VelocityModel(TinyNet())
-    x, t0, k, h = _inputs()
+    x, t0, k, h = rollout_inputs()
     with pytest.raises(ValueError, match="rollout_backend='native'.*REFLEXFLOW_NO_EXT=1"):
         RolloutEngine("native")(vm, x, t0, k, h)
     loss_fn = rf.ReflexFlowLoss(rollout_steps=2, num_sampling_steps=20, rollout_backend="native")
@@ -298,7 +229,7 @@ def test_fixed_k_masked_plan_with_zeros_matches_per_sample_loop(backend):
     """fixed_k=K: k_i in {0..K}; rows move only while k_i > j, k_i = 0 rows stay put."""
     engine = _backend(backend)
     vm = rf.VelocityModel(TinyNet())
-    x, t0, k, h = _inputs(batch=9, kmax=3, seed=11)
+    x, t0, k, h = rollout_inputs(batch=9, kmax=3, seed=11)
     kwargs = {"y": torch.arange(9) % 5}
     got = engine(vm, x, t0, k, h, kwargs, fixed_k=3)
     assert vm.calls == 3 and vm.sample_forwards == 3 * 9  # K full-batch calls
@@ -311,7 +242,7 @@ def test_fixed_k_masked_plan_with_zeros_matches_per_sample_loop(backend):
 def test_fixed_k_with_every_k_equal_is_bit_identical_to_the_unmasked_static_plan(backend):
     engine = _backend(backend)
     vm = rf.VelocityModel(TinyNet())
-    x, t0, _, h = _inputs(batch=6, kmax=4, seed=12)
+    x, t0, _, h = rollout_inputs(batch=6, kmax=4, seed=12)
     k = torch.full((6,), 4)
     kwargs = {"y": torch.arange(6) % 5}
     got = engine(vm, x, t0, k, h, kwargs, fixed_k=4)
@@ -321,7 +252,7 @@ def test_fixed_k_with_every_k_equal_is_bit_identical_to_the_unmasked_static_plan
 def test_fixed_k_native_and_torch_engines_agree_bit_for_bit_with_a_bf16_model():
     native_engine = _backend("native")
     vm = rf.VelocityModel(TinyNet().to(torch.bfloat16), input_dtype=torch.bfloat16)
-    x, t0, k, h = _inputs(batch=11, kmax=5, seed=13)
+    x, t0, k, h = rollout_inputs(batch=11, kmax=5, seed=13)
     got = native_engine(vm, x, t0, k, h, fixed_k=5)
     want = RolloutEngine("torch")(vm, x, t0, k, h, fixed_k=5)
     assert torch.equal(got, want)
@@ -333,7 +264,7 @@ def test_fixed_k_finished_rows_ignore_nan_velocities(backend):
     """Rows past their k_i are selected out, not multiplied by 0: a NaN the model returns
     for them cannot leak into the result."""
     engine = _backend(backend)
-    x, t0, _, h = _inputs(batch=4, kmax=2, seed=14)
+    x, t0, _, h = rollout_inputs(batch=4, kmax=2, seed=14)
     k = torch.tensor([0, 1, 2, 2])
 
     def velocity(xs, ts, kwargs=None):
@@ -348,7 +279,7 @@ def test_fixed_k_finished_rows_ignore_nan_velocities(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fixed_k_zero_makes_no_model_call_and_bad_fixed_k_is_rejected(backend):
     engine = _backend(backend)
-    x, t0, _, h = _inputs()
+    x, t0, _, h = rollout_inputs()
     counting = Counting(rf.VelocityModel(TinyNet()))
     k = torch.zeros(x.shape[0], dtype=torch.int64)
     assert torch.equal(engine(counting, x, t0, k, h, fixed_k=0), x) and counting.sizes == []
@@ -361,175 +292,9 @@ def test_fixed_k_zero_makes_no_model_call_and_bad_fixed_k_is_rejected(backend):
 
 
 def test_per_sample_k_rejects_negative_k():
-    x, t0, _, h = _inputs(batch=3)
+    x, t0, _, h = rollout_inputs(batch=3)
     with pytest.raises(ValueError, match="k must be >= 0"):
         RolloutEngine("torch")(rf.VelocityModel(TinyNet()), x, t0, torch.tensor([1, -1, 0]), h)
-
-
-class _Wrapper:
-    """A velocity object holding its network as an attribute (seen one level deep)."""
-
-    def __init__(self) -> None:
-        self.net = TinyNet()
-
-    def __call__(self, x, t, kwargs=None):
-        return self.net(x, t)
-
-
-def _key(velocity, x):
-    return graphs_mod.graph_key(velocity, x, 2, None, "torch", {})
-
-
-@pytest.mark.parametrize("form", ["velocity_model", "module", "bound_method", "wrapper"])
-def test_graph_key_follows_mode_storage_and_autocast(form):
-    """A captured graph bakes in the training flags, the weights' addresses and autocast:
-    the key must change with each, and stay put across in-place optimizer steps."""
-    wrapper = _Wrapper()
-    net = wrapper.net
-    velocity = {
-        "velocity_model": rf.VelocityModel(net),
-        "module": net,
-        "bound_method": net.forward,
-        "wrapper": wrapper,
-    }[form]
-    x = torch.zeros(2, 3, 6, 6)
-    base = _key(velocity, x)
-    assert _key(velocity, x) == base  # stable
-    with torch.no_grad():
-        net.conv.weight.add_(1.0)  # an in-place optimizer step: same storage
-    assert _key(velocity, x) == base
-    net.eval()
-    assert _key(velocity, x) != base
-    net.train()
-    net.conv.eval()  # a submodule's flag alone
-    assert _key(velocity, x) != base
-    net.train()
-    assert _key(velocity, x) == base
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = _key(velocity, x)
-    with torch.autocast("cpu", dtype=torch.float16):
-        fp16 = _key(velocity, x)
-    assert len({base, bf16, fp16}) == 3
-    state = {name: p.detach().clone() for name, p in net.state_dict().items()}
-    net.load_state_dict(state, assign=True)  # new storages
-    moved = _key(velocity, x)
-    assert moved != base
-    ema = [p.detach().clone() for p in net.parameters()]
-    live = [p.data for p in net.parameters()]
-    for p, e in zip(net.parameters(), ema, strict=True):
-        p.data = e  # an EMA swap
-    assert _key(velocity, x) not in (base, moved)
-    for p, data in zip(net.parameters(), live, strict=True):
-        p.data = data  # swapped back: the earlier key (and graph) applies again
-    assert _key(velocity, x) == moved
-    net.to(torch.float64)
-    assert _key(velocity, x) != moved
-
-
-def test_graph_key_separates_models_shapes_steps_and_kwargs():
-    graph_key = graphs_mod.graph_key
-    a, b = rf.VelocityModel(TinyNet()), rf.VelocityModel(TinyNet())
-    x = torch.zeros(2, 3, 6, 6)
-    y = {"y": torch.zeros(2, dtype=torch.int64)}
-    keys = {
-        graph_key(a, x, 2, None, "torch", y),
-        graph_key(b, x, 2, None, "torch", y),
-        graph_key(a, x[:1], 2, None, "torch", y),
-        graph_key(a, x, 3, None, "torch", y),
-        graph_key(a, x, 2, torch.bfloat16, "native", y),
-        graph_key(a, x, 2, None, "torch", {"y": torch.zeros(2, 4)}),
-        graph_key(a, x.double(), 2, None, "torch", y),
-    }
-    assert len(keys) == 7
-
-
-class _FakeGraph:
-    """Stands in for a captured graph on CPU: records captures, replays eagerly."""
-
-    made: list = []
-    fail: bool = False
-
-    def __init__(self, velocity, x, tau, h, k, steps, kwargs, ops, cast) -> None:
-        type(self).made.append(velocity)
-        if type(self).fail:
-            raise graphs_mod.CaptureError(
-                "RuntimeError: operation not permitted when stream is capturing"
-            )
-        self.velocity, self.steps = velocity, steps
-
-    def run(self, x, tau, h, k, kwargs):
-        return RolloutEngine("torch")(self.velocity, x, tau, k, h, kwargs, fixed_k=self.steps)
-
-
-def _patch_graphs(monkeypatch, fail: bool) -> None:
-    monkeypatch.setattr(graphs_mod, "CapturedRollout", _FakeGraph)
-    monkeypatch.setattr(_FakeGraph, "made", [])
-    monkeypatch.setattr(_FakeGraph, "fail", fail)
-
-
-def _graph_engine(monkeypatch, fail: bool) -> RolloutEngine:
-    _patch_graphs(monkeypatch, fail)
-    engine = RolloutEngine("torch", cuda_graph=True)
-    monkeypatch.setattr(engine, "uses_graph", lambda x: True)
-    return engine
-
-
-def test_failed_capture_warns_once_remembers_the_key_and_runs_eagerly(monkeypatch):
-    import warnings
-
-    engine = _graph_engine(monkeypatch, fail=True)
-    vm = rf.VelocityModel(TinyNet())
-    x, t0, k, h = _inputs(batch=5, kmax=2, seed=15)
-    want = RolloutEngine("torch")(vm, x, t0, k, h, fixed_k=2)
-    with pytest.warns(RuntimeWarning, match="could not be captured.*not permitted"):
-        got = engine(vm, x, t0, k, h, fixed_k=2)
-    assert torch.equal(got, want) and len(_FakeGraph.made) == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second warning, no second capture attempt
-        assert torch.equal(engine(vm, x, t0, k, h, fixed_k=2), want)
-        assert len(_FakeGraph.made) == 1
-        engine(vm, x[:3], t0[:3], k[:3], h[:3], fixed_k=2)  # a new key: tried, not warned
-    assert len(_FakeGraph.made) == 2
-    other = rf.VelocityModel(TinyNet())
-    with pytest.warns(RuntimeWarning, match="could not be captured"):  # another model
-        engine(other, x, t0, k, h, fixed_k=2)
-
-
-def test_graph_cache_is_least_recently_used_and_keyed_by_model_state(monkeypatch):
-    engine = _graph_engine(monkeypatch, fail=False)
-    x, t0, k, h = _inputs(batch=4, kmax=2, seed=16)
-    models = [rf.VelocityModel(TinyNet()) for _ in range(graphs_mod.MAX_GRAPHS + 1)]
-    for vm in models[:-1]:
-        engine(vm, x, t0, k, h, fixed_k=2)
-    engine(models[0], x, t0, k, h, fixed_k=2)  # a hit: now the most recent
-    assert len(_FakeGraph.made) == graphs_mod.MAX_GRAPHS
-    engine(models[-1], x, t0, k, h, fixed_k=2)  # evicts models[1], the least recent
-    assert len(engine.graphs) == graphs_mod.MAX_GRAPHS
-    engine(models[0], x, t0, k, h, fixed_k=2)
-    assert len(_FakeGraph.made) == graphs_mod.MAX_GRAPHS + 1
-    engine(models[1], x, t0, k, h, fixed_k=2)
-    assert len(_FakeGraph.made) == graphs_mod.MAX_GRAPHS + 2
-    models[0].model.eval()  # a new key: captured again
-    engine(models[0], x, t0, k, h, fixed_k=2)
-    assert len(_FakeGraph.made) == graphs_mod.MAX_GRAPHS + 3
-
-
-def test_per_sample_k_all_equal_takes_the_graph_and_mixed_k_does_not(monkeypatch):
-    engine = _graph_engine(monkeypatch, fail=False)
-    vm = rf.VelocityModel(TinyNet())
-    x, t0, k, h = _inputs(batch=6, kmax=3, seed=17)
-    torch.testing.assert_close(
-        engine(vm, x, t0, k, h), euler_rollout_per_sample(vm, x, t0, k, h), rtol=1e-5, atol=1e-6
-    )
-    assert _FakeGraph.made == []  # mixed k: the sorted prefix plan
-    equal = torch.full((6,), 3)
-    torch.testing.assert_close(
-        engine(vm, x, t0, equal, h),
-        euler_rollout_per_sample(vm, x, t0, equal, h),
-        rtol=1e-5,
-        atol=1e-6,
-    )
-    assert len(_FakeGraph.made) == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -538,7 +303,7 @@ def test_expanded_time_and_step_tensors_are_accepted(backend, fixed_k):
     """t0 and step given as stride-0 views (t0.expand(B)): the in-place buffers are copies."""
     engine = _backend(backend)
     vm = rf.VelocityModel(TinyNet())
-    x, _, k, _ = _inputs(batch=5, kmax=3, seed=18)
+    x, _, k, _ = rollout_inputs(batch=5, kmax=3, seed=18)
     t0, h = torch.tensor(0.2).expand(5), torch.tensor(0.05).expand(5)
     got = engine(vm, x, t0, k, h, fixed_k=fixed_k)
     want = euler_rollout_per_sample(vm, x, t0.contiguous(), k, h.contiguous())

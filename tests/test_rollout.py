@@ -1,4 +1,5 @@
-"""The batched rollout equals the per-sample oracle; it runs only active samples."""
+"""The batched rollout (reflexflow/rollout.py) equals the per-sample oracle; it runs only
+active samples."""
 
 import torch
 
@@ -88,17 +89,3 @@ def test_model_kwargs_in_any_mapping_follow_their_samples():
         **knobs,
     )
     assert torch.equal(plain.loss, proxy.loss)
-
-
-def test_map_tensors_reaches_tensors_in_any_mapping_and_keeps_other_values():
-    from types import MappingProxyType
-
-    from reflexflow.batching import map_batched, map_tensors
-
-    y = torch.arange(3)
-    nested = MappingProxyType({"y": y, "extra": [y, "text"], "n": 5})
-    doubled = map_tensors(nested, lambda a: 2 * a)
-    assert isinstance(doubled, dict) and doubled["n"] == 5 and doubled["extra"][1] == "text"
-    assert torch.equal(doubled["y"], 2 * y) and torch.equal(doubled["extra"][0], 2 * y)
-    other = torch.zeros(4)  # not batch-shaped for B = 3: left alone by map_batched
-    assert map_batched({"o": other}, 3, lambda a: a + 1)["o"] is other

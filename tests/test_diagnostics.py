@@ -1,0 +1,74 @@
+"""Measuring exposure bias (reflexflow/diagnostics.py): zero for the exact model, positive
+for a wrong one; its inputs checked as the loss checks them."""
+
+import pytest
+import torch
+
+import reflexflow as rf
+from tests.helpers import ConvVelocity
+
+B = 4
+X = torch.randn(B, 3, 8, 8)
+
+
+def test_exposure_bias_is_zero_for_the_exact_model_and_positive_for_a_wrong_one():
+    c = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    x1 = c.expand(6, 2, 8, 8).clone()
+
+    def exact(x, t):
+        return (c - x) / (1 - t).view(-1, 1, 1, 1)
+
+    good = rf.exposure_bias(
+        exact,
+        x1,
+        num_sampling_steps=10,
+        k=2,
+        num_times=4,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert float(good.mse.max()) < 1e-20
+    bad = rf.exposure_bias(
+        lambda x, t: torch.zeros_like(x),
+        x1,
+        num_sampling_steps=10,
+        k=2,
+        num_times=4,
+        generator=torch.Generator().manual_seed(0),
+        batch_size=4,
+    )
+    assert bool((bad.mse > 1e-3).all())
+    assert bad.t0.shape == (4,) and float(bad.t0[-1]) == pytest.approx(1 - 1e-3 - 0.2)
+    assert bool(((bad.low_freq_share >= 0) & (bad.low_freq_share <= 1)).all())
+    assert set(bad.as_dict()) == {"t0", "mse", "low_freq_share", "k", "h"}
+
+
+def test_exposure_bias_rejects_rollouts_that_do_not_fit():
+    with pytest.raises(ValueError, match="do not fit"):
+        rf.exposure_bias(lambda x, t: x, torch.randn(2, 3), num_sampling_steps=4, k=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(x1=X[:0]), ValueError, r"x1 must have shape \(B, \.\.\.\) with B >= 1"),
+        (dict(batch_size=0), ValueError, "batch_size must be >= 1, got 0"),
+        (dict(batch_size=-1), ValueError, "batch_size must be >= 1"),
+        (dict(num_times=0), ValueError, "num_times must be >= 1"),
+        (dict(cutoff=2.0), ValueError, "cutoff must be <= 1"),
+        (dict(t_eps=-1.0), ValueError, "t_eps must be > 0"),
+        (dict(t0=torch.tensor([])), ValueError, "t0 must hold at least one"),
+        (dict(t0=torch.tensor([float("nan")])), ValueError, r"t0 must lie in \[0"),
+        (
+            dict(model_kwargs={"y": torch.zeros(B + 1, dtype=torch.long)}),
+            ValueError,
+            r"model_kwargs\['y'\] has shape \(5,\)",
+        ),
+        (dict(model_kwargs=[1]), TypeError, "model_kwargs must be a dict or None"),
+        (dict(x1=X.to("meta")), ValueError, "x1 is on the meta device"),
+    ],
+)
+def test_exposure_bias_names_bad_inputs(kwargs, error, match):
+    args = {"x1": X, "num_times": 2, **kwargs}
+    x1 = args.pop("x1")
+    with pytest.raises(error, match=match):
+        rf.exposure_bias(ConvVelocity(num_classes=3), x1, **args)

@@ -1,0 +1,44 @@
+"""The loss call's validate stage (reflexflow/stages.py): data, noise, model_kwargs and the
+generator are checked, each bad one named."""
+
+import pytest
+import torch
+
+import reflexflow as rf
+from tests.helpers import negative_velocity as model
+
+B = 4
+
+
+@pytest.fixture
+def x1():
+    return torch.randn(B, 3, 4, 4)
+
+
+def test_integer_data_is_rejected(x1):
+    with pytest.raises(TypeError, match="x1 must be a floating-point tensor"):
+        rf.reflexflow_loss(model, x1.to(torch.int64))
+
+
+def test_data_without_batch_axis_is_rejected():
+    with pytest.raises(ValueError, match="x1 must have shape"):
+        rf.reflexflow_loss(model, torch.randn(5))
+
+
+def test_noise_of_another_shape_or_dtype_is_rejected(x1):
+    with pytest.raises(ValueError, match="noise must have x1's shape"):
+        rf.reflexflow_loss(model, x1, noise=torch.randn(B, 3, 4, 5))
+    with pytest.raises(TypeError, match="noise must be a floating-point tensor"):
+        rf.reflexflow_loss(model, x1, noise=torch.zeros(x1.shape, dtype=torch.int32))
+
+
+def test_model_kwargs_must_be_a_mapping(x1):
+    with pytest.raises(TypeError, match="model_kwargs must be a dict"):
+        rf.reflexflow_loss(model, x1, model_kwargs=[1, 2])
+
+
+def test_generator_on_another_device_type_is_rejected(x1):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to build a mismatched generator")
+    with pytest.raises(ValueError, match="generator is on"):
+        rf.reflexflow_loss(model, x1, generator=torch.Generator(device="cuda"))

@@ -91,71 +91,9 @@ def test_arioso_lets_the_adr_gradient_flow_through_the_first_call():
     assert inputs[-1].requires_grad  # the second call's input carries the first's graph
 
 
-def test_stable_target_with_a_batch_of_one_is_the_conditional_target():
-    """R = 1 (the sample's own x1 is the whole reference set): v~ = u_t and v_adr."""
-    net = ConvVelocity().double()
-    x1 = torch.randn(1, 3, 6, 6, dtype=torch.float64)
-    draws = dict(noise=torch.randn_like(x1), t=torch.tensor([0.3], dtype=torch.float64))
-    for knobs in ({"method": "fm"}, {"preset": "defar", "k": torch.ones(1, dtype=torch.long)}):
-        plain = rf.reflexflow_loss(net, x1, **draws, **knobs)
-        stable = rf.reflexflow_loss(net, x1, target="stable", **draws, **knobs)
-        torch.testing.assert_close(stable.loss, plain.loss, rtol=1e-10, atol=1e-12)
-
-
-def test_stable_target_runs_with_a_bank_of_recent_batches_and_backpropagates():
-    net = ConvVelocity()
-    loss_fn = rf.ReflexFlowLoss(target="stable", stable_ref=16)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        out = loss_fn(net, torch.randn(4, 3, 6, 6, generator=gen), generator=gen)
-        out.loss.backward()
-        assert torch.isfinite(out.loss)
-    assert len(loss_fn.stable_bank) == 12  # three batches of 4 kept
-
-
-def test_stable_fm_without_rollout_differs_from_fm_on_a_batch_of_neighbours():
-    net = ConvVelocity().double()
-    x1 = torch.randn(1, 3, 6, 6, dtype=torch.float64).repeat(4, 1, 1, 1)
-    x1 = x1 + 0.01 * torch.randn_like(x1)  # close neighbours: the posterior spreads
-    draws = dict(noise=torch.randn_like(x1), t=torch.full((4,), 0.5, dtype=torch.float64))
-    plain = rf.reflexflow_loss(net, x1, method="fm", **draws)
-    stable = rf.reflexflow_loss(net, x1, method="fm", target="stable", **draws)
-    assert not torch.allclose(stable.loss, plain.loss)
-
-
-def test_scheduled_sampling_with_stable_target_keeps_the_unrectified_target():
-    """ss + target="stable" uses the posterior-weighted target at the clean x_t1: with a
-    batch of one it is u_t1, as plain ss (not the rectified v_adr)."""
-    net = ConvVelocity().double()
-    x1 = torch.randn(1, 3, 6, 6, dtype=torch.float64)
-    draws = dict(
-        noise=torch.randn_like(x1),
-        t=torch.tensor([0.3], dtype=torch.float64),
-        k=torch.ones(1).long(),
-    )
-    plain = rf.reflexflow_loss(net, x1, method="ss", **draws)
-    stable = rf.reflexflow_loss(net, x1, method="ss", target="stable", **draws)
-    torch.testing.assert_close(stable.loss, plain.loss, rtol=1e-10, atol=1e-12)
-
-
 def test_replace_rebuilds_the_time_sampler_from_new_logit_knobs():
     cfg = rf.ReflexFlowConfig(time_sampler="logit_normal").replace(logit_mean=1.0)
     assert cfg.sampler.mean == 1.0 and cfg.time_sampler == "logit_normal"
-
-
-def test_the_stable_bank_is_not_updated_by_a_validation_pass():
-    net = ConvVelocity()
-    loss_fn = rf.ReflexFlowLoss(target="stable", stable_ref=8)
-    with torch.no_grad():
-        loss_fn(net, torch.randn(4, 3, 6, 6))
-    assert len(loss_fn.stable_bank) == 0
-    loss_fn(net, torch.randn(4, 3, 6, 6))
-    assert len(loss_fn.stable_bank) == 4
-
-
-def test_a_reference_bank_knob_without_a_bank_is_an_error():
-    with pytest.raises(ValueError, match="needs a reference bank"):
-        rf.reflexflow_loss(ConvVelocity(), torch.randn(2, 3, 6, 6), target="stable", stable_ref=8)
 
 
 def test_only_simpletuner_draws_the_rollouts_end_and_k_from_zero():
@@ -225,3 +163,10 @@ def test_defar_per_sample_loss_stays_bounded_as_t1_goes_to_one(path):
     for near, nearer in zip(off, off[1:], strict=False):
         assert nearer > 10 * near
     assert off[-1] > 1e5 * on[-1]
+
+
+def test_describe_returns_its_text_and_prints_nothing(capsys):
+    text = presets.describe("defar")
+    assert text == presets.SOURCES["defar"]
+    assert capsys.readouterr().out == ""
+    assert "Returns the text" in presets.describe.__doc__

@@ -15,9 +15,11 @@ import os
 import pytest
 import torch
 
+import reflexflow as rf
 from reflexflow import reference as ref
 from reflexflow import stable
 from reflexflow.paths import get_path
+from tests.helpers import ConvVelocity
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DTYPES = list(TOL)
@@ -415,3 +417,68 @@ def test_bank_gather_uses_the_global_batch_local_rows_first_and_local_bank_stays
         assert sorted(got["gather"][1][4:]) == [0, 1, 10, 11]
         assert got["gathers"] == 2
         assert got["local"] == [[me, me + 1], [100 + me, 101 + me, me, me + 1]]
+
+
+# -- target="stable" through the loss ------------------------------------------------
+
+
+def test_stable_target_with_a_batch_of_one_is_the_conditional_target():
+    """R = 1 (the sample's own x1 is the whole reference set): v~ = u_t and v_adr."""
+    net = ConvVelocity().double()
+    x1 = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    draws = dict(noise=torch.randn_like(x1), t=torch.tensor([0.3], dtype=torch.float64))
+    for knobs in ({"method": "fm"}, {"preset": "defar", "k": torch.ones(1, dtype=torch.long)}):
+        plain = rf.reflexflow_loss(net, x1, **draws, **knobs)
+        stable = rf.reflexflow_loss(net, x1, target="stable", **draws, **knobs)
+        torch.testing.assert_close(stable.loss, plain.loss, rtol=1e-10, atol=1e-12)
+
+
+def test_stable_target_runs_with_a_bank_of_recent_batches_and_backpropagates():
+    net = ConvVelocity()
+    loss_fn = rf.ReflexFlowLoss(target="stable", stable_ref=16)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        out = loss_fn(net, torch.randn(4, 3, 6, 6, generator=gen), generator=gen)
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+    assert len(loss_fn.stable_bank) == 12  # three batches of 4 kept
+
+
+def test_stable_fm_without_rollout_differs_from_fm_on_a_batch_of_neighbours():
+    net = ConvVelocity().double()
+    x1 = torch.randn(1, 3, 6, 6, dtype=torch.float64).repeat(4, 1, 1, 1)
+    x1 = x1 + 0.01 * torch.randn_like(x1)  # close neighbours: the posterior spreads
+    draws = dict(noise=torch.randn_like(x1), t=torch.full((4,), 0.5, dtype=torch.float64))
+    plain = rf.reflexflow_loss(net, x1, method="fm", **draws)
+    stable = rf.reflexflow_loss(net, x1, method="fm", target="stable", **draws)
+    assert not torch.allclose(stable.loss, plain.loss)
+
+
+def test_scheduled_sampling_with_stable_target_keeps_the_unrectified_target():
+    """ss + target="stable" uses the posterior-weighted target at the clean x_t1: with a
+    batch of one it is u_t1, as plain ss (not the rectified v_adr)."""
+    net = ConvVelocity().double()
+    x1 = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    draws = dict(
+        noise=torch.randn_like(x1),
+        t=torch.tensor([0.3], dtype=torch.float64),
+        k=torch.ones(1).long(),
+    )
+    plain = rf.reflexflow_loss(net, x1, method="ss", **draws)
+    stable = rf.reflexflow_loss(net, x1, method="ss", target="stable", **draws)
+    torch.testing.assert_close(stable.loss, plain.loss, rtol=1e-10, atol=1e-12)
+
+
+def test_the_stable_bank_is_not_updated_by_a_validation_pass():
+    net = ConvVelocity()
+    loss_fn = rf.ReflexFlowLoss(target="stable", stable_ref=8)
+    with torch.no_grad():
+        loss_fn(net, torch.randn(4, 3, 6, 6))
+    assert len(loss_fn.stable_bank) == 0
+    loss_fn(net, torch.randn(4, 3, 6, 6))
+    assert len(loss_fn.stable_bank) == 4
+
+
+def test_a_reference_bank_knob_without_a_bank_is_an_error():
+    with pytest.raises(ValueError, match="needs a reference bank"):
+        rf.reflexflow_loss(ConvVelocity(), torch.randn(2, 3, 6, 6), target="stable", stable_ref=8)

@@ -86,7 +86,7 @@ def active_counts(ks: list[int]) -> list[int]:
 
     Raises ValueError for a negative k_i.
     """
-    kmax = max(ks, default=0)
+    kmax = max(ks, default=0)  # fullgraph=True with per-sample k: use k_draw="fixed"
     if ks and min(ks) < 0:
         raise ValueError(f"k must be >= 0, got min {min(ks)}")
     hist = [0] * (kmax + 1)
@@ -161,7 +161,9 @@ def euler_rollout(
         dtype = x_t0.dtype
         tau0, h = t0.to(dtype), step.to(dtype)
         # per-sample k: the one host read, the prefix lengths (read before any move)
-        active = None if steps is not None else active_counts(k.tolist())
+        # torch.compile(fullgraph=True) stops here: per-sample k needs this host read; use
+        # k_draw="fixed" (and ss_prob=1) for a static plan with no host read
+        active = None if steps is not None else active_counts(k.tolist())  # k_draw="fixed"
         k = k.to(device=x_t0.device, dtype=torch.int64)
         if active is not None:
             if not active:

@@ -151,3 +151,16 @@ def test_whole_loss_compiles_with_fullgraph_in_fixed_k_mode(backend):
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
     traced.backward()
     assert net.weight.grad is not None and bool(torch.isfinite(net.weight.grad).all())
+
+
+def test_fullgraph_with_per_sample_k_names_the_fixed_k_remedy_in_its_error():
+    """Dynamo stops at the rollout's one host read of k; its error shows that source line,
+    which names k_draw="fixed" (the static plan with no host read)."""
+    from tests.helpers import ConvVelocity
+
+    net = ConvVelocity()
+    loss_fn = rf.ReflexFlowLoss(preset="grid-direction", rollout_steps=2, backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: loss_fn(net, x).loss, fullgraph=True)
+    with pytest.raises(Exception, match='k_draw="fixed"'):
+        compiled(torch.randn(4, 3, 8, 8))

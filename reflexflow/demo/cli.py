@@ -58,8 +58,8 @@ with Ctrl-C resumes where it stopped. Needs the demo extra: pip install "reflexf
 
 # measured wall times (docs/demo.md "Timing"), printed in --help
 TIMES = {
-    "oracle_time": "About 7 minutes with 2 workers on 2 idle cores (measured: CPU time 840 s;\n"
-    "17 minutes wall on a shared 2-core machine at load 6 to 2, docs/demo.md)",
+    "oracle_time": "About 8 minutes with 2 workers on 2 idle cores (measured: 559 s wall and\n"
+    "854 s CPU on a 2-core machine at load 1.3 to 1.9 with other jobs, docs/demo.md)",
     "quick_time": "about 20 CPU-seconds (measured: 40 s wall at load 3)",
     "digits_time": "About 3 minutes with 2 workers on 2 idle cores (measured: CPU time 392 s,\n"
     "docs/demo.md)",

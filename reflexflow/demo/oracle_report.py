@@ -134,6 +134,14 @@ def _knob_text(lc: dict[str, Any]) -> str:
             "fc_filter",
             "fc_sigma",
             "fc_t_max",
+            "fc_normalize",
+            "fc_channel_reduce",
+            "fc_adds_fm",
+            "adr_target_grad",
+            "adr_x1_from",
+            "k_min",
+            "time_draw",
+            "biased_input",
         )
     keys += ("target",) + (("stable_ref",) if lc.get("target") == "stable" else ())
     keys += ("path", "t_eps", "time_sampler")

@@ -42,7 +42,8 @@ resolved knobs of every row.
 --quick %(quick_time)s.
 
 --dataset digits: the earlier study, a TinyUNet on scikit-learn's 8x8 digits scored in a
-digit classifier's features; rows fm, ip, ss and gd-direction, gd-mse, gd-adr-only,
+digit classifier's features; rows fm, fm-equal-compute (fm for 2x the steps: the model
+FLOP ratio of a gd-direction step), ip, ss and gd-direction, gd-mse, gd-adr-only,
 gd-fc-only: the grid-direction preset (direction ADR x10, state-space FC x1) with the
 digits knobs (--lambda-adr, --lambda-fc, --rollout-steps, --train-sampling-steps; rollout
 step h = 1/20).

@@ -88,8 +88,17 @@ SHARED_KNOB_METHODS = (
     "gd-adr-only-mse",
     "gd-fc-only",
 )
-DIGITS_METHODS = ("fm", "ip", "ss", "gd-direction", "gd-mse", "gd-adr-only", "gd-fc-only")
-DEFAULT_METHODS = DIGITS_METHODS  # the 7 digits rows
+DIGITS_METHODS = (
+    "fm",
+    "fm-equal-compute",
+    "ip",
+    "ss",
+    "gd-direction",
+    "gd-mse",
+    "gd-adr-only",
+    "gd-fc-only",
+)
+DEFAULT_METHODS = DIGITS_METHODS  # the 8 digits rows
 TOY_METHODS = ("fm", "ss", "gd-adr-only", "gd-adr-only-mse")
 QUICK_METHODS = ("fm", "ss", "gd-direction")
 # row -> its training length: "equal-compute" (steps x the measured cost ratio of the

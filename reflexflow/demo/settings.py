@@ -49,6 +49,9 @@ DIGITS: dict[str, Any] = {
     "methods": DEFAULT_METHODS,
     "seeds": (0, 1, 2),
     "steps": 400,
+    # fm-equal-compute: fm for 2x the steps, the model-FLOP ratio of a gd-direction step
+    # (K = 1, shared first call: two gradient-carrying forwards and their backward) to fm's
+    "equal_compute_ratio": 2.0,
     "batch_size": 64,
     "lr": 2e-3,
     "channels": (16, 32),

@@ -156,18 +156,23 @@ def train(
     loss's fc_loss, or the whole loss of fm, ip and ss) and ``adr_term`` (L_ADR unweighted;
     NaN where the method has none).
     """
+    from .oracle_study import row_steps
+
+    # fm-equal-compute trains steps x equal_compute_ratio (a stated cost ratio), -long
+    # rows steps x long_factor, every other row cfg.steps
+    steps = row_steps(cfg, method, cfg.equal_compute_ratio or 1.0)
     device = torch.device(cfg.device)
     model = _make_model(cfg, data, seed).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     loss_fn = _loss_fn(cfg, method)
-    next_batch = data.batches(seed, cfg.steps, cfg.batch_size)
+    next_batch = data.batches(seed, steps, cfg.batch_size)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     records: list[Tensor] = []
     nan = torch.tensor(float("nan"), device=device)
     start = time.perf_counter()
     model.train()
-    bar = progress(range(cfg.steps), desc=f"train {method} s{seed}", disable=not cfg.show_progress)
+    bar = progress(range(steps), desc=f"train {method} s{seed}", disable=not cfg.show_progress)
     for step in bar:
         x1 = next_batch().to(device)
         with autocast(cfg):

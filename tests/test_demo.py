@@ -213,3 +213,18 @@ def test_results_md_is_rendered_from_results_json(quick_run):
     out, _ = quick_run
     written = (out / "results.md").read_text()
     assert rerender_markdown(out) == written
+
+
+def test_digits_fm_equal_compute_trains_the_stated_ratio_of_steps(tmp_path):
+    """--dataset digits: fm-equal-compute trains steps x equal_compute_ratio (2.0 by
+    default: the model-FLOP ratio of a gd-direction step), every other row ``steps``."""
+    import json
+
+    from reflexflow.cli import main
+
+    out = tmp_path / "d"
+    args = ["demo", "--dataset", "digits", "--quick", "--methods", "fm,fm-equal-compute"]
+    args += ["--steps", "3", "--seeds", "1", "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    assert main([*args, "--out", str(out)]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {r["method"]: len(r["loss_curve"]) for r in runs} == {"fm": 3, "fm-equal-compute": 6}

@@ -169,6 +169,9 @@ def test_oracle_rows_train_the_stated_steps_and_knobs(tiny_run):
     _, res = tiny_run
     steps = {r["method"]: r["steps"] for r in res["runs"]}
     assert steps == {"fm": 3, "reflexflow": 3, "fm-long": 6, "fm-equal-compute": 8}
+    # the steps each row actually trained (one loss per step), not only the recorded number
+    trained = {r["method"]: len(r["loss_curve"]) for r in res["runs"]}
+    assert trained == steps
     rf = next(r for r in res["runs"] if r["method"] == "reflexflow")
     assert rf["knobs"] == {"preset": DEFAULT_PRESET}
     for knob, value in preset_knobs(DEFAULT_PRESET).items():

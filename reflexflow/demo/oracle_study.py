@@ -116,7 +116,7 @@ def _job(state: dict[str, Any], method: str, seed: int, steps: int) -> dict[str,
 
     cfg = dataclasses.replace(state["cfg"], steps=steps, show_progress=False)
     cpu0 = time.process_time()
-    model, curves, train_s = train(cfg, state["data"], method, seed)
+    model, curves, train_s = train(cfg, state["data"], method, seed, steps=steps)
     cpu1, t0 = time.process_time(), time.perf_counter()
     ev = state["scorer"].evaluate(model)
     return {

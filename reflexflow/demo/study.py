@@ -148,7 +148,7 @@ def _term(out: Any, name: str) -> Tensor | None:
 
 
 def train(
-    cfg: DemoConfig, data: _Data, method: str, seed: int
+    cfg: DemoConfig, data: _Data, method: str, seed: int, steps: int | None = None
 ) -> tuple[nn.Module, dict[str, list[float]], float]:
     """Train one model; returns (model, per-step curves, wall seconds).
 
@@ -158,9 +158,11 @@ def train(
     """
     from .oracle_study import row_steps
 
-    # fm-equal-compute trains steps x equal_compute_ratio (a stated cost ratio), -long
-    # rows steps x long_factor, every other row cfg.steps
-    steps = row_steps(cfg, method, cfg.equal_compute_ratio or 1.0)
+    # ``steps`` given: the caller sized the row (the oracle study); else fm-equal-compute
+    # trains steps x equal_compute_ratio (a stated cost ratio), -long rows steps x
+    # long_factor, every other row cfg.steps
+    if steps is None:
+        steps = row_steps(cfg, method, cfg.equal_compute_ratio or 1.0)
     device = torch.device(cfg.device)
     model = _make_model(cfg, data, seed).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

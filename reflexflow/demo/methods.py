@@ -123,6 +123,7 @@ ORACLE_METHODS = (
 ORACLE_QUICK_METHODS = ("fm", "reflexflow", "fm-long")
 PHOTO_METHODS = (
     "fm",
+    "fm-equal-compute",
     "ip",
     "ss",
     "defar",

@@ -101,6 +101,9 @@ DIGITS_QUICK: dict[str, Any] = {
 PHOTOS_CPU: dict[str, Any] = {
     "methods": PHOTO_METHODS,
     "steps": 280,
+    # fm-equal-compute: the model-FLOP ratio of a defar step (2 gradient-carrying forwards
+    # and one no-grad forward for the velocity-space bias) to fm's
+    "equal_compute_ratio": 2.33,
     "batch_size": 32,
     "lr": 2e-3,
     "channels": (24, 48),

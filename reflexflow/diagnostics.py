@@ -63,7 +63,6 @@ def exposure_bias(
     model_kwargs: Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
-    unbatched_kwargs: tuple[str, ...] = (),
 ) -> ExposureBias:
     """Exposure-bias curve: E||x^_t1 - x_t1||^2 per t0, and delta's low-frequency share.
 
@@ -71,8 +70,9 @@ def exposure_bias(
     x_t0 = a x1 + s eps, x^_t1 = k Euler steps of h = 1/num_sampling_steps of the model,
     x_t1 = a(t1) x1 + s(t1) eps with t1 = t0 + k h. One noise draw per sample, shared
     across t0. ``batch_size`` (an int >= 1) splits x1 to bound memory. Inputs are checked
-    as the loss checks its own (x1 (B, ...) with B >= 1, model_kwargs batch-shaped unless
-    their key is in ``unbatched_kwargs``, devices).
+    as the loss checks its own (x1 (B, ...) with B >= 1, model_kwargs batch-shaped,
+    devices); bind kwargs that are not batch-shaped (Flux's img_ids) into the model, e.g.
+    ``lambda x, t, **kw: model(x, t, img_ids=ids, **kw)``.
     """
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
@@ -94,7 +94,7 @@ def exposure_bias(
     if batch_size is not None:
         _check_number("batch_size", batch_size, low=1, integer=True)
     check_generator(generator, x1)
-    model_kwargs = check_model_kwargs(model_kwargs, x1.shape[0], unbatched_kwargs)
+    model_kwargs = check_model_kwargs(model_kwargs, x1.shape[0], ())
     h = 1.0 / num_sampling_steps
     t_hi = 1.0 - t_eps - k * h
     if t_hi < 0:

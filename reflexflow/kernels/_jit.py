@@ -17,9 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 import triton
+import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-__all__ = ["INTERPRET", "kernel"]
+__all__ = ["INTERPRET", "kernel", "out_cast"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -43,3 +44,18 @@ class InterpretedJIT(JITFunction):
 def kernel(fn: Callable[..., Any]) -> Any:
     """``triton.jit`` for a kernel or a device helper (see the module docstring)."""
     return InterpretedJIT(fn) if INTERPRET else triton.jit(fn)
+
+
+# Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even): round first
+ROUND_BF16 = tl.constexpr(INTERPRET)
+
+
+@kernel
+def out_cast(x, dtype: tl.constexpr):
+    """x (fp32) in an output dtype, rounded to nearest even (on the interpreter too)."""
+    if ROUND_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

@@ -7,9 +7,8 @@ gradients. Top to bottom (Liger-Kernel's layout): the op's flat schema with name
 (:class:`OpArgs`, the only place that knows positions), the host forward (checks, launch
 plan, launches), the op ``reflexflow::fused_objective`` (``triton_op``, on CUDA and under
 the interpreter alike) with its fake twin right below it, the backward op, the autograd,
-and the public functions (:func:`fused_objective`, :func:`supports`, the backend="auto"
-fail-soft policy). The ``@triton.jit`` code is objective_kernels.py; the batch layout and
-the one-program plan are layout.py.
+and the public functions (:func:`fused_objective`, :func:`supports`, the fail-soft policy
+of backend="auto"). Kernels: objective_kernels.py; launch plan: layout.py.
 
 The forward op returns (loss, fc_loss, adr_loss, per_sample, w, g0, g1): g0, g1 are the
 gradients of ``loss`` for grad_output 1, written by the forward's single pass over the
@@ -21,8 +20,7 @@ path, no torch op between them, no host sync):
   gradients in place and moves no bytes when the factor is 1 (plain loss.backward()).
 * larger samples: stats_kernel (when FC or the direction loss needs it), plane_kernel,
   grad_kernel, finalize_kernel forward, scale_kernel backward: at most 5 launches.
-* fc_filter="fft": the larger-sample kernels, with the filter of the map done by torch
-  (reference._fft_lowpass on the N / C map and its plane sums: a handful of launches).
+* fc_filter="fft": the larger-sample kernels, the map filtered by torch (a few launches).
 
 Backward (:func:`_backward`): scale_kernel multiplies the workspace in place by
 per-sample factors (eager; the forward op recomputes a spent or missing workspace), the

@@ -15,39 +15,14 @@ Per sample i (fmw, adrw: per-sample weights, W = w or w^2, c1 = lambda_adr or 1)
 G0 and G1 are the gradients of the loss (for c1 = lambda_adr) at grad_output 1; the
 backward only scales them (scale_kernel).
 
-Kernels:
-* sample_kernel: the one-program-per-sample path (R samples per program when small):
-  reads each input once, builds, filters (in a cache-resident scratch) and normalises the map,
-  writes w, G0, G1 and the per-sample sums, all in one pass.
-* stats_kernel, plane_kernel, grad_kernel: the path for samples too large for one
-  program: map and direction-loss sums; filter of each map plane and per-sample norms;
-  gradients and per-block sums (re-reads the inputs, from L2 when they fit).
-* finalize_kernel: per_sample, loss, fc_loss, adr_loss from the per-sample sums.
-* scale_kernel: backward; multiplies the stored gradients by the incoming gradients,
-  in place and skipping every block whose factor is exactly 1.
-The blocks the kernels share (state and targets, the filter taps, the direction norms,
-the gradient stores by V_MODE) are ``@triton.jit`` helpers above them, inlined.
+Kernels, their launches and the shared ``@triton.jit`` helpers: kernels/README.md.
 """
 
 from __future__ import annotations
 
 import triton.language as tl
 
-from ._jit import INTERPRET, kernel
-
-# Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even): round first
-ROUND_BF16 = tl.constexpr(INTERPRET)
-
-
-@kernel
-def out_cast(x, dtype: tl.constexpr):
-    """x (fp32) in an output dtype, rounded to nearest even (on the interpreter too)."""
-    if ROUND_BF16:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
+from ._jit import kernel, out_cast
 
 
 @kernel

@@ -176,17 +176,8 @@ def check_user_objects(cfg: Any) -> None:
 
 # -- knobs the configuration never reads -----------------------------------------------
 
-_FC_KNOBS = (
-    "fc_source",
-    "fc_signed",
-    "fc_form",
-    "fc_filter",
-    "fc_sigma",
-    "fc_per_channel",
-    "fc_t_max",
-    "fc_size",
-    "fc_cutoff",
-)
+# every FC knob: the presets' fc_* fields and the two filter sizes
+_FC_KNOBS = (*(f for f in PRESET_FIELDS if f.startswith("fc_")), "fc_size", "fc_cutoff")
 _ROLLOUT_KNOBS = (
     "rollout_steps",
     "num_sampling_steps",

@@ -134,6 +134,19 @@ def _check_sampler_output(u: Any, batch: int, device: torch.device) -> Tensor:
     return u
 
 
+def _sampled_u(
+    cfg: ReflexFlowConfig, batch: int, device: torch.device, generator: torch.Generator | None
+) -> Tensor:
+    """u = time_sampler(batch, device, generator) in float64; a user sampler's output is
+    checked (shape, device, values in [0, 1]: one host sync, user samplers only)."""
+    u = cfg.sampler(batch, device, generator)
+    if not isinstance(cfg.sampler, _BUILTIN_SAMPLERS):
+        u = _check_sampler_output(u, batch, device).to(torch.float64)
+        if bool(((u < 0) | (u > 1) | u.isnan()).any()):
+            raise ValueError("time_sampler must return values in [0, 1]")
+    return u.to(torch.float64)
+
+
 def _check_t(t: Any, batch: int, device: torch.device) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(
@@ -261,12 +274,8 @@ def draw(
     single = cfg.step_schedule == "single"
     room = (1 - cfg.t_eps) - (0 if single else h) * k.to(torch.float64)  # t0 <= room
     if t is None:
-        u = cfg.sampler(batch, device, generator)
-        if not isinstance(cfg.sampler, _BUILTIN_SAMPLERS):
-            u = _check_sampler_output(u, batch, device).to(torch.float64)
-            if bool(((u < 0) | (u > 1) | u.isnan()).any()):  # one sync, user samplers only
-                raise ValueError("time_sampler must return values in [0, 1]")
-        t0 = to_canonical_time(u.to(torch.float64), _sampler_convention(cfg)) * room
+        u = _sampled_u(cfg, batch, device, generator)
+        t0 = to_canonical_time(u, _sampler_convention(cfg)) * room
     else:
         _check_t(t, batch, device)
         t0, k = _user_times(cfg, t, k, room, k_given)
@@ -320,12 +329,7 @@ def _draw_renoise(
     docstring. k (0 or 1) marks the re-noised rows."""
     batch, device = x1.shape[0], x1.device
     if t is None:
-        u = cfg.sampler(batch, device, generator)
-        if not isinstance(cfg.sampler, _BUILTIN_SAMPLERS):
-            u = _check_sampler_output(u, batch, device).to(torch.float64)
-            if bool(((u < 0) | (u > 1) | u.isnan()).any()):
-                raise ValueError("time_sampler must return values in [0, 1]")
-        t0 = to_canonical_time(u.to(torch.float64), _sampler_convention(cfg))
+        t0 = to_canonical_time(_sampled_u(cfg, batch, device, generator), _sampler_convention(cfg))
     else:
         _check_t(t, batch, device)
         t0, _ = _user_times(
@@ -356,12 +360,8 @@ def _draw_end(
     :func:`end_grid_times`."""
     batch, device = x1.shape[0], x1.device
     if t is None:
-        u = cfg.sampler(batch, device, generator)
-        if not isinstance(cfg.sampler, _BUILTIN_SAMPLERS):
-            u = _check_sampler_output(u, batch, device).to(torch.float64)
-            if bool(((u < 0) | (u > 1) | u.isnan()).any()):
-                raise ValueError("time_sampler must return values in [0, 1]")
-        sigma_end = _noise_ward(u.to(torch.float64), _sampler_convention(cfg))
+        u = _sampled_u(cfg, batch, device, generator)
+        sigma_end = _noise_ward(u, _sampler_convention(cfg))
     else:
         _check_t(t, batch, device)
         tt = t.to(torch.float64)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..presets import PRESET_FIELDS
 from .report import T95, _finite_json, _fmt, _signed
 
 __all__ = [
@@ -115,34 +116,7 @@ def _knob_text(lc: dict[str, Any]) -> str:
     elif method == "ip":
         keys += ("ip_gamma",)
     elif method == "reflexflow":
-        keys += (
-            "preset",
-            "rollout_steps",
-            "num_sampling_steps",
-            "step_schedule",
-            "k_draw",
-            "ss_prob",
-            "rollout_grad",
-            "fm_input",
-            "adr_loss",
-            "lambda_adr",
-            "norm_floor",
-            "lambda_fc",
-            "fc_source",
-            "fc_signed",
-            "fc_form",
-            "fc_filter",
-            "fc_sigma",
-            "fc_t_max",
-            "fc_normalize",
-            "fc_channel_reduce",
-            "fc_adds_fm",
-            "adr_target_grad",
-            "adr_x1_from",
-            "k_min",
-            "time_draw",
-            "biased_input",
-        )
+        keys += ("preset", *(k for k in PRESET_FIELDS if k not in ("method", "target")))
     keys += ("target",) + (("stable_ref",) if lc.get("target") == "stable" else ())
     keys += ("path", "t_eps", "time_sampler")
     return ", ".join(f"{k}={lc[k]}" for k in keys if k in lc)

@@ -24,6 +24,7 @@ from torch import Tensor
 from . import reference as ref
 from .batching import prepare_kwargs, repeat_batch
 from .config import ReflexFlowConfig
+from .config_checks import check_batch_tensor
 from .conventions import VelocityModel
 from .draws import Draws, state_dtype
 from .engine import RolloutEngine
@@ -57,14 +58,7 @@ ObjectiveFn = Callable[[PathLike, ObjectiveSpec, ObjectiveInputs], ObjectiveTerm
 
 
 def _check_data(x1: Any, noise: Any) -> None:
-    if not isinstance(x1, Tensor):
-        raise TypeError(f"x1 must be a tensor, got {type(x1).__name__}")
-    if not x1.is_floating_point():
-        raise TypeError(f"x1 must be a floating-point tensor, got dtype {x1.dtype}")
-    if x1.dim() < 2 or x1.shape[0] == 0:
-        raise ValueError(
-            f"x1 must have shape (B, ...) with B >= 1 and ndim >= 2, got {tuple(x1.shape)}"
-        )
+    check_batch_tensor("x1", x1)
     if noise is not None:
         if not isinstance(noise, Tensor):
             raise TypeError(f"noise must be a tensor or None, got {type(noise).__name__}")

@@ -84,18 +84,24 @@ def test_end_time_draw_cuts_k_where_simpletuner_clamps_the_source_index():
     assert bool((k[ends_at_data] == 0).all())
 
 
-def test_end_time_draw_through_the_config_matches_the_plan_in_noise_at_1():
-    case = next(
-        c for c in _fixture("simpletuner")["cases"] if c["label"] == "grid_1000_sigma_on_grid"
-    )
-    cfg = rf.ReflexFlowConfig(
+def _end_time_config(**extra):
+    """SimpleTuner's end-time draw: k ~ U{0..3} steps of 1/1000, noise_at_1."""
+    return rf.ReflexFlowConfig(
         preset="simpletuner",
         time_draw="end",
         k_min=0,
         rollout_steps=3,
         num_sampling_steps=1000,
         convention="noise_at_1",
+        **extra,
     )
+
+
+def test_end_time_draw_through_the_config_matches_the_plan_in_noise_at_1():
+    case = next(
+        c for c in _fixture("simpletuner")["cases"] if c["label"] == "grid_1000_sigma_on_grid"
+    )
+    cfg = _end_time_config()
     x1 = torch.zeros(6, 2, 4, 4, dtype=torch.float64)
     sigmas = torch.tensor(case["sigmas"], dtype=torch.float64)
     k = torch.tensor(case["plan"]["rollout_steps"])
@@ -137,15 +143,7 @@ def test_k_min_zero_draws_every_length_from_zero_to_k_like_simpletuners_offsets(
 def test_end_time_draw_from_the_logit_normal_sampler_follows_simpletuners_sigma():
     # SimpleTuner's sigma = sigmoid(N(0, 1)); the end of a rolled-out sample is floored
     # onto the grid, so 1 - t1 <= sigma < 1 - t1 + 1/1000 where it rolls out
-    cfg = rf.ReflexFlowConfig(
-        preset="simpletuner",
-        time_draw="end",
-        k_min=0,
-        rollout_steps=3,
-        num_sampling_steps=1000,
-        convention="noise_at_1",
-        time_sampler="logit_normal",
-    )
+    cfg = _end_time_config(time_sampler="logit_normal")
     g = torch.Generator().manual_seed(3)
     d = draw(cfg, torch.zeros(4000, 2, dtype=torch.float64), None, None, None, g)
     # the draw consumes the generator as eps, k, then the sampler: replay it

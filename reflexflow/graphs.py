@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import warnings
 from typing import Any
@@ -27,7 +28,7 @@ from .batching import map_tensors
 from .conventions import VelocityModel
 from .model_state import modules_of
 from .reference import VelocityFn
-from .rollout import RolloutOps, input_cast, masked_euler_steps
+from .rollout import RolloutJob, input_cast, masked_euler_steps
 
 __all__ = ["GraphCache", "CapturedRollout", "CaptureError", "graph_key", "MAX_GRAPHS"]
 
@@ -202,30 +203,23 @@ class CapturedRollout:
     stream, under a device guard for x's device.
     """
 
-    def __init__(
-        self,
-        velocity: VelocityFn,
-        x: Tensor,
-        tau: Tensor,
-        h: Tensor,
-        k: Tensor,
-        steps: int,
-        kwargs: Any,
-        ops: RolloutOps,
-        cast: torch.dtype | None,
-    ) -> None:
-        self.source = velocity  # kept alive, so its id in the cache key is never reused
-        self.velocity = copy.copy(velocity)  # its call counters are not the caller's
-        self.steps, self.ops = steps, ops
+    def __init__(self, job: RolloutJob, steps: int, cast: torch.dtype | None) -> None:
+        x = job.x
+        self.source = job.velocity  # kept alive, so its id in the cache key is never reused
+        self.steps = steps
         with torch.cuda.device(x.device):
             # contiguous buffers whatever x's layout (channels_last, permuted): the fused
             # update requires them
-            self.state = x.clone(memory_format=torch.contiguous_format)
-            self.tau = tau.clone(memory_format=torch.contiguous_format)
-            self.h = h.clone(memory_format=torch.contiguous_format)
-            self.k = k.clone(memory_format=torch.contiguous_format)
-            self.kwargs = map_tensors(kwargs, lambda a: a.clone())
-            self.xin = None if cast is None else self.state.to(cast)
+            self.buffers = RolloutJob(
+                job.ops,
+                copy.copy(job.velocity),  # its call counters are not the caller's
+                x.clone(memory_format=torch.contiguous_format),
+                job.tau0.clone(memory_format=torch.contiguous_format),
+                job.h.clone(memory_format=torch.contiguous_format),
+                job.k.clone(memory_format=torch.contiguous_format),
+                map_tensors(job.kwargs, lambda a: a.clone()),
+            )
+            self.xin = None if cast is None else self.buffers.x.to(cast)
             stream = torch.cuda.Stream(device=x.device)
             with _capture_autocast(x.device.type):
                 stream.wait_stream(torch.cuda.current_stream(x.device))
@@ -235,30 +229,21 @@ class CapturedRollout:
                 self.graph = _capture(self._body, x.device, stream)
 
     def _body(self) -> None:
-        masked_euler_steps(
-            self.ops,
-            self.velocity,
-            self.state,
-            self.tau,
-            self.h,
-            self.k,
-            self.steps,
-            self.kwargs,
-            self.xin,
-        )
+        masked_euler_steps(self.buffers, self.steps, self.xin)
 
-    def run(self, x: Tensor, tau: Tensor, h: Tensor, k: Tensor, kwargs: Any) -> Tensor:
-        """Copy the inputs into the buffers, replay, return a copy of the final state."""
-        with torch.cuda.device(self.state.device):
-            self.state.copy_(x)
-            self.tau.copy_(tau)
-            self.h.copy_(h)
-            self.k.copy_(k)
-            _copy_tensors(self.kwargs, kwargs)
+    def run(self, job: RolloutJob) -> Tensor:
+        """Copy the job's inputs into the buffers, replay, return a copy of the final state."""
+        buf = self.buffers
+        with torch.cuda.device(buf.x.device):
+            buf.x.copy_(job.x)
+            buf.tau0.copy_(job.tau0)
+            buf.h.copy_(job.h)
+            buf.k.copy_(job.k)
+            _copy_tensors(buf.kwargs, job.kwargs)
             if self.xin is not None:
-                self.xin.copy_(x)
+                self.xin.copy_(job.x)
             self.graph.replay()
-            return self.state.clone()
+            return buf.x.clone()
 
 
 class GraphCache:
@@ -280,22 +265,14 @@ class GraphCache:
         self.graphs.clear()
         self.uncapturable.clear()
 
-    def run(
-        self,
-        velocity: VelocityFn,
-        x: Tensor,
-        tau0: Tensor,
-        h: Tensor,
-        k: Tensor,
-        steps: int,
-        kwargs: Any,
-        ops: RolloutOps,
-    ) -> Tensor | None:
+    def run(self, job: RolloutJob, steps: int) -> Tensor | None:
         """x^_t1 by replaying (capturing first if new) the graph of this static plan;
         None when the model cannot be captured (then the caller runs the plan eagerly)."""
-        kwargs = map_tensors(kwargs, lambda a: a)  # any mapping as a dict: keyed, copied
-        cast = input_cast(velocity, x) if ops.fused else None
-        key = graph_key(velocity, x, steps, cast, ops.name, kwargs)
+        # any mapping as a dict: keyed, copied
+        job = dataclasses.replace(job, kwargs=map_tensors(job.kwargs, lambda a: a))
+        velocity, x = job.velocity, job.x
+        cast = input_cast(velocity, x) if job.ops.fused else None
+        key = graph_key(velocity, x, steps, cast, job.ops.name, job.kwargs)
         if key in self.uncapturable:
             return None
         entry = self.graphs.pop(key, None)  # re-inserted last: least recently used first
@@ -303,13 +280,13 @@ class GraphCache:
             while len(self.graphs) >= self.capacity:
                 self.graphs.pop(next(iter(self.graphs)))
             try:
-                entry = CapturedRollout(velocity, x, tau0, h, k, steps, kwargs, ops, cast)
+                entry = CapturedRollout(job, steps, cast)
             except CaptureError as err:
                 self.uncapturable.add(key)
                 self._warn_uncapturable(velocity, err)
                 return None
         self.graphs[key] = entry
-        out = entry.run(x, tau0, h, k, kwargs)
+        out = entry.run(job)
         if isinstance(velocity, VelocityModel):  # replays bypass the Python counters
             velocity.calls += entry.steps
             velocity.sample_forwards += entry.steps * x.shape[0]

@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # graphs imports this module
 
 __all__ = [
     "RolloutOps",
+    "RolloutJob",
     "TORCH_OPS",
     "active_counts",
     "check_fixed_k",
@@ -79,6 +80,24 @@ class RolloutOps:
     update: Callable[..., None]
     masked_update: Callable[..., None]
     fused: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutJob:
+    """One rollout, as the plans (and :mod:`reflexflow.graphs`) take it.
+
+    ops: the :class:`RolloutOps` to run on; velocity: v(x, t, kwargs); x: (B, *S) start
+    states x_t0; tau0, h: (B,) start times and step sizes in x's dtype; k: (B,) int64
+    step counts on x's device; kwargs: the model_kwargs (batch-first tensors).
+    """
+
+    ops: RolloutOps
+    velocity: VelocityFn
+    x: Tensor
+    tau0: Tensor
+    h: Tensor
+    k: Tensor
+    kwargs: Any
 
 
 def active_counts(ks: list[int]) -> list[int]:
@@ -165,39 +184,32 @@ def euler_rollout(
         # k_draw="fixed" (and ss_prob=1) for a static plan with no host read
         active = None if steps is not None else active_counts(k.tolist())  # k_draw="fixed"
         k = k.to(device=x_t0.device, dtype=torch.int64)
+        job = RolloutJob(ops, velocity, x_t0, tau0, h, k, model_kwargs)
         if active is not None:
             if not active:
                 return x_t0.clone()
             if graphs is None or active[-1] != x_t0.shape[0]:
-                return prefix_rollout(ops, velocity, x_t0, tau0, h, k, active, model_kwargs)
+                return prefix_rollout(job, active)
             steps = len(active)  # every k_i equal: a static plan
         if graphs is not None and steps > 0:
-            out = graphs.run(velocity, x_t0, tau0, h, k, steps, model_kwargs, ops)
+            out = graphs.run(job, steps)
             if out is not None:
                 return out
-        return static_rollout(ops, velocity, x_t0, tau0, h, k, steps, model_kwargs)
+        return static_rollout(job, steps)
 
 
-def prefix_rollout(
-    ops: RolloutOps,
-    velocity: VelocityFn,
-    x: Tensor,
-    tau0: Tensor,
-    h: Tensor,
-    k: Tensor,
-    active: list[int],
-    kwargs: Any,
-) -> Tensor:
+def prefix_rollout(job: RolloutJob, active: list[int]) -> Tensor:
     """The prefix plan: x[:n_j] += h[:n_j] * v(x[:n_j], tau_j[:n_j]) on the batch sorted
     by k (``ops.plan`` sorts it, once; given the step count it reads nothing)."""
+    x, ops = job.x, job.ops
     batch = x.shape[0]
-    order, _, times, steps = ops.plan(k, tau0, h, len(active))
+    order, _, times, steps = ops.plan(job.k, job.tau0, job.h, len(active))
     xs = x.index_select(0, order)
-    kwargs = index_batch(kwargs, batch, order)
-    xin = _input_buffer(ops, velocity, xs)
+    kwargs = index_batch(job.kwargs, batch, order)
+    xin = _input_buffer(ops, job.velocity, xs)
     for j, n in enumerate(active):
         v = call_velocity(
-            velocity,
+            job.velocity,
             xs[:n],
             times[j, :n],
             prefix_batch(kwargs, batch, n),
@@ -210,45 +222,26 @@ def prefix_rollout(
     return out
 
 
-def static_rollout(
-    ops: RolloutOps,
-    velocity: VelocityFn,
-    x: Tensor,
-    tau0: Tensor,
-    h: Tensor,
-    k: Tensor,
-    steps: int,
-    kwargs: Any,
-) -> Tensor:
+def static_rollout(job: RolloutJob, steps: int) -> Tensor:
     """The masked static plan, eagerly, on copies of x and tau0; no host read."""
-    state = x.clone(memory_format=torch.contiguous_format) if ops.fused else x.clone()
-    tau = tau0.clone(memory_format=torch.contiguous_format)  # updated in place
-    xin = _input_buffer(ops, velocity, state)
-    masked_euler_steps(ops, velocity, state, tau, h, k, steps, kwargs, xin)
+    state = job.x.clone(memory_format=torch.contiguous_format) if job.ops.fused else job.x.clone()
+    tau = job.tau0.clone(memory_format=torch.contiguous_format)  # updated in place
+    xin = _input_buffer(job.ops, job.velocity, state)
+    masked_euler_steps(dataclasses.replace(job, x=state, tau0=tau), steps, xin)
     return state
 
 
-def masked_euler_steps(
-    ops: RolloutOps,
-    velocity: VelocityFn,
-    state: Tensor,
-    tau: Tensor,
-    h: Tensor,
-    k: Tensor,
-    steps: int,
-    kwargs: Any,
-    model_input: Tensor | None = None,
-) -> None:
-    """The masked static plan's loop, in place on (state, tau): for j < steps,
-    v = v(state, tau); ``ops.masked_update`` moves the rows with k > j.
+def masked_euler_steps(job: RolloutJob, steps: int, model_input: Tensor | None = None) -> None:
+    """The masked static plan's loop, in place on (job.x, job.tau0): for j < steps,
+    v = v(x, tau); ``job.ops.masked_update`` moves the rows with k > j.
 
-    ``model_input``: a buffer holding state cast to the model's dtype, refreshed by the
+    ``model_input``: a buffer holding x cast to the model's dtype, refreshed by the
     (fused) update and passed to the model; None lets the velocity cast itself.
     """
     for j in range(steps):
-        v = call_velocity(velocity, state, tau, kwargs, model_input)
+        v = call_velocity(job.velocity, job.x, job.tau0, job.kwargs, model_input)
         nxt = None if model_input is None or j + 1 == steps else model_input
-        ops.masked_update(state, tau, v, h, k, j, nxt)
+        job.ops.masked_update(job.x, job.tau0, v, job.h, job.k, j, nxt)
 
 
 def rollout_plan(

@@ -117,16 +117,18 @@ class _FakeGraph:
     made: list = []
     fail: bool = False
 
-    def __init__(self, velocity, x, tau, h, k, steps, kwargs, ops, cast) -> None:
-        type(self).made.append(velocity)
+    def __init__(self, job, steps, cast) -> None:
+        type(self).made.append(job.velocity)
         if type(self).fail:
             raise graphs_mod.CaptureError(
                 "RuntimeError: operation not permitted when stream is capturing"
             )
-        self.velocity, self.steps = velocity, steps
+        self.velocity, self.steps = job.velocity, steps
 
-    def run(self, x, tau, h, k, kwargs):
-        return RolloutEngine("torch")(self.velocity, x, tau, k, h, kwargs, fixed_k=self.steps)
+    def run(self, job):
+        return RolloutEngine("torch")(
+            self.velocity, job.x, job.tau0, job.k, job.h, job.kwargs, fixed_k=self.steps
+        )
 
 
 def _patch_graphs(monkeypatch, fail: bool) -> None:

@@ -28,6 +28,7 @@ from .paths import PATHS
 from .presets import PRESET_FIELDS
 
 __all__ = [
+    "raise_at_first",
     "T_EPS_FLOAT32_MIN",
     "check_user_objects",
     "warn_ignored_knobs",
@@ -85,6 +86,12 @@ def check_rollout_modules(value: Any) -> tuple[nn.Module, ...]:
     return tuple(value)
 
 
+def raise_at_first(bad: torch.Tensor, message: Callable[[int], str]) -> None:
+    """ValueError(message(i)) for the first row i where ``bad`` is True (one host sync)."""
+    if bool(bad.any()):
+        raise ValueError(message(int(bad.nonzero()[0, 0])))
+
+
 def check_path_positive(path: Any, t_eps: float) -> None:
     """ValueError unless a custom path's s(t) is finite and > 0 on [0, 1 - t_eps].
 
@@ -106,14 +113,14 @@ def check_path_positive(path: Any, t_eps: float) -> None:
             f"path.s(t) must return a tensor of t's shape {tuple(t.shape)}, got "
             f"{getattr(s, 'shape', type(s).__name__)}"
         )
-    bad = ~(torch.isfinite(s) & (s > 0))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(
+    raise_at_first(
+        ~(torch.isfinite(s) & (s > 0)),
+        lambda i: (
             f"the path's s(t) must be > 0 on [0, 1 - t_eps] = [0, {1 - t_eps:.6g}] (the ADR "
             f"target divides by s(t1)); s({float(t[i]):.6g}) = {float(s[i]):.6g}. Use a "
             "path whose noise scale reaches 0 only at t = 1, or raise t_eps"
-        )
+        ),
+    )
 
 
 def check_time_sampler(sampler: Callable[..., Any]) -> None:

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .config import ReflexFlowConfig
+from .config_checks import raise_at_first
 from .conventions import to_canonical_time
 from .time_sampling import LogitNormalTime, ShiftedLogitNormalTime, UniformTime
 
@@ -160,6 +161,15 @@ def _check_t(t: Any, batch: int, device: torch.device) -> None:
         raise ValueError(f"t is on {t.device}, x1 on {device}")
 
 
+def _check_unit_interval(t: Tensor, convention: str) -> None:
+    """ValueError unless every t lies in [0, 1] up to T_TOL (NaN is refused; one host sync)."""
+    tt = t.to(torch.float64)
+    raise_at_first(
+        ~((tt >= -T_TOL) & (tt <= 1 + T_TOL)),
+        lambda i: f"t[{i}] = {float(t[i]):.6g} ({convention}) must lie in [0, 1]",
+    )
+
+
 def _user_times(
     cfg: ReflexFlowConfig, t: Tensor, k: Tensor, room: Tensor, k_given: bool
 ) -> tuple[Tensor, Tensor]:
@@ -168,20 +178,18 @@ def _user_times(
     Every t must lie in [0, 1] (NaN is refused). A sample whose t0 leaves no room for its
     rollout (t0 > room + tolerance) gets k = 0 when k was drawn; an explicit k must fit.
     """
+    _check_unit_interval(t, cfg.convention)
     t0 = to_canonical_time(t.to(torch.float64), cfg.convention)
-    bad = ~((t0 >= -T_TOL) & (t0 <= 1 + T_TOL))  # NaN is bad too
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"t[{i}] = {float(t[i]):.6g} ({cfg.convention}) must lie in [0, 1]")
     no_room = (k > 0) & (t0 > room + T_TOL)
     if k_given:
-        if bool(no_room.any()):
-            i = int(no_room.nonzero()[0, 0])
-            raise ValueError(
+        raise_at_first(
+            no_room,
+            lambda i: (
                 f"t[{i}] = {float(t[i]):.6g} ({cfg.convention}) with k[{i}] = {int(k[i])} "
                 f"does not fit: canonical t0 + k h must lie in [0, 1 - t_eps = "
                 f"{1 - cfg.t_eps:.6g}] with h = {cfg.step:.6g}"
-            )
+            ),
+        )
     else:
         k = torch.where(no_room, torch.zeros_like(k), k)
     room = torch.where(k > 0, room, torch.ones_like(room))
@@ -207,15 +215,15 @@ def end_grid_times(
     room = (n - 1) - index  # steps before the source index reaches n - 1
     fits = (index >= lowest) & (room >= 1)
     if k_given:
-        bad = (k > 0) & ~(fits & (k.to(index.dtype) <= room))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
+        raise_at_first(
+            (k > 0) & ~(fits & (k.to(index.dtype) <= room)),
+            lambda i: (
                 f"t[{i}] (end time, sigma = {float(sigma_end[i]):.6g}) with k[{i}] = "
                 f"{int(k[i])} does not fit the 1/{n} grid: the end index floor({n} sigma) = "
                 f"{int(index[i])} must be >= {lowest} (t1 <= 1 - t_eps) and the start index "
                 f"end + k <= {n - 1}"
-            )
+            ),
+        )
     k = torch.where(fits, torch.minimum(k, room.clamp_min(0).to(k.dtype)), torch.zeros_like(k))
     rolled = k > 0
     t_end = 1 - sigma_end
@@ -304,13 +312,13 @@ def _user_t1(cfg: ReflexFlowConfig, t1: Tensor, t0: Tensor, k: Tensor, high: flo
     _check_t(t1, t0.shape[0], t0.device)
     t1 = to_canonical_time(t1.to(torch.float64), cfg.convention)
     rolled = k > 0
-    bad = rolled & ~((t1 >= t0 - T_TOL) & (t1 <= high + T_TOL))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(
+    raise_at_first(
+        rolled & ~((t1 >= t0 - T_TOL) & (t1 <= high + T_TOL)),
+        lambda i: (
             f"t1[{i}] = {float(t1[i]):.6g} (canonical) must lie in [t0 = {float(t0[i]):.6g}, "
             f"{high:.6g}]"
-        )
+        ),
+    )
     return torch.where(rolled, t1.clamp(max=high), t0)
 
 
@@ -364,12 +372,8 @@ def _draw_end(
         sigma_end = _noise_ward(u, _sampler_convention(cfg))
     else:
         _check_t(t, batch, device)
-        tt = t.to(torch.float64)
-        bad = ~((tt >= -T_TOL) & (tt <= 1 + T_TOL))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"t[{i}] = {float(t[i]):.6g} ({cfg.convention}) must lie in [0, 1]")
-        sigma_end = _noise_ward(tt, cfg.convention).clamp(0, 1)
+        _check_unit_interval(t, cfg.convention)
+        sigma_end = _noise_ward(t.to(torch.float64), cfg.convention).clamp(0, 1)
     t0, t1, k = end_grid_times(sigma_end, k, cfg.num_sampling_steps, cfg.t_eps, k_given)
     step = torch.full_like(t0, cfg.step)
     return Draws(eps, k, t0.to(dtype), t1.to(dtype), step.to(dtype), None)

@@ -15,9 +15,10 @@ from typing import Any
 from .config_checks import check_rollout_modules, check_user_objects, warn_ignored_knobs
 from .conventions import check_convention
 from .engine import ROLLOUT_BACKENDS
+from .objective import ADR_LOSSES, FC_CHANNEL_REDUCE, FC_FILTERS, FC_FORMS, FC_NORMALIZE
 from .paths import get_path
 from .presets import DEFAULT_PRESET, PRESET_FIELDS, PRESETS, preset_knobs
-from .reference import FILTERS, NORM_EPS, NORM_FLOOR
+from .reference import NORM_EPS, NORM_FLOOR
 from .time_sampling import get_time_sampler
 from .weighting import check_loss_weighting
 
@@ -25,20 +26,28 @@ __all__ = ["ReflexFlowConfig", "METHODS", "BACKENDS", "ROLLOUT_BACKENDS", "FROM_
 
 METHODS = ("reflexflow", "fm", "ip", "ss")
 BACKENDS = ("auto", "torch", "triton")
-K_DRAWS = ("fixed", "uniform")
 K_MINS = (0, 1)
-TIME_DRAWS = ("start", "end")
-SCHEDULES = ("grid", "single")
-FC_SOURCES = ("state", "velocity")
-ADR_LOSSES = ("direction", "mse")
-FM_INPUTS = ("clean", "biased")
-FC_FORMS = ("weight", "squared")
-TARGETS = ("conditional", "stable")
-FC_NORMALIZE = ("mean", "sum")
-FC_CHANNEL_REDUCE = ("mean_abs", "l2")
-BIASED_INPUTS = ("rollout", "renoise")
-ROLLOUT_MODES = ("eval", "train")
-MEMORY_MODES = ("default", "lean")
+# knob -> the values it may take (checked in this order; the objective's own choices are
+# defined once, in reflexflow.objective)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "k_draw": ("fixed", "uniform"),
+    "time_draw": ("start", "end"),
+    "step_schedule": ("grid", "single"),
+    "fm_input": ("clean", "biased"),
+    "adr_loss": ADR_LOSSES,
+    "fc_filter": FC_FILTERS,
+    "fc_source": ("state", "velocity"),
+    "fc_form": FC_FORMS,
+    "target": ("conditional", "stable"),
+    "fc_normalize": FC_NORMALIZE,
+    "fc_channel_reduce": FC_CHANNEL_REDUCE,
+    "biased_input": ("rollout", "renoise"),
+    "rollout_mode": ("eval", "train"),
+    "memory": ("default", "lean"),
+    "backend": BACKENDS,
+    "rollout_backend": ROLLOUT_BACKENDS,
+}
 
 
 def knob(default: Any, doc: str, source: str = "") -> Any:
@@ -53,6 +62,13 @@ def knob(default: Any, doc: str, source: str = "") -> Any:
 # Default of a knob that the preset sets (see :data:`reflexflow.presets.PRESETS`): the
 # Ellipsis, a constant torch.compile traces through when a config is built in a graph.
 FROM_PRESET: Any = ...
+
+
+def _refuse_first(*rules: tuple[Any, str]) -> None:
+    """ValueError(message) for the first (broken, message) rule that is broken, in order."""
+    for broken, message in rules:
+        if broken:
+            raise ValueError(message)
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -327,17 +343,15 @@ class ReflexFlowConfig:
         self._resolve_forward_mode()
 
     def _validate_knobs(self) -> None:
-        _check_choice("method", self.method, METHODS)
+        for name, choices in CHOICES.items():
+            _check_choice(name, getattr(self, name), choices)
         object.__setattr__(self, "path", get_path(self.path))
         check_convention(self.convention)
         _check_number("timestep_scale", self.timestep_scale, low=0, low_open=True)
         _check_number("rollout_steps", self.rollout_steps, low=1, integer=True)
         _check_number("num_sampling_steps", self.num_sampling_steps, low=1, integer=True)
-        _check_choice("k_draw", self.k_draw, K_DRAWS)
         if isinstance(self.k_min, bool) or self.k_min not in K_MINS:
             raise ValueError(f"k_min must be one of {K_MINS}, got {self.k_min!r}")
-        _check_choice("time_draw", self.time_draw, TIME_DRAWS)
-        _check_choice("step_schedule", self.step_schedule, SCHEDULES)
         _check_number("ss_prob", self.ss_prob, low=0, high=1)
         _check_number("t_eps", self.t_eps, low=0, high=0.5, low_open=True)
         object.__setattr__(
@@ -347,11 +361,8 @@ class ReflexFlowConfig:
                 self.time_sampler, logit_mean=self.logit_mean, logit_std=self.logit_std
             ),
         )
-        _check_choice("fm_input", self.fm_input, FM_INPUTS)
-        _check_choice("adr_loss", self.adr_loss, ADR_LOSSES)
         _check_number("lambda_adr", self.lambda_adr, low=0)
         _check_number("lambda_fc", self.lambda_fc, low=0)
-        _check_choice("fc_filter", self.fc_filter, FILTERS)
         _check_number("fc_sigma", self.fc_sigma, low=0)
         _check_number("fc_size", self.fc_size, low=1, integer=True)
         if self.fc_size % 2 == 0:
@@ -359,25 +370,16 @@ class ReflexFlowConfig:
         _check_number("fc_cutoff", self.fc_cutoff, low=0, high=1, low_open=True)
         if self.fc_t_max is not None:
             _check_number("fc_t_max", self.fc_t_max, low=0, high=1)
-        _check_choice("fc_source", self.fc_source, FC_SOURCES)
-        _check_choice("fc_form", self.fc_form, FC_FORMS)
-        _check_choice("target", self.target, TARGETS)
         _check_number("stable_ref", self.stable_ref, low=0, integer=True)
         object.__setattr__(self, "loss_weighting", check_loss_weighting(self.loss_weighting))
         _check_number("norm_eps", self.norm_eps, low=0, low_open=True)
         _check_number("norm_floor", self.norm_floor, low=0, high=1)
-        _check_choice("fc_normalize", self.fc_normalize, FC_NORMALIZE)
-        _check_choice("fc_channel_reduce", self.fc_channel_reduce, FC_CHANNEL_REDUCE)
         if self.adr_x1_from is not None:
             _check_number("adr_x1_from", self.adr_x1_from, low=0, high=1, low_open=True)
             if self.adr_x1_from >= 1:
                 raise ValueError(f"adr_x1_from must be < 1 (a time t_c), got {self.adr_x1_from}")
         self._validate_renoise()
-        _check_choice("rollout_mode", self.rollout_mode, ROLLOUT_MODES)
-        _check_choice("memory", self.memory, MEMORY_MODES)
         _check_number("ip_gamma", self.ip_gamma, low=0)
-        _check_choice("backend", self.backend, BACKENDS)
-        _check_choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
         for name in (
             "fc_per_channel",
             "fc_signed",
@@ -398,34 +400,37 @@ class ReflexFlowConfig:
         if not all(isinstance(key, str) for key in keys):
             raise TypeError(f"unbatched_kwargs must hold strings (model_kwargs keys), got {keys!r}")
         object.__setattr__(self, "unbatched_kwargs", tuple(keys))
-        if self.step_schedule == "grid" and self.rollout_steps * self.step >= 1 - self.t_eps:
-            raise ValueError(
+        _refuse_first(
+            (
+                self.step_schedule == "grid" and self.rollout_steps * self.step >= 1 - self.t_eps,
                 f"rollout_steps={self.rollout_steps} Euler steps of h = 1/num_sampling_steps = "
-                f"{self.step:.4g} do not fit before t = 1 - t_eps = {1 - self.t_eps}"
-            )
-        if self.time_draw == "end" and self.step_schedule != "grid":
-            raise ValueError(
+                f"{self.step:.4g} do not fit before t = 1 - t_eps = {1 - self.t_eps}",
+            ),
+            (
+                self.time_draw == "end" and self.step_schedule != "grid",
                 "time_draw='end' draws where a rollout of k grid steps ends: it needs "
-                "step_schedule='grid'"
-            )
-        if self.rollout_grad and self.step_schedule == "grid" and self.rollout_steps != 1:
-            raise ValueError(
+                "step_schedule='grid'",
+            ),
+            (
+                self.rollout_grad and self.step_schedule == "grid" and self.rollout_steps != 1,
                 "rollout_grad needs one Euler step per rollout: use "
-                "step_schedule='single' or rollout_steps=1"
-            )
-        if self.adr_target_grad and not self.rollout_grad:
-            raise ValueError(
+                "step_schedule='single' or rollout_steps=1",
+            ),
+            (
+                self.adr_target_grad and not self.rollout_grad,
                 "adr_target_grad=True needs rollout_grad=True (without it x^_t1 has no "
-                "graph, and the target no gradient to keep)"
-            )
-        if self.target == "stable" and self.method == "ip":
-            raise ValueError("target='stable' is defined for method fm, ss and reflexflow, not ip")
+                "graph, and the target no gradient to keep)",
+            ),
+            (
+                self.target == "stable" and self.method == "ip",
+                "target='stable' is defined for method fm, ss and reflexflow, not ip",
+            ),
+        )
         # user objects and environment (reflexflow.config_checks)
         object.__setattr__(self, "rollout_modules", check_rollout_modules(self.rollout_modules))
         check_user_objects(self)
 
     def _validate_renoise(self) -> None:
-        _check_choice("biased_input", self.biased_input, BIASED_INPUTS)
         _check_number("renoise_shift", self.renoise_shift, low=0, low_open=True)
         span = self.renoise_range
         if not (isinstance(span, (tuple, list)) and len(span) == 2):
@@ -463,46 +468,52 @@ class ReflexFlowConfig:
         two_calls = (
             self.method == "reflexflow" and self.lambda_adr != 0 and self.fm_input == "clean"
         )
-        if self.rollout_grad and self.joint_forward:
-            raise ValueError(
+        _refuse_first(
+            (
+                self.rollout_grad and self.joint_forward,
                 "joint_forward=True is impossible with rollout_grad=True: the second "
-                "model call's input depends on the first call's output"
-            )
-        if self.share_first_call and not can_share:
-            raise ValueError(
+                "model call's input depends on the first call's output",
+            ),
+            (
+                self.share_first_call and not can_share,
                 "share_first_call=True needs method='reflexflow' with a rollout, "
                 "fm_input='clean' and rollout_grad=False (with rollout_grad the first call "
-                "is shared already, and carries both gradients)"
-            )
-        if self.share_first_call and self.joint_forward:
-            raise ValueError(
+                "is shared already, and carries both gradients)",
+            ),
+            (
+                self.share_first_call and self.joint_forward,
                 "share_first_call=True and joint_forward=True exclude each other: the shared "
-                "call runs before the rollout, the joint 2B call after it"
-            )
-        if self.joint_forward and not two_calls:
-            raise ValueError(
+                "call runs before the rollout, the joint 2B call after it",
+            ),
+            (
+                self.joint_forward and not two_calls,
                 "joint_forward=True needs two gradient-carrying calls (method='reflexflow', "
-                "lambda_adr > 0, fm_input='clean')"
-            )
+                "lambda_adr > 0, fm_input='clean')",
+            ),
+        )
         if self.share_first_call is not None:
             share = self.share_first_call
         else:
             share = can_share and not self.joint_forward
         object.__setattr__(self, "shares_first_call", bool(share))
         object.__setattr__(self, "joint_call", bool(self.joint_forward))
-        if self.memory == "lean":
-            if self.rollout_grad:
-                raise ValueError(
-                    "memory='lean' needs independent terms; with rollout_grad=True the ADR "
-                    "gradient flows into the first call"
-                )
-            if self.joint_forward:
-                raise ValueError("memory='lean' runs the two terms apart: not joint_forward")
-            if self.method == "reflexflow" and self.fm_input == "biased":
-                raise ValueError(
-                    "memory='lean' has nothing to split with fm_input='biased' (both terms "
-                    "use the same model call)"
-                )
+        lean = self.memory == "lean"
+        _refuse_first(
+            (
+                lean and self.rollout_grad,
+                "memory='lean' needs independent terms; with rollout_grad=True the ADR "
+                "gradient flows into the first call",
+            ),
+            (
+                lean and self.joint_forward,
+                "memory='lean' runs the two terms apart: not joint_forward",
+            ),
+            (
+                lean and self.method == "reflexflow" and self.fm_input == "biased",
+                "memory='lean' has nothing to split with fm_input='biased' (both terms "
+                "use the same model call)",
+            ),
+        )
         warn_ignored_knobs(self)  # knobs given explicitly that this configuration never reads
 
     @property

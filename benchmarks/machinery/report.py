@@ -19,6 +19,7 @@ __all__ = [
     "format_step_table",
     "load_average",
     "step_markdown",
+    "step_settings",
     "write_json",
 ]
 
@@ -136,14 +137,22 @@ def write_device_result(
     return path
 
 
+def step_settings(payload: dict[str, Any]) -> str:
+    """A step benchmark's settings in one line: size, batch, amp, warm-up, repetitions and
+    threads (the text report's and the Markdown table's heading)."""
+    env, s = payload["environment"], payload["step"]["settings"]
+    return (
+        f"size {s['size']}, batch {s['batch']}, amp {s['amp']}, {s['warmup']} warm-up "
+        f"round(s), median of {s['reps']} timed steps, {env['torch_threads']} thread(s)"
+    )
+
+
 def step_markdown(payload: dict[str, Any]) -> str:
     """The step rows of a result file as a Markdown table (for benchmarks/README.md)."""
     env, step = payload["environment"], payload["step"]
-    s = step["settings"]
     lines = [
         f"{env['device_name']}, torch {env['torch']}, {env['date_utc'][:10]}, "
-        f"{env['torch_threads']} thread(s), load {env['load_avg_start']}; size {s['size']}, "
-        f"batch {s['batch']}, amp {s['amp']}, median of {s['reps']} steps.",
+        f"load {env['load_avg_start']}; {step_settings(payload)}.",
         "",
         "| model | config | calls | GFLOP | xFLOP | ms | ideal ms | vs ideal | vs FM | "
         "/ shared | peak MiB | saved MiB | saved / FM |",

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import torch
 
 from ..suites import SUITES, format_rows, run_suite
-from .report import environment, format_step_table, load_average, write_json
+from .report import environment, format_step_table, load_average, step_settings, write_json
 from .step import (
     MIN_REPS,
     NOISE_LIMIT,
@@ -221,9 +221,7 @@ def _report(payload: dict[str, Any]) -> str:
         f"triton {env['triton']}, {env['date_utc']}, load {env['load_avg_start']} -> "
         f"{env['load_avg_end']}",
         "",
-        f"== Training step: size {s['size']}, batch {s['batch']}, amp {s['amp']}, "
-        f"{s['warmup']} warm-up round(s), median of {s['reps']} timed steps, threads "
-        f"{env['torch_threads']}",
+        f"== Training step: {step_settings(payload)}",
         "(vs ideal = ms / (opt ms + (fm ms - opt ms) x FLOP ratio); 1.00 = only model work; "
         "/shared = ms / the shared mode's ms at the same K; spread = (max - min) / median)",
         format_step_table(step["rows"]),

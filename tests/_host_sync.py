@@ -13,7 +13,8 @@ On CUDA, ``torch.cuda.set_sync_debug_mode("error")`` checks the real thing
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -28,6 +29,8 @@ TENSOR_READS = (
     "__float__",
     "__index__",
 )
+# host-to-device copies when given a device
+TENSOR_FACTORIES = ("tensor", "as_tensor")
 # aten ops that copy device values to the host (or size their output by them) on CUDA
 SYNCING_OPS = (
     "aten::_local_scalar_dense",
@@ -47,40 +50,40 @@ SYNCING_OPS = (
 
 
 @contextlib.contextmanager
-def count_host_reads() -> Iterator[list[str]]:
-    """Yields a list that receives one entry per host read or transfer made inside."""
-    events: list[str] = []
-    saved = {}
+def patched_host_reads(record: Callable[[str, dict[str, Any]], None]) -> Iterator[None]:
+    """While inside, every call of a TENSOR_READS method or of torch.tensor /
+    torch.as_tensor first runs record(name, kwargs), name "Tensor.<method>" or
+    "torch.<factory>"; the originals are put back on exit."""
+    saved = [(torch.Tensor, "Tensor", name, getattr(torch.Tensor, name)) for name in TENSOR_READS]
+    saved += [(torch, "torch", name, getattr(torch, name)) for name in TENSOR_FACTORIES]
 
-    def wrap(name, fn):
-        def counted(self, *args, **kwargs):
-            events.append(f"Tensor.{name}")
-            return fn(self, *args, **kwargs)
-
-        return counted
-
-    for name in TENSOR_READS:
-        saved[name] = getattr(torch.Tensor, name)
-        setattr(torch.Tensor, name, wrap(name, saved[name]))
-
-    factories = {name: getattr(torch, name) for name in ("tensor", "as_tensor")}
-
-    def wrap_factory(name, fn):
+    def wrap(label, fn):
         def counted(*args, **kwargs):
-            if kwargs.get("device") is not None:
-                events.append(f"torch.{name}(device=...)")
+            record(label, kwargs)
             return fn(*args, **kwargs)
 
         return counted
 
-    for name, fn in factories.items():
-        setattr(torch, name, wrap_factory(name, fn))
+    for owner, prefix, name, fn in saved:
+        setattr(owner, name, wrap(f"{prefix}.{name}", fn))
     try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            yield events
+        yield
     finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
-        for name, fn in factories.items():
-            setattr(torch, name, fn)
+        for owner, _, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+@contextlib.contextmanager
+def count_host_reads() -> Iterator[list[str]]:
+    """Yields a list that receives one entry per host read or transfer made inside."""
+    events: list[str] = []
+
+    def record(name: str, kwargs: dict[str, Any]) -> None:
+        if name.startswith("Tensor."):
+            events.append(name)
+        elif kwargs.get("device") is not None:  # a factory call without one stays on host
+            events.append(f"{name}(device=...)")
+
+    with patched_host_reads(record), profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield events
     events.extend(e.name for e in prof.events() if e.name in SYNCING_OPS)

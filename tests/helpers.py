@@ -15,6 +15,7 @@ from reflexflow.demo.toy_models import (
     SiTStandIn,
     TinyNet,
 )
+from reflexflow.objective import ObjectiveInputs
 from reflexflow.reference import euler_rollout_per_sample
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "assert_rollout_matches_oracle",
     "hide_module",
     "assert_same_path",
+    "one_step_inputs",
 ]
 
 
@@ -59,6 +61,15 @@ def rollout_inputs(batch: int = 7, kmax: int = 3, seed: int = 0, dtype=torch.flo
     h = torch.full((batch,), 1 / 20, dtype=dtype)
     t0 = torch.rand(batch, generator=g, dtype=dtype) * (1 - kmax * h)
     return x, t0, k, h
+
+
+def one_step_inputs(
+    x1: Tensor, eps: Tensor, x_hat: Tensor, t0: Tensor, t1: Tensor, **rest: Tensor
+) -> ObjectiveInputs:
+    """ObjectiveInputs of a batch where every sample took one rollout step:
+    k = 1 (int64, on x1's device); ``rest`` are the other fields (v0, v1, v_joint, ...)."""
+    k = torch.ones(x1.shape[0], dtype=torch.int64, device=x1.device)
+    return ObjectiveInputs(x1=x1, eps=eps, x_hat=x_hat, t0=t0, t1=t1, k=k, **rest)
 
 
 def assert_rollout_matches_oracle(engine, velocity, x, t0, k, h) -> None:

@@ -16,6 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from reflexflow.objective import ObjectiveSpec
 
+from ._host_sync import patched_host_reads
+
 
 def make_spec(**knobs) -> ObjectiveSpec:
     """ObjectiveSpec from flat knobs: its own fields, FC fields as fc_<field>
@@ -70,36 +72,18 @@ def launches(execute: bool = True) -> Iterator[Probe]:
         cls.run = original
 
 
-_TRANSFERS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
-
 @contextlib.contextmanager
 def host_transfers(probe: Probe) -> Iterator[Probe]:
     """Count device-to-host reads (Tensor.item, tolist, cpu, numpy, bool/int/float of a
     tensor) and host-to-device copies (torch.tensor, torch.as_tensor) made outside a
     kernel launch, into probe.transfers. Use inside ``launches()``."""
-    saved = {name: getattr(torch.Tensor, name) for name in _TRANSFERS}
-    saved_fns = {"tensor": torch.tensor, "as_tensor": torch.as_tensor}
 
-    def wrap(name, fn):
-        def counted(*args, **kwargs):
-            if not probe.in_kernel:
-                probe.transfers.append(name)
-            return fn(*args, **kwargs)
+    def record(name: str, kwargs: dict) -> None:
+        if not probe.in_kernel:
+            probe.transfers.append(name)
 
-        return counted
-
-    for name, fn in saved.items():
-        setattr(torch.Tensor, name, wrap(name, fn))
-    for name, fn in saved_fns.items():
-        setattr(torch, name, wrap(f"torch.{name}", fn))
-    try:
+    with patched_host_reads(record):
         yield probe
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
-        for name, fn in saved_fns.items():
-            setattr(torch, name, fn)
 
 
 # aten ops that launch nothing on a GPU: allocation, metadata, views

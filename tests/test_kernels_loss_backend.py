@@ -10,6 +10,7 @@ from reflexflow import reference as ref
 from reflexflow.kernels import triton_usable
 from reflexflow.objective import ObjectiveInputs, ObjectiveSpec
 from reflexflow.stages import select_objective
+from tests.helpers import one_step_inputs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(
@@ -133,16 +134,7 @@ def test_auto_falls_back_to_reference_once_the_triton_path_fails(monkeypatch):
     p, spec = rf.get_path("linear"), ObjectiveSpec()
     x = torch.randn(3, 2, 5, 4, device=DEV)
     t = torch.full((3,), 0.3, device=DEV)
-    inputs = ObjectiveInputs(
-        v0=x,
-        v1=x + 1,
-        x1=x,
-        eps=-x,
-        x_hat=x,
-        t0=t,
-        t1=t + 0.1,
-        k=torch.ones(3, dtype=torch.long, device=DEV),
-    )
+    inputs = one_step_inputs(x, -x, x, t, t + 0.1, v0=x, v1=x + 1)
     with pytest.warns(RuntimeWarning, match="Triton loss kernels failed"):
         got = fused_objective(p, spec, inputs, fail_soft=True)
     torch.testing.assert_close(got.loss, ref.objective(p, spec, inputs).loss)
@@ -158,16 +150,7 @@ def test_auto_does_not_hide_argument_errors(monkeypatch):
     monkeypatch.setattr(fo, "_FAILED", [])
     x = torch.randn(2, 3)
     t = torch.full((2,), 0.3)
-    inputs = ObjectiveInputs(
-        v0=x,
-        v1=x,
-        x1=x.clone().requires_grad_(),
-        eps=x,
-        x_hat=x,
-        t0=t,
-        t1=t,
-        k=torch.ones(2, dtype=torch.long),
-    )
+    inputs = one_step_inputs(x.clone().requires_grad_(), x, x, t, t, v0=x, v1=x)
     with pytest.raises(ValueError, match="x1"):
         fused_objective(rf.get_path("linear"), ObjectiveSpec(), inputs, fail_soft=True)
     assert fo._FAILED == []

@@ -27,6 +27,7 @@ from reflexflow.kernels import objective as fo  # noqa: E402
 from reflexflow.objective import ObjectiveInputs, ObjectiveSpec  # noqa: E402
 from reflexflow.paths import get_path  # noqa: E402
 
+from .helpers import one_step_inputs  # noqa: E402
 from .kernel_probes import make_spec  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -389,16 +390,8 @@ def test_outputs_have_the_reference_dtypes():
     ]:
         v0, v1 = (torch.randn(2, 2, 4, 4, dtype=vd, device=DEV) for _ in "ab")
         x1, eps, xh = (torch.randn(2, 2, 4, 4, dtype=sd, device=DEV) for _ in "abc")
-        inputs = ObjectiveInputs(
-            v0=v0,
-            v1=v1,
-            x1=x1,
-            eps=eps,
-            x_hat=xh,
-            t0=torch.full((2,), 0.2, device=DEV),
-            t1=torch.full((2,), 0.3, device=DEV),
-            k=torch.ones(2, dtype=torch.long, device=DEV),
-        )
+        t0, t1 = (torch.full((2,), time, device=DEV) for time in (0.2, 0.3))
+        inputs = one_step_inputs(x1, eps, xh, t0, t1, v0=v0, v1=v1)
         want = ref.objective(p, ObjectiveSpec(), inputs)
         got = fused_objective(p, ObjectiveSpec(), inputs)
         for key in (*OUTPUTS, "w"):
@@ -412,39 +405,28 @@ def test_x1_or_u0_requiring_grad_is_refused():
     p = get_path("linear")
     x = torch.randn(2, 3, device=DEV)
     t = torch.full((2,), 0.3, device=DEV)
-    kw = dict(
-        v0=x, v1=x, x1=x, eps=x, x_hat=x, t0=t, t1=t, k=torch.ones(2, dtype=torch.int64, device=DEV)
-    )
+    inputs = one_step_inputs(x, x, x, t, t, v0=x, v1=x)
     spec = ObjectiveSpec()
     with pytest.raises(ValueError, match="x1"):
-        fused_objective(p, spec, ObjectiveInputs(**dict(kw, x1=x.clone().requires_grad_())))
+        fused_objective(p, spec, dataclasses.replace(inputs, x1=x.clone().requires_grad_()))
     with pytest.raises(ValueError, match="u0"):
-        fused_objective(p, spec, ObjectiveInputs(**kw, u0=x.clone().requires_grad_()))
+        fused_objective(p, spec, dataclasses.replace(inputs, u0=x.clone().requires_grad_()))
 
 
 def test_bad_inputs_and_shapes_are_clear_errors():
     p = get_path("linear")
     x = torch.randn(2, 3, device=DEV)
     t = torch.full((2,), 0.3, device=DEV)
-    kw = dict(
-        v0=x,
-        v1=x + 1,
-        x1=x,
-        eps=x,
-        x_hat=x,
-        t0=t,
-        t1=t,
-        k=torch.ones(2, dtype=torch.int64, device=DEV),
-    )
+    inputs = one_step_inputs(x, x, x, t, t, v0=x, v1=x + 1)
     spec = ObjectiveSpec()
     with pytest.raises(ValueError, match="v_joint"):
-        fused_objective(p, spec, ObjectiveInputs(**kw, v_joint=torch.cat([x, x])))
+        fused_objective(p, spec, dataclasses.replace(inputs, v_joint=torch.cat([x, x])))
     with pytest.raises(ValueError, match="fm_weight"):
-        fused_objective(p, spec, ObjectiveInputs(**kw, fm_weight=torch.ones(3, device=DEV)))
+        fused_objective(p, spec, dataclasses.replace(inputs, fm_weight=torch.ones(3, device=DEV)))
     with pytest.raises(ValueError, match="v_joint"):
-        fused_objective(p, spec, ObjectiveInputs(**dict(kw, v0=None, v1=None), v_joint=x))
+        fused_objective(p, spec, dataclasses.replace(inputs, v0=None, v1=None, v_joint=x))
     with pytest.raises(ValueError, match="x1 must have shape"):
-        fused_objective(p, spec, ObjectiveInputs(**dict(kw, x1=x[:, 0])))
+        fused_objective(p, spec, dataclasses.replace(inputs, x1=x[:, 0]))
 
 
 def _op_args(shape=(2, 3, 5, 4), mode=fo.V_SEPARATE, grad=True, **over) -> fo.OpArgs:
@@ -567,12 +549,10 @@ def test_v_joint_alone_needs_no_v0_v1():
     p = get_path("linear")
     x = torch.randn(2, 3, 4, 4, device=DEV)
     t = torch.full((2,), 0.3, device=DEV)
-    kw = dict(
-        x1=x, eps=-x, x_hat=x, t0=t, t1=t + 0.1, k=torch.ones(2, dtype=torch.long, device=DEV)
-    )
     v = torch.randn(4, 3, 4, 4, device=DEV, requires_grad=True)
-    got = fused_objective(p, ObjectiveSpec(), ObjectiveInputs(v_joint=v, **kw))
-    want = ref.objective(p, ObjectiveSpec(), ObjectiveInputs(v_joint=v, **kw))
+    inputs = one_step_inputs(x, -x, x, t, t + 0.1, v_joint=v)
+    got = fused_objective(p, ObjectiveSpec(), inputs)
+    want = ref.objective(p, ObjectiveSpec(), inputs)
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
 
 

@@ -312,22 +312,58 @@ def test_scheduler_scale_noise_is_the_noise_at_1_path_and_timesteps_are_1000_sig
     torch.testing.assert_close(noisy, ours)
 
 
+# (joint_attention_dim, pooled_projection_dim): the prompt embeddings' widths of the tiny models
+_TEXT_DIMS = {"sd3": (16, 8), "flux": (32, 32)}
+
+
+def _text_kwargs(family: str, batch: int, tokens: int, generator=None) -> dict:
+    """Random prompt embeddings of the tiny ``family`` model's widths, as model kwargs."""
+    text, pooled = _TEXT_DIMS[family]
+    return {
+        "encoder_hidden_states": torch.randn(batch, tokens, text, generator=generator),
+        "pooled_projections": torch.randn(batch, pooled, generator=generator),
+    }
+
+
+def _tiny_transformer(model_class, family: str, **dims):
+    """``model_class`` with one layer of two heads and ``family``'s text widths, weights
+    drawn from seed 0."""
+    text, pooled = _TEXT_DIMS[family]
+    torch.manual_seed(0)
+    return model_class(
+        num_layers=1,
+        num_attention_heads=2,
+        joint_attention_dim=text,
+        pooled_projection_dim=pooled,
+        **dims,
+    )
+
+
 def _tiny_sd3():
     from diffusers import SD3Transformer2DModel
 
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(
+    # 4-channel 8x8 latents in 2x2 patches; the caption projection is 2 heads x 8
+    return _tiny_transformer(
+        SD3Transformer2DModel,
+        "sd3",
         sample_size=8,
         patch_size=2,
         in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=8,
         out_channels=4,
+        attention_head_dim=8,
+        caption_projection_dim=16,
     )
+
+
+def _script_loss(pred, target, sigmas, scheme: str) -> torch.Tensor:
+    """The loss of train_dreambooth_sd3.py and train_dreambooth_flux.py: the per-sample
+    mean of compute_loss_weighting_for_sd3(scheme, sigmas) (pred - target)^2 in fp32,
+    then the batch mean."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
+    squared = weighting.float() * (pred.float() - target.float()) ** 2
+    return torch.mean(squared.reshape(len(pred), -1), 1).mean()
 
 
 @pytest.mark.parametrize(
@@ -336,16 +372,13 @@ def _tiny_sd3():
 )
 def test_fm_equals_the_sd3_training_script_loss(scheme, precondition):
     _diffusers()  # before any diffusers import: skips cleanly without diffusers
-    from diffusers.training_utils import compute_loss_weighting_for_sd3
-
     transformer = _tiny_sd3()
     scheduler = _sd3_scheduler()
     B = 4
     g = _gen(7)
     latents = torch.randn(B, 4, 8, 8, generator=g)
     noise = torch.randn(B, 4, 8, 8, generator=g)
-    kw = {"encoder_hidden_states": torch.randn(B, 5, 16, generator=g)}
-    kw["pooled_projections"] = torch.randn(B, 8, generator=g)
+    kw = _text_kwargs("sd3", B, tokens=5, generator=g)
     timesteps, sigmas = _script_sigmas(scheduler, scheme, B, _gen(8))
     # train_dreambooth_sd3.py, step by step
     s = sigmas.view(B, 1, 1, 1)
@@ -353,10 +386,8 @@ def test_fm_equals_the_sd3_training_script_loss(scheme, precondition):
     pred = transformer(hidden_states=noisy, timestep=timesteps, **kw, return_dict=False)[0]
     if precondition:
         pred = pred * (-s) + noisy
-    weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=s)
     target = latents if precondition else noise - latents
-    want = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(B, -1), 1)
-    want = want.mean()
+    want = _script_loss(pred, target, s, scheme)
 
     knobs = adapters.diffusers_knobs(
         "sd3", weighting_scheme=scheme, precondition_outputs=precondition, method="fm"
@@ -376,29 +407,32 @@ def test_fm_equals_the_sd3_training_script_loss(scheme, precondition):
 def _tiny_flux():
     from diffusers import FluxTransformer2DModel
 
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
+    return _tiny_transformer(
+        FluxTransformer2DModel,
+        "flux",
         patch_size=1,
         in_channels=16,  # 4 latent channels packed 2x2
-        num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
         guidance_embeds=False,
         axes_dims_rope=(4, 6, 6),
     )
 
 
-def _flux_inputs(B: int, txt_len: int, g: torch.Generator):
-    latents = torch.randn(B, 4, 8, 8, generator=g)
-    kw = {
-        "encoder_hidden_states": torch.randn(B, txt_len, 32, generator=g),
-        "pooled_projections": torch.randn(B, 32, generator=g),
-        "img_ids": adapters.flux_latent_image_ids(8, 8),  # (16, 3): not batch-shaped
-        "txt_ids": torch.zeros(txt_len, 3),  # (txt_len, 3): not batch-shaped
-    }
+def _flux_adapter(transformer):
+    """The Flux transformer behind the adapter that packs latents into 2x2 tokens and back."""
+    return adapters.DiffusersModelAdapter(
+        transformer, pack=adapters.flux_pack_latents, unpack=adapters.flux_unpack_latents
+    )
+
+
+def _flux_inputs(B: int, txt_len: int, g: torch.Generator, size: int = 8):
+    """(latents (B, 4, size, size), model kwargs); the ids are not batch-shaped: img_ids
+    ((size / 2)^2, 3) and txt_ids (txt_len, 3)."""
+    latents = torch.randn(B, 4, size, size, generator=g)
+    kw = _text_kwargs("flux", B, tokens=txt_len, generator=g)
+    kw["img_ids"] = adapters.flux_latent_image_ids(size, size)
+    kw["txt_ids"] = torch.zeros(txt_len, 3)
     return latents, kw
 
 
@@ -430,16 +464,14 @@ def test_fm_equals_the_flux_training_script_loss():
     packed = adapters.flux_pack_latents(noisy)
     pred = transformer(hidden_states=packed, timestep=timesteps / 1000, **kw, return_dict=False)[0]
     pred = adapters.flux_unpack_latents(pred, latents)
-    target = noise - latents
-    want = torch.mean(((pred.float() - target.float()) ** 2).reshape(B, -1), 1).mean()
+    want = _script_loss(pred, noise - latents, s, "none")
 
     knobs = adapters.diffusers_knobs("flux", method="fm")
     assert knobs["unbatched_kwargs"] == ("img_ids", "txt_ids")
     drawn = knobs["time_sampler"](B, torch.device("cpu"), _gen(10))
-    model = adapters.DiffusersModelAdapter(
-        transformer, pack=adapters.flux_pack_latents, unpack=adapters.flux_unpack_latents
+    got = rf.ReflexFlowLoss(**knobs)(
+        _flux_adapter(transformer), latents, noise=noise, t=drawn, model_kwargs=kw
     )
-    got = rf.ReflexFlowLoss(**knobs)(model, latents, noise=noise, t=drawn, model_kwargs=kw)
     torch.testing.assert_close(got.loss, want, rtol=1e-4, atol=1e-6)
 
 
@@ -450,20 +482,12 @@ def test_reflexflow_trains_flux_with_ids_as_long_as_the_batch_left_unbatched():
     transformer = _tiny_flux()
     B = 4
     g = _gen(11)
-    latents = torch.randn(B, 4, 4, 4, generator=g)  # (4 / 2)^2 = 4 = B packed tokens
-    kw = {
-        "encoder_hidden_states": torch.randn(B, B, 32, generator=g),
-        "pooled_projections": torch.randn(B, 32, generator=g),
-        "img_ids": adapters.flux_latent_image_ids(4, 4),  # (4, 3)
-        "txt_ids": torch.zeros(B, 3),  # (4, 3)
-    }
-    model = adapters.DiffusersModelAdapter(
-        transformer, pack=adapters.flux_pack_latents, unpack=adapters.flux_unpack_latents
-    )
+    # 4x4 latents: (4 / 2)^2 = 4 = B packed tokens, and B text tokens: both ids are (4, 3)
+    latents, kw = _flux_inputs(B, txt_len=B, g=g, size=4)
     loss_fn = rf.ReflexFlowLoss(
         **adapters.diffusers_knobs("flux", num_sampling_steps=10, rollout_steps=2)
     )
-    out = loss_fn(model, latents, model_kwargs=kw, generator=_gen(12))
+    out = loss_fn(_flux_adapter(transformer), latents, model_kwargs=kw, generator=_gen(12))
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert sum(float(p.grad.abs().sum()) for p in transformer.parameters() if p.grad is not None)
@@ -480,7 +504,7 @@ def test_reflexflow_trains_sd3_with_the_script_recipe():
         **adapters.diffusers_knobs("sd3", num_sampling_steps=28, rollout_steps=2)
     )
     B = 3
-    kw = {"encoder_hidden_states": torch.randn(B, 5, 16), "pooled_projections": torch.randn(B, 8)}
+    kw = _text_kwargs("sd3", B, tokens=5)
     out = loss_fn(
         adapters.DiffusersModelAdapter(transformer),
         torch.randn(B, 4, 8, 8),
@@ -516,7 +540,7 @@ def test_sd3_transformer_without_the_adapter_is_pointed_to_diffusers_model_adapt
     model(x, t, **kw) fails with diffusers' own TypeError; the loss names the adapter."""
     _diffusers()
     transformer = _tiny_sd3()
-    kw = {"encoder_hidden_states": torch.randn(2, 3, 16), "pooled_projections": torch.randn(2, 8)}
+    kw = _text_kwargs("sd3", 2, tokens=3)
     loss_fn = rf.ReflexFlowLoss(**adapters.diffusers_knobs("sd3", num_sampling_steps=28))
     with pytest.raises(TypeError, match=r"hidden_states.*DiffusersModelAdapter") as info:
         loss_fn(transformer, torch.randn(2, 4, 8, 8), model_kwargs=kw)

@@ -6,6 +6,7 @@ import torch
 from reflexflow import LinearPath
 from reflexflow import reference as ref
 from reflexflow.objective import FLOW_MATCHING, FCSpec, ObjectiveInputs, ObjectiveSpec
+from tests.helpers import one_step_inputs
 
 FILTER_KW = [
     {"kind": "gaussian", "sigma": 1.5},
@@ -302,16 +303,7 @@ def test_adr_target_grad_lets_the_gradient_flow_through_the_target():
             norm_floor=0.0,
             adr_target_grad=target_grad,
         )
-        inputs = ObjectiveInputs(
-            x1=x1,
-            eps=eps,
-            x_hat=x_hat,
-            t0=t0,
-            t1=t1,
-            k=torch.ones(3, dtype=torch.int64),
-            v0=v0,
-            v1=1.3 * x_hat,
-        )
+        inputs = one_step_inputs(x1, eps, x_hat, t0, t1, v0=v0, v1=1.3 * x_hat)
         loss = ref.objective(path, spec, inputs).loss
         (got,) = torch.autograd.grad(loss, v0, retain_graph=True)
         # by hand: plain FM at t0 + 10 x direction loss of v1 = 1.3 x^ against
@@ -343,9 +335,7 @@ def test_a_spec_the_kernels_do_not_implement_is_routed_to_the_reference(spec):
     x1, eps, _ = _peer_inputs()
     x1, eps = x1.float(), eps.float()
     t = torch.full((3,), 0.5)
-    inputs = ObjectiveInputs(
-        x1=x1, eps=eps, x_hat=x1, t0=t, t1=t, k=torch.ones(3, dtype=torch.int64), v0=x1, v1=x1
-    )
+    inputs = one_step_inputs(x1, eps, x1, t, t, v0=x1, v1=x1)
     assert spec.reference_only and not ObjectiveSpec().reference_only
     for backend in ("torch", "auto", "triton"):
         assert select_objective(backend, LinearPath(), spec, inputs) is ref.objective
@@ -358,9 +348,7 @@ def test_the_default_spec_still_goes_to_the_kernels_under_backend_triton():
     x1, eps, _ = _peer_inputs()
     x1, eps = x1.float(), eps.float()
     t = torch.full((3,), 0.5)
-    inputs = ObjectiveInputs(
-        x1=x1, eps=eps, x_hat=x1, t0=t, t1=t, k=torch.ones(3, dtype=torch.int64), v0=x1, v1=x1
-    )
+    inputs = one_step_inputs(x1, eps, x1, t, t, v0=x1, v1=x1)
     if not kernels.supports(LinearPath(), ObjectiveSpec(), inputs):
         pytest.skip("the kernels do not run here")
     chosen = select_objective("triton", LinearPath(), ObjectiveSpec(), inputs)

@@ -354,6 +354,8 @@ class ReflexFlowConfig:
             raise ValueError(f"k_min must be one of {K_MINS}, got {self.k_min!r}")
         _check_number("ss_prob", self.ss_prob, low=0, high=1)
         _check_number("t_eps", self.t_eps, low=0, high=0.5, low_open=True)
+        _check_number("logit_mean", self.logit_mean)
+        _check_number("logit_std", self.logit_std, low=0, low_open=True)
         object.__setattr__(
             self,
             "sampler",

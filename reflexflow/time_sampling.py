@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,11 +36,21 @@ class UniformTime:
         return "UniformTime()"
 
 
+def _check_finite(**values: Any) -> None:
+    """TypeError unless each value is a real number (not a bool), ValueError unless finite."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+
+
 class LogitNormalTime:
     """u = sigmoid(mean + std * z), z ~ N(0, 1) (SD3's logit-normal sampling)."""
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
-        if std <= 0:
+        _check_finite(logit_mean=mean, logit_std=std)
+        if not std > 0:
             raise ValueError(f"logit_std must be > 0, got {std}")
         self.mean = float(mean)
         self.std = float(std)
@@ -81,17 +92,13 @@ class ShiftedLogitNormalTime:
                 f"convention must be None, 'data_at_1' or 'noise_at_1', got {convention!r}"
             )
         self.convention = convention
-        for name, value in (("shift", shift), ("low", low), ("high", high), ("mean", mean)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value!r}")
+        _check_finite(shift=shift, low=low, high=high, mean=mean, std=std)
         if not shift > 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         if not 0 <= low < high <= 1:
             raise ValueError(f"low and high must satisfy 0 <= low < high <= 1, got {low}, {high}")
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0:
-            raise ValueError(f"std must be a number > 0, got {std!r}")
+        if not std > 0:
+            raise ValueError(f"std must be > 0, got {std!r}")
         self.shift, self.low, self.high = float(shift), float(low), float(high)
         self.mean, self.std = float(mean), float(std)
 

@@ -195,7 +195,7 @@ def test_shifted_logit_normal_draws_stay_in_takenokos_clamp_and_shift_moves_them
     [
         ({"shift": 0.0}, "shift must be > 0"),
         ({"low": 0.6, "high": 0.5}, "0 <= low < high <= 1"),
-        ({"std": -1.0}, "std must be a number > 0"),
+        ({"std": -1.0}, "std must be > 0"),
         ({"mean": float("nan")}, "mean must be finite"),
     ],
 )

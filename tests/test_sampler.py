@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import reflexflow as rf
+from reflexflow.time_sampling import LogitNormalTime
 from tests.helpers import ConvVelocity
 
 B = 4
@@ -116,3 +117,17 @@ def test_sampler_timestep_scale_and_noise_at_1_equal_canonical_sampling():
     b = rf.sample(lambda x, t: -sd3_model(x, 1000 * (1 - t)), noise, steps=5)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(seen[0], torch.full((3,), 1000.0))  # starts at sigma = 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"mean": float("nan")}, ValueError, "logit_mean must be finite"),
+        ({"std": float("inf")}, ValueError, "logit_std must be finite"),
+        ({"std": "1"}, TypeError, "logit_std must be a number"),
+        ({"std": 0.0}, ValueError, "logit_std must be > 0"),
+    ],
+)
+def test_logit_normal_time_refuses_non_finite_or_non_numeric_parameters(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LogitNormalTime(**kwargs)

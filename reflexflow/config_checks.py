@@ -255,6 +255,13 @@ def ignored_knobs(cfg: Any) -> dict[str, str]:
         ignore(("fc_size",), f"fc_size is the box filter's; fc_filter={cfg.fc_filter!r}")
     if cfg.fc_filter != "fft":
         ignore(("fc_cutoff",), f"fc_cutoff is the fft filter's; fc_filter={cfg.fc_filter!r}")
+    if cfg.fc_signed:
+        ignore(
+            ("fc_per_channel", "fc_channel_reduce"),
+            "fc_signed=True low-passes delta itself, with no channel reduction",
+        )
+    elif cfg.fc_per_channel:
+        ignore(("fc_channel_reduce",), "fc_per_channel=True keeps each channel: nothing to reduce")
     if cfg.loss_weighting is None:
         ignore(("weight_adr",), "weight_adr weights the ADR term by loss_weighting, which is None")
     if cfg.target != "stable":

@@ -28,6 +28,9 @@ from reflexflow.config_checks import T_EPS_FLOAT32_MIN
         (dict(logit_mean=1.0), "logit_mean"),
         (dict(stable_ref=4), "stable_ref"),
         (dict(lambda_adr=0.0, adr_loss="direction"), "adr_loss"),
+        (dict(fc_per_channel=True, fc_channel_reduce="l2"), "fc_channel_reduce"),
+        (dict(fc_signed=True, fc_per_channel=True), "fc_per_channel"),
+        (dict(fc_signed=True, fc_channel_reduce="l2"), "fc_channel_reduce"),
     ],
 )
 def test_a_knob_the_configuration_ignores_warns_naming_it(knobs, name):
@@ -47,6 +50,9 @@ def test_a_knob_the_configuration_ignores_warns_naming_it(knobs, name):
         dict(time_sampler="logit_normal", logit_mean=0.5),
         dict(target="stable", stable_ref=8),
         dict(method="fm", preset="defar"),
+        dict(fc_per_channel=True),
+        dict(fc_channel_reduce="l2"),
+        dict(fc_signed=True, fc_form="squared"),
     ],
 )
 def test_knobs_that_are_read_do_not_warn(knobs):

@@ -77,15 +77,33 @@ def modules_of(fn: Any, depth: int = 1) -> list[nn.Module]:
 
 
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+# attributes through which modules apply dropout functionally in training mode:
+# nn.MultiheadAttention.dropout, SiT's LabelEmbedder.dropout_prob, timm's DropPath.drop_prob,
+# attention modules' dropout_p / attn_drop
+_DROPOUT_ATTRS = ("dropout", "dropout_p", "dropout_prob", "drop_prob", "drop_rate", "attn_drop")
+
+
+def _drops_functionally(m: nn.Module) -> bool:
+    for name in _DROPOUT_ATTRS:
+        value = getattr(m, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return True
+    return False
 
 
 def mode_sensitive(model: Any, extra: tuple[nn.Module, ...] = ()) -> bool:
     """True when ``model`` (or a module of ``extra``) computes differently in eval mode: a
     submodule in training mode that is a dropout (p > 0) or a batch norm (batch
-    statistics, running-stat updates)."""
+    statistics, running-stat updates), or that holds a dropout probability > 0 as a
+    number in one of the attributes of :data:`_DROPOUT_ATTRS` (functional dropout, as
+    nn.MultiheadAttention's). Dropout written another way is not seen."""
     for root in _roots(model, extra):
         for m in root.modules():
-            if m.training and isinstance(m, _STOCHASTIC) and getattr(m, "p", 1) != 0:
+            if not m.training:
+                continue
+            if isinstance(m, _STOCHASTIC) and getattr(m, "p", 1) != 0:
+                return True
+            if _drops_functionally(m):
                 return True
     return False
 

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import reflexflow as rf
 from tests.helpers import ConvVelocity, DropoutBN
@@ -146,3 +147,38 @@ def test_rollout_finds_the_module_behind_a_bound_method_or_a_closure(wrap):
     rollout = [m for m in model.modes if not m[0]]
     assert len(rollout) == 2 and not any(m[1] for m in rollout)
     assert model.training
+
+
+class _AttentionNet(nn.Module):
+    """x + t * attention(x): dropout applied functionally by nn.MultiheadAttention (its
+    ``dropout`` float), or by a label-embedder-style ``dropout_prob``; records the
+    training flag of every call."""
+
+    def __init__(self, mha_dropout: float = 0.0, dropout_prob: float = 0.0) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(8, 2, dropout=mha_dropout, batch_first=True)
+        self.dropout_prob = dropout_prob
+        self.calls: list[bool] = []
+
+    def forward(self, x, t):
+        self.calls.append(self.training)
+        return self.att(x, x, x)[0] + x * t.view(-1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "knobs, eval_calls",
+    [
+        (dict(), 1),  # no dropout: the ADR call's output serves the biased side
+        (dict(mha_dropout=0.5), 2),  # functional dropout: one more eval forward
+        (dict(dropout_prob=0.1), 2),
+    ],
+)
+def test_velocity_bias_reruns_the_biased_side_in_eval_mode_when_dropout_is_functional(
+    knobs, eval_calls
+):
+    net = _AttentionNet(**knobs).train()
+    rf.reflexflow_loss(
+        net, torch.randn(4, 5, 8), preset="defar", generator=torch.Generator().manual_seed(0)
+    )
+    assert net.calls.count(False) == eval_calls
+    assert net.calls.count(True) == 2  # the FM and ADR calls, with grad, in training mode

@@ -4,7 +4,8 @@ A model keyword argument is *batch-shaped* when it is a tensor whose first axis 
 batch size B (class labels (B,), text embeddings (B, L, D), masks (B, L), ...). Such
 entries are indexed, permuted and concatenated together with the samples; everything
 else (scalars, 0-dim tensors, strings, None) is passed through as is. Dicts, lists and
-tuples are searched recursively (e.g. diffusers' ``added_cond_kwargs``).
+tuples (named tuples too) are searched recursively (e.g. diffusers' ``added_cond_kwargs``);
+any other object that holds tensors is refused, as the loss could not move them.
 
 The loss checks the user's model_kwargs once (:func:`prepare_kwargs`): a tensor with
 ndim >= 1 whose first axis is not B is refused with an error naming it, unless its
@@ -61,9 +62,26 @@ def _check_batched(obj: Any, batch: int, where: str) -> None:
     elif isinstance(obj, Mapping):
         for key, val in obj.items():
             _check_batched(val, batch, f"{where}[{key!r}]")
-    elif isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+    elif isinstance(obj, (list, tuple)):
         for i, val in enumerate(obj):
             _check_batched(val, batch, f"{where}[{i}]")
+    elif _holds_tensors(obj):
+        raise ValueError(
+            f"{where} is a {type(obj).__name__} holding tensors: the loss cannot move them "
+            "with their samples (it looks into dicts, lists and tuples only). Pass its "
+            "tensors as dict entries or a (named) tuple, or declare it not batch-shaped "
+            "with unbatched_kwargs=(<its top-level key>, ...)"
+        )
+
+
+def _holds_tensors(obj: Any) -> bool:
+    """An object other than a container whose attributes hold a tensor (a dataclass, a
+    custom conditioning object)."""
+    try:
+        attrs = vars(obj).values()
+    except TypeError:  # no __dict__ (numbers, strings, slotted objects)
+        return False
+    return any(isinstance(val, Tensor) for val in attrs)
 
 
 def prepare_kwargs(
@@ -96,15 +114,16 @@ def unwrap_kwargs(kwargs: Any) -> dict[str, Any]:
 def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
     """Apply fn to every tensor inside obj (mappings, lists, tuples, recursively).
 
-    Any mapping (MappingProxyType, ...) comes back a dict; named tuples and other values
-    are passed through as they are.
+    Any mapping (MappingProxyType, ...) comes back a dict, a named tuple the same named
+    tuple; other values are passed through as they are.
     """
     if isinstance(obj, Tensor):
         return fn(obj)
     if isinstance(obj, Mapping):
         return {key: map_tensors(val, fn) for key, val in obj.items()}
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(map_tensors(val, fn) for val in obj)
+    if isinstance(obj, (list, tuple)):
+        items = [map_tensors(val, fn) for val in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return obj
 
 

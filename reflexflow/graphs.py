@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .batching import map_tensors
+from .batching import Unbatched, map_tensors
 from .conventions import VelocityModel
 from .model_state import modules_of
 from .reference import VelocityFn
@@ -42,15 +42,34 @@ class CaptureError(RuntimeError):
     """The CUDA-graph capture of a rollout failed (the model is not capturable)."""
 
 
-def _signature(obj: Any) -> Any:
-    """Hashable description of model_kwargs: tensor shapes/dtypes, other values' repr."""
+def _signature(obj: Any, in_place: bool = False) -> Any:
+    """Hashable description of model_kwargs: tensor shapes/dtypes (their values are
+    copied into the graph's buffers at replay), other values' repr. Inside
+    :class:`Unbatched` (read by the graph in place, never copied) and inside any other
+    object, a tensor is also keyed by its storage address, so another tensor means
+    another capture."""
     if isinstance(obj, Tensor):
-        return ("T", tuple(obj.shape), obj.dtype, str(obj.device))
+        where = (_storage_ptr(obj),) if in_place else ()
+        return ("T", tuple(obj.shape), obj.dtype, str(obj.device), *where)
     if isinstance(obj, dict):
-        return ("D", tuple((key, _signature(val)) for key, val in obj.items()))
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return ("L", tuple(_signature(val) for val in obj))
-    return ("V", repr(obj))
+        return ("D", tuple((key, _signature(val, in_place)) for key, val in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return ("L", type(obj), tuple(_signature(val, in_place) for val in obj))
+    if isinstance(obj, Unbatched):
+        return ("U", _signature(obj.value, True))
+    try:
+        attrs = vars(obj)
+    except TypeError:  # no __dict__: numbers, strings, dtypes, ...
+        return ("V", repr(obj))
+    # an object (a dataclass, ...): its tensor attributes by address, the rest by repr
+    return (
+        "O",
+        type(obj),
+        tuple(
+            (key, _signature(val, True) if isinstance(val, Tensor) else repr(val))
+            for key, val in attrs.items()
+        ),
+    )
 
 
 def _copy_tensors(dst: Any, src: Any) -> None:
@@ -59,7 +78,7 @@ def _copy_tensors(dst: Any, src: Any) -> None:
     elif isinstance(dst, dict):
         for key in dst:
             _copy_tensors(dst[key], src[key])
-    elif isinstance(dst, (list, tuple)) and not hasattr(dst, "_fields"):
+    elif isinstance(dst, (list, tuple)):
         for a, b in zip(dst, src, strict=True):
             _copy_tensors(a, b)
 

@@ -3,6 +3,9 @@ a tensor of another batch size is named, unbatched kwargs reach the model as the
 
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -55,3 +58,48 @@ def test_map_tensors_reaches_tensors_in_any_mapping_and_keeps_other_values():
     assert torch.equal(doubled["y"], 2 * y) and torch.equal(doubled["extra"][0], 2 * y)
     other = torch.zeros(4)  # not batch-shaped for B = 3: left alone by map_batched
     assert map_batched({"o": other}, 3, lambda a: a + 1)["o"] is other
+
+
+class _Cond(NamedTuple):
+    labels: torch.Tensor
+    scale: float
+
+
+@dataclasses.dataclass
+class _CondObject:
+    labels: torch.Tensor
+
+
+def test_a_named_tuple_in_model_kwargs_follows_its_samples():
+    """The prefix plan sorts the batch by k: a NamedTuple's tensors move with their rows
+    (they were passed through unmoved before), and a wrong batch size is named."""
+    from reflexflow.batching import index_batch, prefix_batch
+
+    cond = _Cond(torch.arange(BATCH), 0.5)
+    order = torch.arange(BATCH - 1, -1, -1)
+    moved = index_batch({"c": cond}, BATCH, order)["c"]
+    assert isinstance(moved, _Cond) and moved.scale == 0.5
+    assert torch.equal(moved.labels, order)
+    assert torch.equal(prefix_batch({"c": cond}, BATCH, 3)["c"].labels, torch.arange(3))
+    with pytest.raises(ValueError, match=r"model_kwargs\['c'\]\[0\] has shape \(9,\)"):
+        rf.reflexflow_loss(
+            lambda x, t, c: -x,
+            torch.randn(BATCH, 3),
+            model_kwargs={"c": _Cond(torch.zeros(BATCH + 1), 1.0)},
+        )
+
+
+def test_an_object_holding_tensors_in_model_kwargs_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"model_kwargs\['c'\] is a _CondObject holding tensors"):
+        rf.reflexflow_loss(
+            lambda x, t, c: -x,
+            torch.randn(BATCH, 3),
+            model_kwargs={"c": _CondObject(torch.zeros(BATCH))},
+        )
+    out = rf.reflexflow_loss(  # declared not batch-shaped: passed to the model as it is
+        lambda x, t, c: -x * c.labels.sum(),
+        torch.randn(BATCH, 3),
+        model_kwargs={"c": _CondObject(torch.ones(BATCH))},
+        unbatched_kwargs=("c",),
+    )
+    assert torch.isfinite(out.loss)

@@ -111,6 +111,32 @@ def test_graph_key_separates_models_shapes_steps_and_kwargs():
     assert len(keys) == 7
 
 
+def test_graph_key_tells_apart_tensors_the_graph_reads_in_place():
+    """Unbatched kwargs and objects are not copied into the graph's buffers at replay but
+    read where they are: another tensor must mean another key, even when the two print
+    alike (repr summarises long tensors with "...")."""
+    from reflexflow.batching import prepare_kwargs
+
+    a, b = torch.zeros(2000), torch.zeros(2000)
+    b[500] = 7.0
+    assert repr(a) == repr(b)
+
+    def sig(kwargs):
+        return graphs_mod._signature(kwargs)
+
+    ids_a = prepare_kwargs({"ids": [a]}, 2, ("ids",))
+    ids_b = prepare_kwargs({"ids": [b]}, 2, ("ids",))
+    assert sig(ids_a) != sig(ids_b)
+    assert sig(ids_a) == sig(prepare_kwargs({"ids": [a]}, 2, ("ids",)))
+
+    class Holder:
+        def __init__(self, e):
+            self.e = e
+
+    assert sig({"c": Holder(a)}) != sig({"c": Holder(b)})
+    assert sig({"y": torch.zeros(2)}) == sig({"y": torch.ones(2)})  # copied in at replay
+
+
 class _FakeGraph:
     """Stands in for a captured graph on CPU: records captures, replays eagerly."""
 

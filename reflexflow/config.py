@@ -15,7 +15,15 @@ from typing import Any
 from .config_checks import check_rollout_modules, check_user_objects, warn_ignored_knobs
 from .conventions import check_convention
 from .engine import ROLLOUT_BACKENDS
-from .objective import ADR_LOSSES, FC_CHANNEL_REDUCE, FC_FILTERS, FC_FORMS, FC_NORMALIZE
+from .objective import (
+    ADR_LOSSES,
+    FC_CHANNEL_REDUCE,
+    FC_FILTERS,
+    FC_FORMS,
+    FC_NORMALIZE,
+    FLOW_MATCHING,
+    ObjectiveSpec,
+)
 from .paths import get_path
 from .presets import DEFAULT_PRESET, PRESET_FIELDS, PRESETS, preset_knobs
 from .reference import NORM_EPS, NORM_FLOOR
@@ -330,6 +338,8 @@ class ReflexFlowConfig:
     joint_call: bool = dataclasses.field(init=False, compare=False, repr=False)
     # the time sampler built from time_sampler, logit_mean and logit_std
     sampler: Any = dataclasses.field(init=False, compare=False, repr=False)
+    # the objective's choices (reflexflow.objective.ObjectiveSpec), built and validated once
+    objective_spec: ObjectiveSpec = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.preset, str) or self.preset not in PRESETS:
@@ -341,6 +351,9 @@ class ReflexFlowConfig:
         object.__setattr__(self, "explicit", frozenset(given))
         self._validate_knobs()
         self._resolve_forward_mode()
+        reads_spec = self.method == "reflexflow" and self.rolls_out
+        spec = ObjectiveSpec.from_config(self) if reads_spec else FLOW_MATCHING
+        object.__setattr__(self, "objective_spec", spec)
 
     def _validate_knobs(self) -> None:
         for name, choices in CHOICES.items():

@@ -30,7 +30,7 @@ from .draws import Draws, state_dtype
 from .engine import RolloutEngine
 from .finite import check_stage
 from .model_state import ddp_no_sync, is_fsdp1
-from .objective import FLOW_MATCHING, ObjectiveInputs, ObjectiveSpec, ObjectiveTerms
+from .objective import ObjectiveInputs, ObjectiveSpec, ObjectiveTerms
 from .paths import PathLike
 
 if TYPE_CHECKING:
@@ -133,20 +133,10 @@ class StepContext:
         return self.data.shape[0]
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_spec(cfg: ReflexFlowConfig) -> ObjectiveSpec:
-    return ObjectiveSpec.from_config(cfg)
-
-
 def objective_spec(cfg: ReflexFlowConfig) -> ObjectiveSpec:
     """The objective's choices: the config's for reflexflow with a rollout (built and
-    validated once per config), FLOW_MATCHING for fm, ip, ss and zero lambdas."""
-    if cfg.method != "reflexflow" or not cfg.rolls_out:
-        return FLOW_MATCHING
-    try:
-        return _cached_spec(cfg)
-    except TypeError:  # a knob value that cannot be hashed
-        return ObjectiveSpec.from_config(cfg)
+    validated once, with the config), FLOW_MATCHING for fm, ip, ss and zero lambdas."""
+    return cfg.objective_spec
 
 
 def step_context(

@@ -42,3 +42,31 @@ def test_generator_on_another_device_type_is_rejected(x1):
         pytest.skip("needs a CUDA device to build a mismatched generator")
     with pytest.raises(ValueError, match="generator is on"):
         rf.reflexflow_loss(model, x1, generator=torch.Generator(device="cuda"))
+
+
+def test_the_objective_spec_lives_with_its_config_and_keeps_no_model_alive():
+    """The spec is built once, with the config (no process-wide cache holding old configs
+    and the rollout_modules they name)."""
+    import gc
+    import weakref
+
+    from reflexflow.objective import FLOW_MATCHING
+    from reflexflow.stages import objective_spec
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x, t):
+            return self.lin(x) * t[:, None]
+
+    net = Net()
+    cfg = rf.ReflexFlowConfig(rollout_modules=(net,))
+    assert objective_spec(cfg) is cfg.objective_spec is objective_spec(cfg)
+    assert objective_spec(rf.ReflexFlowConfig(method="fm")) is FLOW_MATCHING
+    rf.reflexflow_loss(net, torch.randn(4, 3), config=cfg)
+    alive = weakref.ref(net)
+    del net, cfg
+    gc.collect()
+    assert alive() is None

@@ -147,9 +147,16 @@ def test_lean_backward_inside_no_grad_applies_both_halves_like_outside():
 
 
 def test_lean_mode_without_grad_computes_every_term_at_once():
+    """Under no_grad there is no backward to defer the ADR term to: lean mode gives the
+    default mode's loss and terms at once (same draws)."""
+    net, x1 = ConvVelocity(), torch.randn(*SHAPE)
     with torch.no_grad():
-        out = rf.reflexflow_loss(ConvVelocity(), torch.randn(*SHAPE), memory="lean")
-    assert torch.isfinite(out.loss) and out.adr_loss is not None
+        out = rf.reflexflow_loss(net, x1, memory="lean", generator=torch.Generator().manual_seed(3))
+        want = rf.reflexflow_loss(net, x1, generator=torch.Generator().manual_seed(3))
+    assert out.adr_loss is not None
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.adr_loss, want.adr_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.fc_loss, want.fc_loss, rtol=1e-6, atol=1e-7)
 
 
 def test_lean_mode_under_autocast_reenters_the_callers_autocast_for_the_adr_forward():

@@ -444,6 +444,33 @@ def test_stable_target_runs_with_a_bank_of_recent_batches_and_backpropagates():
     assert len(loss_fn.stable_bank) == 12  # three batches of 4 kept
 
 
+def test_the_loss_targets_use_the_banks_earlier_batches_as_references():
+    """fm with target="stable": after one step the reference set is the batch followed by
+    the previous batch, and the loss is the FM error against that stable target (not
+    against the batch-only one)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(6, 6).double()
+
+    def model(x, t):
+        return net(x) * (1 + t.view(-1, 1))
+
+    loss_fn = rf.ReflexFlowLoss(method="fm", target="stable", stable_ref=4)
+    first = 0.3 * torch.randn(4, 6, dtype=torch.float64)
+    second = first + 0.05 * torch.randn_like(first)  # neighbours: the bank's rows matter
+    loss_fn(model, first)
+    eps, t = torch.randn_like(second), torch.rand(4, dtype=torch.float64)
+    out = loss_fn(model, second, noise=eps, t=t)
+    path = get_path("linear")
+    x_t = ref.interpolate(path, second, eps, t)
+    with torch.no_grad():
+        v = model(x_t, t)
+    banked = ref.stable_target(path, x_t, t, torch.cat([second, first]))
+    batch_only = ref.stable_target(path, x_t, t, second)
+    want = (v - banked).square().mean()
+    torch.testing.assert_close(out.loss.detach(), want, rtol=1e-10, atol=1e-12)
+    assert abs(float(want - (v - batch_only).square().mean())) > 1e-3
+
+
 def test_stable_fm_without_rollout_differs_from_fm_on_a_batch_of_neighbours():
     net = ConvVelocity().double()
     x1 = torch.randn(1, 3, 6, 6, dtype=torch.float64).repeat(4, 1, 1, 1)

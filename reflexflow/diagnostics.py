@@ -18,6 +18,7 @@ from .batching import map_batched
 from .config import _check_number
 from .config_checks import check_batch_tensor, check_generator, check_model_kwargs
 from .conventions import VelocityModel, check_convention
+from .model_state import modules_of
 from .paths import PathLike, get_path
 from .rollout import euler_rollout
 
@@ -69,7 +70,11 @@ def exposure_bias(
     For each start time t0 (default: num_times points evenly in [0, 1 - t_eps - k h]),
     x_t0 = a x1 + s eps, x^_t1 = k Euler steps of h = 1/num_sampling_steps of the model,
     x_t1 = a(t1) x1 + s(t1) eps with t1 = t0 + k h. One noise draw per sample, shared
-    across t0. ``batch_size`` (an int >= 1) splits x1 to bound memory. Inputs are checked
+    across t0. Times are canonical (data at t = 1) whatever ``convention``, which says
+    only how the model reads t. The model runs in eval mode, as at inference (the modules
+    it reaches, found as the loss's rollout finds them; their flags are restored; a
+    callable that reaches no module is called as it is).
+    ``batch_size`` (an int >= 1) splits x1 to bound memory. Inputs are checked
     as the loss checks its own (x1 (B, ...) with B >= 1, model_kwargs batch-shaped,
     devices); bind kwargs that are not batch-shaped (Flux's img_ids) into the model, e.g.
     ``lambda x, t, **kw: model(x, t, img_ids=ids, **kw)``.
@@ -108,7 +113,10 @@ def exposure_bias(
         raise ValueError(f"t0 must lie in [0, {t_hi:.6g}] for k={k}, h={h:.4g}")
     path = get_path(path)
     dtype = torch.float64 if x1.dtype == torch.float64 else torch.float32
-    velocity = VelocityModel(model, convention, input_dtype=x1.dtype, timestep_scale=timestep_scale)
+    mode = "eval" if modules_of(model) else "train"  # "train": call it as it is
+    velocity = VelocityModel(
+        model, convention, input_dtype=x1.dtype, timestep_scale=timestep_scale, mode=mode
+    )
     batch = x1.shape[0]
     eps = torch.randn(x1.shape, device=x1.device, generator=generator, dtype=dtype)
     data = x1.to(dtype)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import reflexflow as rf
-from tests.helpers import ConvVelocity
+from tests.helpers import ConvVelocity, DropoutBN
 
 B = 4
 X = torch.randn(B, 3, 8, 8)
@@ -72,3 +72,16 @@ def test_exposure_bias_names_bad_inputs(kwargs, error, match):
     x1 = args.pop("x1")
     with pytest.raises(error, match=match):
         rf.exposure_bias(ConvVelocity(num_classes=3), x1, **args)
+
+
+def test_exposure_bias_runs_the_model_in_eval_mode_and_restores_its_flags():
+    """The bias of inference: no dropout, no BatchNorm statistics updated; the model's
+    own training flags come back as they were."""
+    net = DropoutBN().train()
+    net.frozen.eval()  # a submodule the user keeps in eval mode stays so
+    tracked = int(net.bn.num_batches_tracked)
+    bias = rf.exposure_bias(net, torch.randn(4, 3, 8, 8), num_times=2)
+    assert bias.mse.shape == (2,)
+    assert net.modes and all(not training for _, training, _ in net.modes)
+    assert net.training and not net.frozen.training
+    assert int(net.bn.num_batches_tracked) == tracked

@@ -65,7 +65,8 @@ class NonFiniteWatch:
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(flag, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            # on the loss's device's stream (the copy's), not the current device's
+            event.record(torch.cuda.current_stream(flag.device))
             self._pending.append((host.numpy(), event, host))
         elif flag.device.type == "cpu":
             view = numpy.zeros((), dtype=bool)

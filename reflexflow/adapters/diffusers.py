@@ -56,7 +56,12 @@ def diffusers_knobs(
     trains on unshifted sigmas. ``image_seq_len`` (Flux only; L = (H / 2) (W / 2) for
     (C, H, W) latents) adds the resolution-dependent shift e^mu / (e^mu + 1/s - 1),
     mu = :func:`flux_shift_mu` (with the scheduler's config values), which FluxPipeline
-    applies at inference: for training on the sigmas you will sample at.
+    applies at inference: for training on the sigmas you will sample at. As for every
+    drawn time, the loss maps the draw into the room its rollout needs: canonical t0 =
+    (1 - sigma) (1 - t_eps - k h), so the FM term's sigma is sigma + (1 - sigma)(t_eps +
+    k h), never below t_eps + k h (0.021 with K = 1, N = 50; t_eps alone with k = 0). To
+    train on the scripts' sigmas exactly, draw them yourself and pass ``t=sigma`` (an
+    explicit t keeps its value; a rollout that does not fit is dropped).
 
     Weighting (``loss_weighting``, :class:`DiffusersLossWeighting`): "sigma_sqrt" and
     "cosmap" weight the FM term per sample; "logit_normal", "mode" and "none" weight 1.

@@ -252,3 +252,17 @@ def test_digits_fm_equal_compute_trains_the_stated_ratio_of_steps(tmp_path):
     assert main([*args, "--out", str(out)]) == 0
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert {r["method"]: len(r["loss_curve"]) for r in runs} == {"fm": 3, "fm-equal-compute": 6}
+
+
+def test_paired_seed_differences_skip_unpaired_seeds_and_one_sided_metrics():
+    from reflexflow.demo.seed_stats import paired_seed_differences
+
+    def run(method, seed, **scores):
+        return {"method": method, "seed": seed, "scores": {"5": scores}}
+
+    runs = [run("fm", 0, fd=3.0, gap=1.0), run("fm", 1, fd=5.0, gap=1.0)]
+    runs += [run("x", 0, fd=2.0, gap=1.5, extra=7.0), run("x", 2, fd=0.0, gap=0.0)]
+    out = paired_seed_differences(runs, (5,), lambda r, n: r["scores"][n])
+    assert list(out) == ["x"] and list(out["x"]["5"]) == ["fd", "gap"]
+    assert out["x"]["5"]["fd"]["values"] == [-1.0] and out["x"]["5"]["gap"]["values"] == [0.5]
+    assert math.isnan(out["x"]["5"]["fd"]["ci95"])  # one paired seed: no interval

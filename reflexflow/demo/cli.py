@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli import device_argument
 from .deps import MissingExtraError
 from .methods import (
     DEFAULT_METHODS,
@@ -77,27 +78,6 @@ def _out_path(text: str) -> Path:
         return check_out_path(Path(text))
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
-
-
-def _device(text: str) -> str:
-    """--device: cpu, or cuda / cuda:N when torch sees a GPU; anything else an argparse error."""
-    import torch
-
-    name = text.strip().lower()
-    if name == "cpu":
-        return name
-    kind, _, index = name.partition(":")
-    if kind == "cuda" and (not index or index.isdigit()):
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: torch.cuda.is_available() is False on this machine; use cpu"
-            )
-        if index and int(index) >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
-            )
-        return name
-    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -294,7 +274,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--device",
-        type=_device,
+        type=device_argument,
         default=None,
         help="torch device, e.g. cpu or cuda (default: cpu); photos on cuda switch to the "
         "SiT-S/2 preset (20K steps, batch 128, bf16 autocast)",

@@ -9,18 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import device_argument
+from .data import TOYS
 from .deps import MissingExtraError
-from .methods import (
-    DEFAULT_METHODS,
-    METHODS,
-    ORACLE_METHODS,
-    ORACLE_QUICK_METHODS,
-    PHOTO_METHODS,
-    PHOTO_QUICK_METHODS,
-    QUICK_METHODS,
-    TOY_METHODS,
-    parse_method,
-)
+from .methods import METHODS, parse_method
+from .settings import preset_values
 
 __all__ = ["add_demo_arguments", "run_from_args", "config_from_args"]
 
@@ -78,6 +70,20 @@ def _out_path(text: str) -> Path:
         return check_out_path(Path(text))
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _default_methods_help() -> str:
+    """The methods each dataset's CPU preset runs (settings.preset_values), for --help."""
+
+    def rows(dataset: str, quick: bool = False) -> str:
+        return ",".join(preset_values(dataset, quick, "cpu")["methods"])
+
+    return (
+        f"default: {rows('oracle')} for the oracle, {rows('oracle', True)} with --quick; "
+        f"{rows('digits')} for digits, {rows('digits', True)} with --quick, "
+        f"{rows(next(iter(TOYS)))} for the toys, {rows('photos')} for photos, "
+        f"{rows('photos', True)} with --quick"
+    )
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -162,11 +168,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated methods, or 'all'; choices: "
         + ", ".join(METHODS)
-        + f" (default: {','.join(ORACLE_METHODS)} for the oracle, "
-        + f"{','.join(ORACLE_QUICK_METHODS)} with --quick; {','.join(DEFAULT_METHODS)} for digits, "
-        + f"{','.join(QUICK_METHODS)} with --quick, {','.join(TOY_METHODS)} for the toys, "
-        + f"{','.join(PHOTO_METHODS)} for photos, {','.join(PHOTO_QUICK_METHODS)} with "
-        + "--quick). A row takes overrides of its loss knobs as name:knob=value[:knob=value], "
+        + f" ({_default_methods_help()}). "
+        + "A row takes overrides of its loss knobs as name:knob=value[:knob=value], "
         + "e.g. defar:lambda_adr=0.5 (a row of its own: sweeps on --split val). --lambda-adr, "
         + "--lambda-fc, --rollout-steps and --train-sampling-steps apply to the digits "
         + "study's rows only; preset and stable rows keep the library's values",

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser", "checkout_root", "bench_device", "runtime_info"]
+__all__ = ["main", "build_parser", "checkout_root", "device_argument", "runtime_info"]
 
 REPOSITORY = "https://github.com/reflexflow/reflexflow"
 
@@ -39,13 +39,16 @@ NOT_A_CHECKOUT = (
 )
 
 
-def bench_device(value: str) -> str:
-    """argparse type of ``--device``: "cpu", or "cuda"/"cuda:N" where CUDA is available."""
+def device_argument(text: str) -> str:
+    """argparse type of ``--device`` (``bench`` and ``demo``): "cpu", or "cuda" / "cuda:N"
+    where torch sees that GPU; case and surrounding blanks are ignored. Anything else is an
+    argparse error naming what was expected."""
     import torch
 
-    kind, _, index = value.partition(":")
-    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-        raise argparse.ArgumentTypeError(f"must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    name = text.strip().lower()
+    kind, colon, index = name.partition(":")
+    if name != "cpu" and (kind != "cuda" or (colon and not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected 'cpu', 'cuda' or 'cuda:N', got {text!r}")
     if kind == "cuda":
         if not torch.cuda.is_available():
             why = (
@@ -54,13 +57,13 @@ def bench_device(value: str) -> str:
                 else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
             )
             raise argparse.ArgumentTypeError(
-                f"{value!r} asked for, but CUDA is not available: {why}"
+                f"{text!r} needs CUDA, which is not available: {why}; use 'cpu'"
             )
         if index and int(index) >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(
-                f"{value!r}: there are {torch.cuda.device_count()} CUDA device(s)"
+                f"{text!r}: torch sees only {torch.cuda.device_count()} CUDA device(s)"
             )
-    return value
+    return name
 
 
 def _positive_int(value: str) -> int:
@@ -110,7 +113,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     bench.add_argument(
         "--device",
-        type=bench_device,
+        type=device_argument,
         default=None,
         help="cpu, cuda or cuda:N (default: cuda if available, else cpu)",
     )

@@ -1,5 +1,6 @@
 """The ``reflexflow`` command: example, bench's arguments and checkout lookup, info."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -47,12 +48,23 @@ def test_bench_refuses_an_unknown_device_as_an_argument_error(device, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("device", ["cuda:", "cuda:-1", "cpu:0"])
+def test_device_argument_refuses_an_incomplete_or_negative_index(device):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected 'cpu', 'cuda' or 'cuda:N'"):
+        cli.device_argument(device)
+
+
+def test_device_argument_ignores_case_and_blanks():
+    assert cli.device_argument(" CPU ") == "cpu"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_bench_refuses_cuda_without_a_gpu_as_an_argument_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--quick", "--device", "cuda"])
     assert exit_info.value.code == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "argument --device" in err and "'cuda' needs CUDA, which is not available" in err
 
 
 def test_bench_outside_a_checkout_says_it_runs_from_one(tmp_path, monkeypatch, capsys):

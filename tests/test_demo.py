@@ -20,6 +20,7 @@ from reflexflow.demo import deps  # noqa: E402
 from reflexflow.demo import metrics as M  # noqa: E402
 from reflexflow.demo.data import load_digits_split  # noqa: E402
 from reflexflow.demo.methods import METHODS, QUICK_METHODS, method_knobs  # noqa: E402
+from reflexflow.demo.model import DigitClassifier, PhotoClassifier  # noqa: E402
 
 STATED_CLASSIFIER_ACCURACY = 0.95  # docs/demo.md; measured 0.963 on the test split
 
@@ -90,6 +91,28 @@ def test_classifier_reaches_stated_accuracy_on_held_out_digits(quick_run):
     clf = res["classifier"]
     assert clf["eval_split"] == "test"
     assert clf["accuracy"] >= STATED_CLASSIFIER_ACCURACY
+
+
+@pytest.mark.parametrize(
+    ("build", "layers", "fingerprint"),
+    [
+        (lambda: DigitClassifier(size=8), (0, 2, 4, 8), 9458.68641784041),
+        (lambda: PhotoClassifier(5, 64), (0, 2, 4, 6, 10), 23130.738748773536),
+    ],
+    ids=["digit", "photo"],
+)
+def test_classifiers_keep_their_state_dict_keys_and_seeded_initialisation(
+    build, layers, fingerprint
+):
+    """The fingerprint, sum_i (i + 1) * sum |tensor_i| in float64 after torch.manual_seed(0),
+    was taken from the classifiers as written before they shared _ConvClassifier: cached
+    classifiers and committed results depend on keys and initialisation staying the same."""
+    torch.manual_seed(0)
+    state = build().state_dict()
+    names = [f"body.{i}" for i in layers] + ["head"]
+    assert list(state) == [f"{name}.{p}" for name in names for p in ("weight", "bias")]
+    seen = sum((i + 1) * v.double().abs().sum().item() for i, v in enumerate(state.values()))
+    assert seen == pytest.approx(fingerprint, rel=1e-12)
 
 
 def test_trained_bias_curve_is_below_the_untrained_one(quick_run):
@@ -229,3 +252,17 @@ def test_digits_fm_equal_compute_trains_the_stated_ratio_of_steps(tmp_path):
     assert main([*args, "--out", str(out)]) == 0
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert {r["method"]: len(r["loss_curve"]) for r in runs} == {"fm": 3, "fm-equal-compute": 6}
+
+
+def test_paired_seed_differences_skip_unpaired_seeds_and_one_sided_metrics():
+    from reflexflow.demo.seed_stats import paired_seed_differences
+
+    def run(method, seed, **scores):
+        return {"method": method, "seed": seed, "scores": {"5": scores}}
+
+    runs = [run("fm", 0, fd=3.0, gap=1.0), run("fm", 1, fd=5.0, gap=1.0)]
+    runs += [run("x", 0, fd=2.0, gap=1.5, extra=7.0), run("x", 2, fd=0.0, gap=0.0)]
+    out = paired_seed_differences(runs, (5,), lambda r, n: r["scores"][n])
+    assert list(out) == ["x"] and list(out["x"]["5"]) == ["fd", "gap"]
+    assert out["x"]["5"]["fd"]["values"] == [-1.0] and out["x"]["5"]["gap"]["values"] == [0.5]
+    assert math.isnan(out["x"]["5"]["fd"]["ci95"])  # one paired seed: no interval

@@ -8,18 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli import device_argument
+from .data import TOYS
 from .deps import MissingExtraError
-from .methods import (
-    DEFAULT_METHODS,
-    METHODS,
-    ORACLE_METHODS,
-    ORACLE_QUICK_METHODS,
-    PHOTO_METHODS,
-    PHOTO_QUICK_METHODS,
-    QUICK_METHODS,
-    TOY_METHODS,
-    parse_method,
-)
+from .methods import METHODS, parse_method
+from .settings import preset_values
 
 __all__ = ["add_demo_arguments", "run_from_args", "config_from_args"]
 
@@ -79,25 +72,18 @@ def _out_path(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-def _device(text: str) -> str:
-    """--device: cpu, or cuda / cuda:N when torch sees a GPU; anything else an argparse error."""
-    import torch
+def _default_methods_help() -> str:
+    """The methods each dataset's CPU preset runs (settings.preset_values), for --help."""
 
-    name = text.strip().lower()
-    if name == "cpu":
-        return name
-    kind, _, index = name.partition(":")
-    if kind == "cuda" and (not index or index.isdigit()):
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: torch.cuda.is_available() is False on this machine; use cpu"
-            )
-        if index and int(index) >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
-            )
-        return name
-    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    def rows(dataset: str, quick: bool = False) -> str:
+        return ",".join(preset_values(dataset, quick, "cpu")["methods"])
+
+    return (
+        f"default: {rows('oracle')} for the oracle, {rows('oracle', True)} with --quick; "
+        f"{rows('digits')} for digits, {rows('digits', True)} with --quick, "
+        f"{rows(next(iter(TOYS)))} for the toys, {rows('photos')} for photos, "
+        f"{rows('photos', True)} with --quick"
+    )
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -182,11 +168,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated methods, or 'all'; choices: "
         + ", ".join(METHODS)
-        + f" (default: {','.join(ORACLE_METHODS)} for the oracle, "
-        + f"{','.join(ORACLE_QUICK_METHODS)} with --quick; {','.join(DEFAULT_METHODS)} for digits, "
-        + f"{','.join(QUICK_METHODS)} with --quick, {','.join(TOY_METHODS)} for the toys, "
-        + f"{','.join(PHOTO_METHODS)} for photos, {','.join(PHOTO_QUICK_METHODS)} with "
-        + "--quick). A row takes overrides of its loss knobs as name:knob=value[:knob=value], "
+        + f" ({_default_methods_help()}). "
+        + "A row takes overrides of its loss knobs as name:knob=value[:knob=value], "
         + "e.g. defar:lambda_adr=0.5 (a row of its own: sweeps on --split val). --lambda-adr, "
         + "--lambda-fc, --rollout-steps and --train-sampling-steps apply to the digits "
         + "study's rows only; preset and stable rows keep the library's values",
@@ -294,7 +277,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--device",
-        type=_device,
+        type=device_argument,
         default=None,
         help="torch device, e.g. cpu or cuda (default: cpu); photos on cuda switch to the "
         "SiT-S/2 preset (20K steps, batch 128, bf16 autocast)",

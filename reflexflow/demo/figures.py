@@ -17,6 +17,7 @@ values span decades; where curves lie on top of each other, a panel of differenc
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,43 +97,48 @@ def _nan(values: list[Any]) -> list[float]:
     return [float("nan") if v is None else float(v) for v in values]
 
 
+@dataclass(frozen=True)
+class _FigureContext:
+    """What every curve figure draws from: matplotlib's pyplot, results.json, the study's
+    config, the methods that ran (in the config's order) and their line styles."""
+
+    plt: Any
+    results: dict[str, Any]
+    cfg: Any
+    methods: list[str]
+    styles: dict[str, dict[str, Any]]
+
+
 def write_curve_figures(plt: Any, out: Path, cfg: Any, results: dict[str, Any]) -> None:
     """exposure-bias.png, loss-curves.png, differences.png and (photos) spectrum.png."""
     methods = _methods(cfg, results)
-    styles = method_styles(methods)
-    _bias_png(plt, out / "exposure-bias.png", results, cfg, methods, styles)
-    _loss_png(plt, out / "loss-curves.png", results, methods, styles)
-    _differences_png(plt, out / "differences.png", results, cfg, methods, styles)
+    ctx = _FigureContext(plt, results, cfg, methods, method_styles(methods))
+    _bias_png(ctx, out / "exposure-bias.png")
+    _loss_png(ctx, out / "loss-curves.png")
+    _differences_png(ctx, out / "differences.png")
     if any("spectra" in r for r in results["runs"]):
-        _spectrum_png(plt, out / "spectrum.png", results, cfg, methods, styles)
+        _spectrum_png(ctx, out / "spectrum.png")
 
 
-def _bias_png(
-    plt: Any,
-    path: Path,
-    results: dict[str, Any],
-    cfg: Any,
-    methods: list[str],
-    styles: dict[str, Any],
-) -> None:
-    steps = [str(n) for n in cfg.eval_steps]
-    has_fm = "fm" in methods and len(methods) > 1
+def _bias_png(ctx: _FigureContext, path: Path) -> None:
+    steps = [str(n) for n in ctx.cfg.eval_steps]
+    has_fm = "fm" in ctx.methods and len(ctx.methods) > 1
     rows = 2 if has_fm else 1
-    fig, axes = plt.subplots(
+    fig, axes = ctx.plt.subplots(
         rows,
         len(steps),
         figsize=(3.4 * len(steps), 2.8 * rows + 0.3),
         squeeze=False,
         sharex="col",
     )
-    by = {(r["method"], r["seed"]): r for r in results["runs"]}
+    by = {(r["method"], r["seed"]): r for r in ctx.results["runs"]}
     for j, n in enumerate(steps):
         ax = axes[0][j]
-        ub = results["untrained_bias"][n]
-        for m in methods:
-            curves = [r["bias"][n] for r in results["runs"] if r["method"] == m]
+        ub = ctx.results["untrained_bias"][n]
+        for m in ctx.methods:
+            curves = [r["bias"][n] for r in ctx.results["runs"] if r["method"] == m]
             mse = torch.tensor([c["mse"] for c in curves], dtype=torch.float64).mean(0)
-            ax.plot(curves[0]["t0"], mse.numpy(), label=m, lw=1.3, ms=4, **styles[m])
+            ax.plot(curves[0]["t0"], mse.numpy(), label=m, lw=1.3, ms=4, **ctx.styles[m])
         ax.plot(ub["t0"], ub["mse"], color="0.5", ls=":", lw=1.2, label="untrained model")
         ax.set_yscale("log")
         ax.set_title(f"N = {n} (h = 1/{n}), k = {ub['k']} steps", fontsize=9)
@@ -141,20 +147,24 @@ def _bias_png(
         if has_fm:
             ax2 = axes[1][j]
             ax2.axhline(0, color="black", lw=1, label="fm")
-            for m in methods:
+            for m in ctx.methods:
                 if m == "fm":
                     continue
                 rel = []
-                for s in cfg.seeds:
+                for s in ctx.cfg.seeds:
                     if (m, s) in by and ("fm", s) in by:
                         a = torch.tensor(by[(m, s)]["bias"][n]["mse"], dtype=torch.float64)
                         b = torch.tensor(by[("fm", s)]["bias"][n]["mse"], dtype=torch.float64)
                         rel.append(100 * (a / b - 1))
                 if rel:
                     mean = torch.stack(rel).mean(0)
-                    t0 = by[(m, cfg.seeds[0])]["bias"][n]["t0"] if (m, cfg.seeds[0]) in by else None
+                    t0 = (
+                        by[(m, ctx.cfg.seeds[0])]["bias"][n]["t0"]
+                        if (m, ctx.cfg.seeds[0]) in by
+                        else None
+                    )
                     if t0 is not None:
-                        ax2.plot(t0, mean.numpy(), lw=1.3, ms=4, label=m, **styles[m])
+                        ax2.plot(t0, mean.numpy(), lw=1.3, ms=4, label=m, **ctx.styles[m])
             ax2.set_xlabel("rollout start t0")
             if j == 0:
                 ax2.set_ylabel("difference from fm (%)\npaired by seed, mean")
@@ -163,7 +173,7 @@ def _bias_png(
     fig.suptitle("Exposure bias from clean held-out states: k Euler steps of h = 1/N", fontsize=10)
     fig.tight_layout()
     _legend(fig, list(axes.flat))
-    _save(fig, plt, path)
+    _save(fig, ctx.plt, path)
 
 
 def _term_curves(results: dict[str, Any], method: str, term: str) -> Tensor | None:
@@ -185,54 +195,56 @@ def _adr_kind(results: dict[str, Any], method: str) -> str:
     return lc.get("adr_loss", "direction")
 
 
-def _loss_png(
-    plt: Any, path: Path, results: dict[str, Any], methods: list[str], styles: dict[str, Any]
-) -> None:
-    steps = results["config"]["steps"]
-    has_terms = all("term_curves" in r for r in results["runs"])
+def _loss_png(ctx: _FigureContext, path: Path) -> None:
+    steps = ctx.results["config"]["steps"]
+    has_terms = all("term_curves" in r for r in ctx.results["runs"])
     if not has_terms:  # results written before per-term curves were recorded
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        for m in methods:
-            curves = [r["loss_curve"] for r in results["runs"] if r["method"] == m]
+        fig, ax = ctx.plt.subplots(figsize=(5.5, 3.4))
+        for m in ctx.methods:
+            curves = [r["loss_curve"] for r in ctx.results["runs"] if r["method"] == m]
             n = min(len(c) for c in curves)
             mean = torch.tensor([c[:n] for c in curves], dtype=torch.float64).mean(0)
             ax.plot(
-                torch.linspace(0, steps, n).numpy(), mean.numpy(), lw=1, label=m, **_line(styles[m])
+                torch.linspace(0, steps, n).numpy(),
+                mean.numpy(),
+                lw=1,
+                label=m,
+                **_line(ctx.styles[m]),
             )
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel("training loss (mean over seeds, log)")
         ax.set_title("each method's whole objective (no per-term record)", fontsize=9)
         fig.tight_layout()
-        if any(_adr_kind(results, m) == "mse" for m in methods if _has_adr(results, m)):
+        if any(_adr_kind(ctx.results, m) == "mse" for m in ctx.methods if _has_adr(ctx.results, m)):
             _note(
                 fig,
                 "With mse ADR the objective adds lambda_adr x the mse ADR term. " + MSE_ADR_NOTE,
                 width=95,
             )
         _legend(fig, [ax])
-        _save(fig, plt, path)
+        _save(fig, ctx.plt, path)
         return
     panels = [("fm_term", None, "FM-type term (x (1 + lambda_fc) on average where FC is on)")]
     kinds = {
-        m: _adr_kind(results, m)
-        for m in methods
-        if _term_curves(results, m, "adr_term") is not None
+        m: _adr_kind(ctx.results, m)
+        for m in ctx.methods
+        if _term_curves(ctx.results, m, "adr_term") is not None
     }
     if any(k == "direction" for k in kinds.values()):
         panels.append(("adr_term", "direction", "ADR term, direction loss (unweighted, in [0, 4])"))
     if any(k == "mse" for k in kinds.values()):
         panels.append(("adr_term", "mse", "ADR term, mse loss (unweighted): see the note"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    fig, axes = ctx.plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (term, kind, title) in zip(axes[0], panels, strict=True):
-        for m in methods:
+        for m in ctx.methods:
             if kind is not None and kinds.get(m) != kind:
                 continue
-            t = _term_curves(results, m, term)
+            t = _term_curves(ctx.results, m, term)
             if t is None:
                 continue
             x = torch.linspace(0, steps, t.shape[0]).numpy()
-            ax.plot(x, t.numpy(), lw=1, label=m, **_line(styles[m]))
+            ax.plot(x, t.numpy(), lw=1, label=m, **_line(ctx.styles[m]))
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_title(title, fontsize=9)
@@ -244,7 +256,7 @@ def _loss_png(
     if any(kind == "mse" for _, kind, _ in panels):
         _note(fig, MSE_ADR_NOTE, width=60 * len(panels))
     _legend(fig, list(axes.flat))
-    _save(fig, plt, path)
+    _save(fig, ctx.plt, path)
 
 
 def _note(fig: Any, text: str, width: int) -> None:
@@ -266,30 +278,25 @@ def _line(style: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in style.items() if k != "marker"}
 
 
-def _differences_png(
-    plt: Any,
-    path: Path,
-    results: dict[str, Any],
-    cfg: Any,
-    methods: list[str],
-    styles: dict[str, Any],
-) -> None:
-    steps = tuple(cfg.eval_steps)
-    vs = paired_differences(results["runs"], steps)
+def _differences_png(ctx: _FigureContext, path: Path) -> None:
+    steps = tuple(ctx.cfg.eval_steps)
+    vs = paired_differences(ctx.results["runs"], steps)
     metrics = [
-        m for m in diff_metrics(cfg.dataset) if vs and m in next(iter(vs.values()))[str(steps[0])]
+        m
+        for m in diff_metrics(ctx.cfg.dataset)
+        if vs and m in next(iter(vs.values()))[str(steps[0])]
     ]
     cols = min(3, max(1, len(metrics)))
     rows = max(1, math.ceil(len(metrics) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows + 0.3), squeeze=False)
+    fig, axes = ctx.plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows + 0.3), squeeze=False)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.set_axis_off()
     if not metrics:
         axes[0][0].text(0.5, 0.5, "needs fm and another method", ha="center", va="center")
         axes[0][0].set_axis_off()
-        _save(fig, plt, path)
+        _save(fig, ctx.plt, path)
         return
-    others = [m for m in methods if m in vs]
+    others = [m for m in ctx.methods if m in vs]
     width = 0.8 / max(1, len(others))
     for ax, metric in zip(list(axes.flat)[: len(metrics)], metrics, strict=True):
         ax.axhline(0, color="black", lw=1, label="fm (0)")
@@ -300,7 +307,7 @@ def _differences_png(
                 xs.append(j - 0.4 + width * (i + 0.5))
                 ys.append(d["mean"])
                 es.append(d["ci95"] if math.isfinite(d["ci95"]) else 0.0)
-            st = styles[m]
+            st = ctx.styles[m]
             ax.errorbar(
                 xs, ys, yerr=es, fmt=st["marker"], color=st["color"], ms=4, capsize=2, lw=1, label=m
             )
@@ -309,7 +316,7 @@ def _differences_png(
         for j in range(1, len(steps)):
             ax.axvline(j - 0.5, color="0.85", lw=0.8)
         ax.set_title(f"{metric} − fm ({GOAL_WORDS[METRICS[metric][1]]})", fontsize=9)
-    n_seeds = len(cfg.seeds)
+    n_seeds = len(ctx.cfg.seeds)
     fig.suptitle(
         f"Difference from fm, paired by seed: mean and 95% interval over {n_seeds} seeds",
         fontsize=10,
@@ -317,19 +324,12 @@ def _differences_png(
     fig.tight_layout()
     spare = list(axes.flat)[len(metrics) :]
     _legend(fig, list(axes.flat)[: len(metrics)], panel=spare[0] if spare else None)
-    _save(fig, plt, path)
+    _save(fig, ctx.plt, path)
 
 
-def _spectrum_png(
-    plt: Any,
-    path: Path,
-    results: dict[str, Any],
-    cfg: Any,
-    methods: list[str],
-    styles: dict[str, Any],
-) -> None:
-    steps = [str(n) for n in cfg.eval_steps]
-    data = results.get("data_spectrum")
+def _spectrum_png(ctx: _FigureContext, path: Path) -> None:
+    steps = [str(n) for n in ctx.cfg.eval_steps]
+    data = ctx.results.get("data_spectrum")
     if data is None:
         return
     data_t = torch.tensor(data, dtype=torch.float64)
@@ -337,7 +337,7 @@ def _spectrum_png(
     size = 2 * bins
     freq = (torch.arange(1, bins + 1, dtype=torch.float64) / size).numpy()  # cycles / pixel
     cut = LOW_CUTOFF * 0.5
-    fig, axes = plt.subplots(
+    fig, axes = ctx.plt.subplots(
         1, len(steps) + 1, figsize=(3.4 * (len(steps) + 1), 3.3), squeeze=False
     )
     ax0 = axes[0][0]
@@ -346,11 +346,13 @@ def _spectrum_png(
     ax0.plot(freq, data_t.numpy(), color="0.4", lw=2.5, label="held-out data")
 
     def mean_spec(m: str, n: str) -> Tensor:
-        specs = [r["spectra"][n] for r in results["runs"] if r["method"] == m and "spectra" in r]
+        specs = [
+            r["spectra"][n] for r in ctx.results["runs"] if r["method"] == m and "spectra" in r
+        ]
         return torch.tensor(specs, dtype=torch.float64).log().mean(0).exp()
 
-    for m in methods:
-        ax0.plot(freq, mean_spec(m, steps[0]).numpy(), lw=1, ms=3, label=m, **styles[m])
+    for m in ctx.methods:
+        ax0.plot(freq, mean_spec(m, steps[0]).numpy(), lw=1, ms=3, label=m, **ctx.styles[m])
     ax0.set_yscale("log")
     ax0.set_xlabel("frequency (cycles / pixel)")
     ax0.set_ylabel("power P(r) (log)")
@@ -358,8 +360,8 @@ def _spectrum_png(
     for ax, n in zip(axes[0][1:], steps, strict=True):
         ax.axvspan(0, cut, color="0.9", label=f"low band (<= {LOW_CUTOFF:g} x Nyquist)")
         ax.axhline(1, color="0.4", lw=2.5)
-        for m in methods:
-            ax.plot(freq, (mean_spec(m, n) / data_t).numpy(), lw=1, ms=3, **styles[m])
+        for m in ctx.methods:
+            ax.plot(freq, (mean_spec(m, n) / data_t).numpy(), lw=1, ms=3, **ctx.styles[m])
         ax.set_yscale("log")
         ax.set_xlim(0, 0.52)
         ax.set_xlabel("frequency (cycles / pixel)")
@@ -370,7 +372,7 @@ def _spectrum_png(
     )
     fig.tight_layout()
     _legend(fig, list(axes.flat))
-    _save(fig, plt, path)
+    _save(fig, ctx.plt, path)
 
 
 def _tile_row(x: Tensor, gap: int = 1) -> Tensor:

@@ -161,25 +161,38 @@ class ToyMLP(nn.Module):
         return self.net(torch.cat([x, time_embedding(t, self.t_dim).to(x.dtype)], dim=1))
 
 
-class DigitClassifier(nn.Module):
-    """A small CNN for (B, 1, S, S) digits; ``features`` is the 64-d penultimate layer."""
+class _ConvClassifier(nn.Module):
+    """A small CNN: 3x3 conv-ReLU stages, 2x2 average pool, a ReLU feature layer, a head.
 
-    def __init__(self, size: int = 8, feature_dim: int = 64) -> None:
+        body(x) = ReLU(W_f flatten(pool_2x2(stages(x))))      ``features``: feature_dim wide
+        forward(x) = W_h body(x)                                 logits: num_classes wide
+
+    ``stages`` lists (out_channels, stride) of each conv, applied in order from
+    ``in_channels``; the layers are created in that order (seeded initialisation and
+    state_dict keys follow it).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        stages: tuple[tuple[int, int], ...],
+        feature_dim: int,
+        num_classes: int,
+    ) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1, stride=2),
-            nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1),
-            nn.ReLU(),
+        layers: list[nn.Module] = []
+        c_prev = in_channels
+        for c_out, stride in stages:
+            layers += [nn.Conv2d(c_prev, c_out, 3, padding=1, stride=stride), nn.ReLU()]
+            c_prev = c_out
+        layers += [
             nn.AdaptiveAvgPool2d(2),
             nn.Flatten(),
-            nn.Linear(64 * 4, feature_dim),
+            nn.Linear(c_prev * 4, feature_dim),
             nn.ReLU(),
-        )
-        self.head = nn.Linear(feature_dim, 10)
-        self.size = size
+        ]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)
@@ -188,33 +201,20 @@ class DigitClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-class PhotoClassifier(nn.Module):
+class DigitClassifier(_ConvClassifier):
+    """A small CNN for (B, 1, S, S) digits; ``features`` is the 64-d penultimate layer."""
+
+    def __init__(self, size: int = 8, feature_dim: int = 64) -> None:
+        super().__init__(1, ((32, 1), (64, 2), (64, 1)), feature_dim, num_classes=10)
+        self.size = size
+
+
+class PhotoClassifier(_ConvClassifier):
     """A small CNN for (B, 3, 32, 32) crops -> which photograph; ``features``: 64-d.
 
     The feature network of the photos study's Frechet distance and precision / recall.
     """
 
     def __init__(self, num_classes: int, feature_dim: int = 64) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1, stride=2),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1, stride=2),
-            nn.ReLU(),
-            nn.Conv2d(64, 128, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(128 * 4, feature_dim),
-            nn.ReLU(),
-        )
-        self.head = nn.Linear(feature_dim, num_classes)
+        super().__init__(3, ((32, 2), (64, 1), (64, 2), (128, 1)), feature_dim, num_classes)
         self.num_classes = num_classes
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.body(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from ..presets import PRESET_FIELDS
-from .report import T95, _finite_json, _fmt, _signed
+from .report import _finite_json, _fmt, _signed, check_plotting
+from .seed_stats import paired_seed_differences, summarise_seeds
 
 __all__ = [
     "check_plotting",
@@ -39,31 +40,13 @@ METRICS: dict[str, tuple[str, Any]] = {
 DIFF_METRICS = ("fd", "band_low", "band_high", "mode_tv", "path_dev", "gap")
 
 
-def check_plotting() -> None:
-    """Fail early, before any training, if matplotlib is missing."""
-    from .report import check_plotting as check
-
-    check()
-
-
-def _stats(values: list[float]) -> dict[str, Any]:
-    t = torch.tensor(values, dtype=torch.float64)
-    std = float(t.std()) if len(values) > 1 else 0.0
-    return {"mean": float(t.mean()), "std": std, "n": len(values), "values": values}
+def _scores(run: dict[str, Any], n: str) -> dict[str, float]:
+    return run["scores"][n]
 
 
 def summarise(runs: list[dict[str, Any]], eval_steps: tuple[int, ...]) -> dict[str, Any]:
     """summary[method][N][metric] = {mean, std (ddof 1), n, values over seeds}."""
-    cells: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for run in runs:
-        for n in eval_steps:
-            cell = cells.setdefault(run["method"], {}).setdefault(str(n), {})
-            for metric, v in run["scores"][str(n)].items():
-                cell.setdefault(metric, []).append(v)
-    return {
-        m: {n: {k: _stats(v) for k, v in c.items()} for n, c in per.items()}
-        for m, per in cells.items()
-    }
+    return summarise_seeds(runs, eval_steps, _scores)
 
 
 def paired_differences(
@@ -73,28 +56,7 @@ def paired_differences(
 
     ci95 = t_{0.975, n-1} std / sqrt(n): a 95% interval of the mean paired difference.
     """
-    by_key = {(r["method"], r["seed"]): r for r in runs}
-    base = [r["seed"] for r in runs if r["method"] == baseline]
-    out: dict[str, Any] = {}
-    for method in dict.fromkeys(r["method"] for r in runs):
-        seeds = [s for s in base if (method, s) in by_key]
-        if method == baseline or not seeds:
-            continue
-        out[method] = {}
-        for n in map(str, eval_steps):
-            per: dict[str, Any] = {}
-            for metric in by_key[(method, seeds[0])]["scores"][n]:
-                d = [
-                    by_key[(method, s)]["scores"][n][metric]
-                    - by_key[(baseline, s)]["scores"][n][metric]
-                    for s in seeds
-                ]
-                st = _stats(d)
-                k = st["n"]
-                st["ci95"] = T95.get(k - 1, 1.96) * st["std"] / math.sqrt(k) if k > 1 else math.nan
-                per[metric] = st
-            out[method][n] = per
-    return out
+    return paired_seed_differences(runs, eval_steps, _scores, baseline)
 
 
 def _cell(c: dict[str, Any]) -> str:

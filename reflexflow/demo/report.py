@@ -14,11 +14,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..presets import DEFAULT_PRESET
 from .deps import require
+from .seed_stats import T95, paired_seed_differences, summarise_seeds
 
 __all__ = [
     "check_plotting",
@@ -47,14 +47,6 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 GOAL_WORDS = {"min": "lower is better", "max": "higher is better", "zero": "0 is ideal"}
 
-# two-sided 95% Student t quantiles by degrees of freedom (1.96 beyond 30)
-T95 = {
-    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-    9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
-    17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064,
-    25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042,
-}  # fmt: skip
-
 
 def check_plotting() -> None:
     """Fail early, before any training, if matplotlib is missing."""
@@ -79,12 +71,6 @@ def diff_metrics(dataset: str) -> list[str]:
     return ["mmd", "bias"]
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
-    t = torch.tensor(values, dtype=torch.float64)
-    std = float(t.std()) if len(values) > 1 else 0.0
-    return {"mean": float(t.mean()), "std": std, "n": len(values), "values": values}
-
-
 def _run_values(run: dict[str, Any], n: str) -> dict[str, float]:
     vals = {k: v for k, v in run["scores"][n].items() if isinstance(v, (int, float))}
     vals["bias"] = run["bias"][n]["mean_mse"]
@@ -92,60 +78,17 @@ def _run_values(run: dict[str, Any], n: str) -> dict[str, float]:
 
 
 def summarise(runs: list[dict[str, Any]], eval_steps: tuple[int, ...]) -> dict[str, Any]:
-    """summary[method][N][metric] = {mean, std (ddof 1), n, values over seeds}."""
-    out: dict[str, Any] = {}
-    for run in runs:
-        per_method = out.setdefault(run["method"], {})
-        for n in eval_steps:
-            cell = per_method.setdefault(str(n), {})
-            for metric, v in _run_values(run, str(n)).items():
-                cell.setdefault(metric, []).append(v)
-    for per_method in out.values():
-        for key, cell in per_method.items():
-            per_method[key] = {m: _stats(v) for m, v in cell.items()}
-    return out
+    """summary[method][N][metric] = {mean, std (ddof 1), n, values over seeds}: the numeric
+    scores and the exposure bias (mean over t0) of each run."""
+    return summarise_seeds(runs, eval_steps, _run_values)
 
 
 def paired_differences(
     runs: list[dict[str, Any]], eval_steps: tuple[int, ...], baseline: str = "fm"
 ) -> dict[str, Any]:
-    """out[method][N][metric] = {mean, std, ci95, n, values} of d_s = method_s - baseline_s.
-
-    Only seeds present for both enter; ci95 = t_{0.975, n-1} std / sqrt(n) (NaN for n = 1).
-    Empty when the baseline did not run.
-    """
-    by_key = {(r["method"], r["seed"]): r for r in runs}
-    base_seeds = [r["seed"] for r in runs if r["method"] == baseline]
-    if not base_seeds:
-        return {}
-    out: dict[str, Any] = {}
-    for method in dict.fromkeys(r["method"] for r in runs):
-        if method == baseline:
-            continue
-        seeds = [s for s in base_seeds if (method, s) in by_key]
-        if not seeds:
-            continue
-        per_n: dict[str, Any] = {}
-        for n in eval_steps:
-            key = str(n)
-            cells: dict[str, list[float]] = {}
-            for s in seeds:
-                a, b = (
-                    _run_values(by_key[(method, s)], key),
-                    _run_values(by_key[(baseline, s)], key),
-                )
-                for metric in a.keys() & b.keys():
-                    cells.setdefault(metric, []).append(a[metric] - b[metric])
-            per_n[key] = {m: _paired(v) for m, v in sorted(cells.items())}
-        out[method] = per_n
-    return out
-
-
-def _paired(diffs: list[float]) -> dict[str, Any]:
-    s = _stats(diffs)
-    n = s["n"]
-    s["ci95"] = T95.get(n - 1, 1.96) * s["std"] / math.sqrt(n) if n > 1 else float("nan")
-    return s
+    """out[method][N][metric] = {mean, std, ci95, n, values} of d_s = method_s - baseline_s
+    (seed_stats.paired_seed_differences over the values summarise uses)."""
+    return paired_seed_differences(runs, eval_steps, _run_values, baseline)
 
 
 def _fmt(x: float) -> str:

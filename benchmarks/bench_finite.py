@@ -18,9 +18,6 @@ Writes benchmarks/results/finite-<device>.json and prints the share of a step:
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -28,7 +25,7 @@ import pytest
 import torch
 
 import reflexflow as rf
-from benchmarks.machinery.report import write_device_result
+from benchmarks.machinery.report import environment, load_average, write_device_result
 from reflexflow import finite
 from reflexflow.demo.toy_models import build_model
 
@@ -47,32 +44,25 @@ def _sync() -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _write_results():
-    start = os.getloadavg()
+    env = environment(DEV)
     yield
     if not _ROWS:
         return
-    name = torch.cuda.get_device_name() if DEV == "cuda" else platform.processor() or "cpu"
-    by = {r["op"]: r["median_s"] for r in _ROWS}
+    env["load_avg_end"] = load_average()
+    by = {r["op"]: r for r in _ROWS}
     step = by.get("step, watch off")
-    fastest = min((r["min_s"] for r in _ROWS if r["op"] == "step, watch off"), default=None)
     for r in _ROWS:
-        r["pct_of_step"] = None if step is None else 100 * r["median_s"] / step
-        r["pct_of_fastest_step"] = None if fastest is None else 100 * r["median_s"] / fastest
+        r["pct_of_step"] = None if step is None else 100 * r["median_s"] / step["median_s"]
+        r["pct_of_fastest_step"] = None if step is None else 100 * r["median_s"] / step["min_s"]
     out = {
-        "device": name,
-        "torch": torch.__version__,
-        "reflexflow": rf.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": env,
         "command": "python -m pytest benchmarks/bench_finite.py --benchmark-only",
         "model": "TinyDiT quick (build_model('dit', 'quick')), 4x32x32, preset defar",
         "batch": BATCH,
-        "load_avg_start": start,
-        "load_avg_end": os.getloadavg(),
         "rows": _ROWS,
     }
-    path = write_device_result(RESULTS, "finite", name, out)
-    print(f"\nwrote {path}; load average {start} -> {out['load_avg_end']}\n")
+    path = write_device_result(RESULTS, "finite", env["device"], out)
+    print(f"\nwrote {path}; load average {env['load_avg_start']} -> {env['load_avg_end']}\n")
     print("| op | median ms | % of the median / fastest step without the watch |")
     print("|---|---:|---:|")
     for r in _ROWS:

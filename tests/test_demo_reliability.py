@@ -64,10 +64,27 @@ def test_force_replaces_the_demos_own_files_and_keeps_others(tmp_path):
     (out / "samples-old-row.png").write_bytes(b"stale")
     (out / "results.md").write_text("stale")
     (out / "notes.txt").write_text("mine")
+    (out / "holiday.png").write_bytes(b"mine")
     assert main([*TINY, "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--force"]) == 0
     assert not (out / "samples-old-row.png").exists()
     assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "holiday.png").read_bytes() == b"mine"  # not a figure the demo writes
     assert "oracle study" in (out / "results.md").read_text()
+
+
+def test_the_run_cache_key_ignores_force_and_follows_the_code(monkeypatch):
+    """--force (like --out or --workers) changes no number: the same study resumes from
+    its cache; a change of the code (its fingerprint) means new runs."""
+    from reflexflow.demo import jobs
+    from reflexflow.demo.settings import DemoConfig
+
+    plain = jobs.run_settings(DemoConfig(dataset="digits").as_dict())
+    forced = jobs.run_settings(DemoConfig(dataset="digits", force=True).as_dict())
+    assert jobs.settings_key(plain) == jobs.settings_key(forced)
+    assert plain["code"] == jobs.code_fingerprint() and len(plain["code"]) == 16
+    monkeypatch.setattr(jobs, "code_fingerprint", lambda: "0" * 16)
+    changed = jobs.run_settings(DemoConfig(dataset="digits").as_dict())
+    assert jobs.settings_key(changed) != jobs.settings_key(plain)
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu"])

@@ -145,7 +145,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--force",
         action="store_true",
         help="write into a non-empty --out, removing the demo's own files there first "
-        "(results.json, results.md, *.png)",
+        "(results.json, results.md and its figures; other files stay)",
     )
     p.add_argument(
         "--dataset",
@@ -205,7 +205,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=None,
-        help="training batch (default: 64; photos: 32 on a CPU, 128 on cuda)",
+        help="training batch (default: 64; photos: 32 on a CPU, 16 on cuda)",
     )
     p.add_argument(
         "--lr",
@@ -280,7 +280,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         type=device_argument,
         default=None,
         help="torch device, e.g. cpu or cuda (default: cpu); photos on cuda switch to the "
-        "SiT-S/2 preset (20K steps, batch 128, bf16 autocast)",
+        "SiT-S/2 preset (20K steps, batch 16, bf16 autocast)",
     )
     p.add_argument(
         "--arch",

@@ -9,6 +9,7 @@ terminate) instead of waiting for the queued jobs, then raises :class:`DemoInter
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,7 +20,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunCache", "DemoInterrupted", "run_jobs", "settings_key"]
+__all__ = [
+    "RunCache",
+    "DemoInterrupted",
+    "run_jobs",
+    "settings_key",
+    "run_settings",
+    "code_fingerprint",
+]
 
 
 class DemoInterrupted(KeyboardInterrupt):
@@ -34,6 +42,32 @@ def settings_key(settings: Any) -> str:
     """A short stable hash of JSON-able ``settings``."""
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# DemoConfig fields that change no number: left out of the run cache's key, so that the
+# same study resumes whatever the output folder, the workers or --force
+NOT_NUMERIC = ("out", "cache_dir", "show_progress", "workers", "threads", "methods", "seeds")
+NOT_NUMERIC += ("force",)
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A short hash of the reflexflow package's Python sources (library and demo): a
+    changed line of code means new runs, never cached numbers of older code."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a study's numbers depend on (its run cache's key): the config
+    (``DemoConfig.as_dict()``) without :data:`NOT_NUMERIC`, and the code's fingerprint."""
+    settings = {k: v for k, v in config.items() if k not in NOT_NUMERIC}
+    settings["code"] = code_fingerprint()
+    return settings
 
 
 class RunCache:

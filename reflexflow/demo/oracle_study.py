@@ -13,7 +13,6 @@ Euler samples (the discretisation floor) and exact samples (the estimator's floo
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .jobs import RunCache, run_jobs, settings_key
+from .jobs import RunCache, run_jobs, run_settings, settings_key
 from .methods import ROW_STEPS
 from .oracle import make_oracle
 from .oracle_metrics import OracleScorer
@@ -137,14 +136,6 @@ def _job(state: dict[str, Any], method: str, seed: int, steps: int) -> dict[str,
     }
 
 
-def _study_settings(cfg: DemoConfig) -> dict[str, Any]:
-    """The settings every run's numbers depend on (the run cache's key)."""
-    d = cfg.as_dict()
-    for k in ("out", "cache_dir", "show_progress", "workers", "threads", "methods", "seeds"):
-        d.pop(k, None)
-    return d
-
-
 def run_oracle(cfg: DemoConfig, command: str | None = None) -> dict[str, Any]:
     """Run the oracle study; write results.json, results.md and the figures into cfg.out."""
     from . import oracle_report
@@ -156,7 +147,7 @@ def run_oracle(cfg: DemoConfig, command: str | None = None) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     for method in cfg.methods:
         _loss_fn(cfg, method)
-    settings = _study_settings(cfg)
+    settings = run_settings(cfg.as_dict())
     cache = RunCache(
         None
         if cfg.cache_dir is None
@@ -243,13 +234,10 @@ def _cost_ratio(cfg: DemoConfig, data: OracleData, cache: RunCache) -> dict[str,
     resumed study trains fm-equal-compute for the same number of steps."""
     if cfg.equal_compute_ratio is not None:
         return {"ratio": cfg.equal_compute_ratio, "how": "given (--equal-compute-ratio)"}
-    path = None if cache.root is None else cache.root / "cost-ratio.json"
-    if path is not None and path.is_file():
-        return json.loads(path.read_text())
-    ratio = measure_cost_ratio(cfg, data)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(ratio))
+    ratio = cache.load("cost-ratio", {})  # None when absent, or cut short by a kill
+    if ratio is None:
+        ratio = measure_cost_ratio(cfg, data)
+        cache.save("cost-ratio", {}, ratio)  # atomic
     return ratio
 
 

@@ -2,7 +2,8 @@
 
 ``prepare_out(path, force)``: a path naming a file is refused; a non-empty folder is
 refused unless ``force``, and with ``force`` the demo's own files in it (results.json,
-results.md, *.png) are removed first, so no stale figure survives among the new ones;
+results.md and the figures it names, :data:`OWN_FILES`) are removed first, so no stale
+figure survives among the new ones, while any other file stays;
 the folder is created and a probe file written and removed, so a read-only place fails
 now, not after the study has trained.
 """
@@ -14,7 +15,20 @@ from pathlib import Path
 
 __all__ = ["prepare_out", "check_out_path", "OWN_FILES"]
 
-OWN_FILES = ("results.json", "results.md", "*.png")
+# what the demo writes: its results and the figures of its studies (samples-<row>.png
+# per row); no other file in --out is touched
+OWN_FILES = (
+    "results.json",
+    "results.md",
+    "exposure-bias.png",
+    "loss-curves.png",
+    "differences.png",
+    "spectrum.png",
+    "fd-vs-steps.png",
+    "bands.png",
+    "samples.png",
+    "samples-*.png",
+)
 
 
 def check_out_path(path: Path) -> Path:
@@ -37,7 +51,7 @@ def prepare_out(path: Path, force: bool) -> list[Path]:
         if not force:
             raise ValueError(
                 f"--out {str(path)!r} is not empty; choose another folder, or pass --force to "
-                "replace the demo's files in it (results.json, results.md, *.png)"
+                "replace the demo's files in it (results.json, results.md and its figures)"
             )
         for pattern in OWN_FILES:
             for f in sorted(path.glob(pattern)):

@@ -30,7 +30,7 @@ from ..loss import ReflexFlowLoss
 from ..sampler import sample
 from . import metrics as M
 from .data import TOYS, load_digits_split
-from .jobs import RunCache, run_jobs, settings_key
+from .jobs import RunCache, run_jobs, run_settings, settings_key
 from .methods import check_method, method_knobs
 from .model import DigitClassifier, PatchUNet, PhotoClassifier, TinyUNet, ToyMLP
 from .progress import progress, say
@@ -283,14 +283,6 @@ def _job(state: dict[str, Any], method: str, seed: int) -> tuple[dict[str, Any],
     return run, {k: v.numpy() for k, v in grids.items()}
 
 
-def _run_settings(cfg: DemoConfig) -> dict[str, Any]:
-    """The settings a run's numbers depend on (the run cache's key)."""
-    d = cfg.as_dict()
-    for k in ("out", "cache_dir", "show_progress", "workers", "threads", "methods", "seeds"):
-        d.pop(k, None)
-    return d
-
-
 def _run_jobs(
     cfg: DemoConfig,
     data: _Data,
@@ -317,7 +309,7 @@ def _run_jobs(
             + (" (from the run cache)" if cached else f", train {run['train_seconds']:.1f}s"),
         )
 
-    settings = _run_settings(cfg)
+    settings = run_settings(cfg.as_dict())
     root = None
     if cfg.cache_dir is not None:
         root = Path(cfg.cache_dir) / "runs" / f"{cfg.dataset}-{settings_key(settings)}"

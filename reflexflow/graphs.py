@@ -273,7 +273,9 @@ class GraphCache:
     def __init__(self, capacity: int = MAX_GRAPHS) -> None:
         self.capacity = capacity
         self.graphs: dict[tuple, CapturedRollout] = {}  # in order of use, oldest first
-        self.uncapturable: set[tuple] = set()
+        # key -> the velocity that failed: held, so that its id (part of the key) cannot be
+        # reused by a new model, which would then run eagerly without a try
+        self.uncapturable: dict[tuple, Any] = {}
         self._warned: set[tuple] = set()
 
     def __len__(self) -> int:
@@ -301,7 +303,7 @@ class GraphCache:
             try:
                 entry = CapturedRollout(job, steps, cast)
             except CaptureError as err:
-                self.uncapturable.add(key)
+                self.uncapturable[key] = velocity
                 self._warn_uncapturable(velocity, err)
                 return None
         self.graphs[key] = entry

@@ -17,7 +17,7 @@ from tests.helpers import TinyNet, assert_rollout_matches_oracle, rollout_inputs
 def test_clear_graphs_empties_the_engines_cache():
     eng = RolloutEngine("torch", cuda_graph=True)
     eng.graphs.graphs[("fake",)] = object()
-    eng.graphs.uncapturable.add(("other",))
+    eng.graphs.uncapturable[("other",)] = None
     eng.clear_graphs()
     assert len(eng.graphs) == 0 and not eng.graphs.uncapturable
 

@@ -13,7 +13,7 @@ pinned memory behind an event) and polls it. Rows, on one device:
 
 Writes benchmarks/results/finite-<device>.json and prints the share of a step:
 
-    python -m pytest benchmarks/bench_finite.py --benchmark-only    # ~1 min on a CPU
+    python -m pytest benchmarks/bench_finite.py --benchmark-only    # ~5 s on a CPU
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from reflexflow.demo.toy_models import build_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 8
-if DEV == "cpu":
-    torch.set_num_threads(1)  # steadier on a shared CPU; recorded in the result file
 RESULTS = Path(__file__).parent / "results"
 _ROWS: list[dict] = []
 
@@ -42,10 +40,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _write_results():
+    threads = torch.get_num_threads()
+    if DEV == "cpu":
+        torch.set_num_threads(1)  # steadier on a shared CPU; recorded in the result file
     env = environment(DEV)
     yield
+    torch.set_num_threads(threads)
     if not _ROWS:
         return
     env["load_avg_end"] = load_average()

@@ -5,7 +5,7 @@ batch size B (class labels (B,), text embeddings (B, L, D), masks (B, L), ...). 
 entries are indexed, permuted and concatenated together with the samples; everything
 else (scalars, 0-dim tensors, strings, None) is passed through as is. Dicts, lists and
 tuples (named tuples too) are searched recursively (e.g. diffusers' ``added_cond_kwargs``);
-any other object that holds tensors is refused, as the loss could not move them.
+any other object holding a batch-shaped tensor is refused, as the loss could not move it.
 
 The loss checks the user's model_kwargs once (:func:`prepare_kwargs`): a tensor with
 ndim >= 1 whose first axis is not B is refused with an error naming it, unless its
@@ -65,23 +65,27 @@ def _check_batched(obj: Any, batch: int, where: str) -> None:
     elif isinstance(obj, (list, tuple)):
         for i, val in enumerate(obj):
             _check_batched(val, batch, f"{where}[{i}]")
-    elif _holds_tensors(obj):
+    elif _holds_batched_tensors(obj, batch):
         raise ValueError(
-            f"{where} is a {type(obj).__name__} holding tensors: the loss cannot move them "
-            "with their samples (it looks into dicts, lists and tuples only). Pass its "
-            "tensors as dict entries or a (named) tuple, or declare it not batch-shaped "
-            "with unbatched_kwargs=(<its top-level key>, ...)"
+            f"{where} is a {type(obj).__name__} holding tensors with the batch size {batch} "
+            "as first axis: the loss cannot move them with their samples (it looks into "
+            "dicts, lists and tuples only). Pass them as dict entries or a (named) tuple, "
+            "or declare the key not batch-shaped with unbatched_kwargs=(<its top-level "
+            "key>, ...)"
         )
 
 
-def _holds_tensors(obj: Any) -> bool:
-    """An object other than a container whose attributes hold a tensor (a dataclass, a
-    custom conditioning object)."""
+def _holds_batched_tensors(obj: Any, batch: int) -> bool:
+    """An object other than a container (a dataclass, a custom conditioning object) with
+    a tensor attribute whose first axis is ``batch``; objects whose tensors are shared by
+    the whole batch (first axis 1, or no batch axis) pass through as they are."""
     try:
         attrs = vars(obj).values()
     except TypeError:  # no __dict__ (numbers, strings, slotted objects)
         return False
-    return any(isinstance(val, Tensor) for val in attrs)
+    return any(
+        isinstance(val, Tensor) and val.dim() >= 1 and val.shape[0] == batch for val in attrs
+    )
 
 
 def prepare_kwargs(

@@ -60,8 +60,10 @@ def _signature(obj: Any, in_place: bool = False) -> Any:
     try:
         attrs = vars(obj)
     except TypeError:  # no __dict__: numbers, strings, dtypes, ...
-        return ("V", repr(obj))
-    # an object (a dataclass, ...): its tensor attributes by address, the rest by repr
+        attrs = {}
+    if not any(isinstance(val, Tensor) for val in attrs.values()):
+        return ("V", repr(obj))  # functions, modules, ...: repr holds their address
+    # an object holding tensors (a dataclass, ...): its tensors by address, the rest by repr
     return (
         "O",
         type(obj),

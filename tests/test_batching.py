@@ -89,7 +89,10 @@ def test_a_named_tuple_in_model_kwargs_follows_its_samples():
         )
 
 
-def test_an_object_holding_tensors_in_model_kwargs_is_refused_naming_it():
+def test_an_object_holding_batch_shaped_tensors_is_refused_naming_it_a_shared_one_passes():
+    shared = _CondObject(torch.ones(1, 5))  # no batch axis: shared, passed through as is
+    out = rf.reflexflow_loss(lambda x, t, c: -x, torch.randn(BATCH, 3), model_kwargs={"c": shared})
+    assert torch.isfinite(out.loss)
     with pytest.raises(ValueError, match=r"model_kwargs\['c'\] is a _CondObject holding tensors"):
         rf.reflexflow_loss(
             lambda x, t, c: -x,

@@ -137,6 +137,29 @@ def test_graph_key_tells_apart_tensors_the_graph_reads_in_place():
     assert sig({"y": torch.zeros(2)}) == sig({"y": torch.ones(2)})  # copied in at replay
 
 
+def test_graph_key_tells_apart_functions_and_keeps_a_module_across_optimizer_steps():
+    """Objects without tensor attributes are described by repr: two functions (their
+    addresses) differ; a module's key does not follow its weights' values."""
+    import functools
+
+    def sig(kwargs):
+        return graphs_mod._signature(kwargs)
+
+    def f(x):
+        return x + 1
+
+    def g(x):
+        return x * 2
+
+    assert sig({"act": f}) != sig({"act": g})
+    assert sig({"act": functools.partial(torch.add)}) != sig({"act": functools.partial(torch.mul)})
+    net = torch.nn.Linear(3, 3)
+    before = sig({"m": net})
+    with torch.no_grad():
+        net.weight.add_(1.0)  # an optimizer step
+    assert sig({"m": net}) == before
+
+
 class _FakeGraph:
     """Stands in for a captured graph on CPU: records captures, replays eagerly."""
 
@@ -224,6 +247,9 @@ def test_failed_capture_warns_once_remembers_the_key_and_runs_eagerly(monkeypatc
     other = rf.VelocityModel(TinyNet())
     with pytest.warns(RuntimeWarning, match="could not be captured"):  # another model
         engine(other, x, t0, k, h, fixed_k=2)
+    # each remembered key holds its velocity: its id (part of the key) cannot be reused
+    assert all(v is vm or v is other for v in engine.graphs.uncapturable.values())
+    assert len(engine.graphs.uncapturable) == 3
 
 
 def test_graph_cache_is_least_recently_used_and_keyed_by_model_state(monkeypatch):

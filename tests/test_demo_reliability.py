@@ -82,6 +82,8 @@ def test_the_run_cache_key_ignores_force_and_follows_the_code(monkeypatch):
     forced = jobs.run_settings(DemoConfig(dataset="digits", force=True).as_dict())
     assert jobs.settings_key(plain) == jobs.settings_key(forced)
     assert plain["code"] == jobs.code_fingerprint() and len(plain["code"]) == 16
+    package = Path(jobs.__file__).resolve().parents[1]
+    assert all((package / name).is_file() for name in jobs.PRESENTATION_ONLY)
     monkeypatch.setattr(jobs, "code_fingerprint", lambda: "0" * 16)
     changed = jobs.run_settings(DemoConfig(dataset="digits").as_dict())
     assert jobs.settings_key(changed) != jobs.settings_key(plain)

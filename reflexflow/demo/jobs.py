@@ -50,13 +50,34 @@ NOT_NUMERIC = ("out", "cache_dir", "show_progress", "workers", "threads", "metho
 NOT_NUMERIC += ("force",)
 
 
+# modules that only present, store or schedule finished runs (tables, figures, options,
+# the output folder, this cache, progress lines): a change there reuses the cached runs
+PRESENTATION_ONLY = frozenset(
+    {
+        "__main__.py",
+        "cli.py",
+        "demo/cli.py",
+        "demo/figures.py",
+        "demo/jobs.py",
+        "demo/oracle_report.py",
+        "demo/outdir.py",
+        "demo/progress.py",
+        "demo/report.py",
+        "demo/seed_stats.py",
+    }
+)
+
+
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """A short hash of the reflexflow package's Python sources (library and demo): a
-    changed line of code means new runs, never cached numbers of older code."""
+    """A short hash of the reflexflow package's Python sources (library and demo) that
+    compute a run's numbers (all but :data:`PRESENTATION_ONLY`): a changed line there
+    means new runs, never cached numbers of older code."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).as_posix() in PRESENTATION_ONLY:
+            continue
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

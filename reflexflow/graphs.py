@@ -33,6 +33,9 @@ from .rollout import RolloutJob, input_cast, masked_euler_steps
 __all__ = ["GraphCache", "CapturedRollout", "CaptureError", "graph_key", "MAX_GRAPHS"]
 
 MAX_GRAPHS = 8
+# failed keys remembered (a key made anew every step, e.g. an unbatched tensor rebuilt
+# each step, would otherwise grow the set without bound)
+UNCAPTURABLE_KEYS = 64
 # Graphs whose capture failed after the caching allocator began routing to their pool:
 # the allocator's routing filter refers to the graph object, so it must outlive the process.
 _ABANDONED: list = []
@@ -306,6 +309,8 @@ class GraphCache:
                 entry = CapturedRollout(job, steps, cast)
             except CaptureError as err:
                 self.uncapturable[key] = velocity
+                while len(self.uncapturable) > UNCAPTURABLE_KEYS:  # oldest first
+                    self.uncapturable.pop(next(iter(self.uncapturable)))
                 self._warn_uncapturable(velocity, err)
                 return None
         self.graphs[key] = entry

@@ -250,6 +250,10 @@ def test_failed_capture_warns_once_remembers_the_key_and_runs_eagerly(monkeypatc
     # each remembered key holds its velocity: its id (part of the key) cannot be reused
     assert all(v is vm or v is other for v in engine.graphs.uncapturable.values())
     assert len(engine.graphs.uncapturable) == 3
+    monkeypatch.setattr(graphs_mod, "UNCAPTURABLE_KEYS", 4)
+    for n in range(2, 5):  # three more keys (batch sizes): the oldest two are dropped
+        engine(vm, x[:n], t0[:n], k[:n], h[:n], fixed_k=2)
+    assert len(engine.graphs.uncapturable) == 4
 
 
 def test_graph_cache_is_least_recently_used_and_keyed_by_model_state(monkeypatch):

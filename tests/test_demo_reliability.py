@@ -81,6 +81,10 @@ def test_the_run_cache_key_ignores_force_and_follows_the_code(monkeypatch):
     plain = jobs.run_settings(DemoConfig(dataset="digits").as_dict())
     forced = jobs.run_settings(DemoConfig(dataset="digits", force=True).as_dict())
     assert jobs.settings_key(plain) == jobs.settings_key(forced)
+    cfg = DemoConfig(dataset="digits", cache_dir=Path("/tmp/c"))
+    settings, cache = jobs.study_cache(cfg)
+    assert settings == plain
+    assert cache.root == Path("/tmp/c") / "runs" / f"digits-{jobs.settings_key(plain)}"
     assert plain["code"] == jobs.code_fingerprint() and len(plain["code"]) == 16
     package = Path(jobs.__file__).resolve().parents[1]
     assert all((package / name).is_file() for name in jobs.PRESENTATION_ONLY)

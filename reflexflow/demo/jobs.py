@@ -26,6 +26,7 @@ __all__ = [
     "run_jobs",
     "settings_key",
     "run_settings",
+    "study_cache",
     "code_fingerprint",
 ]
 
@@ -46,8 +47,16 @@ def settings_key(settings: Any) -> str:
 
 # DemoConfig fields that change no number: left out of the run cache's key, so that the
 # same study resumes whatever the output folder, the workers or --force
-NOT_NUMERIC = ("out", "cache_dir", "show_progress", "workers", "threads", "methods", "seeds")
-NOT_NUMERIC += ("force",)
+NOT_NUMERIC = (
+    "out",
+    "cache_dir",
+    "show_progress",
+    "workers",
+    "threads",
+    "methods",
+    "seeds",
+    "force",
+)
 
 
 # modules that only present, store or schedule finished runs (tables, figures, options,
@@ -89,6 +98,17 @@ def run_settings(config: dict[str, Any]) -> dict[str, Any]:
     settings = {k: v for k, v in config.items() if k not in NOT_NUMERIC}
     settings["code"] = code_fingerprint()
     return settings
+
+
+def study_cache(cfg: Any) -> tuple[dict[str, Any], RunCache]:
+    """(settings, cache) of a study: :func:`run_settings` of ``cfg`` (a DemoConfig) and
+    its run cache, ``<cfg.cache_dir>/runs/<cfg.dataset>-<settings_key>`` (none without a
+    cache_dir)."""
+    settings = run_settings(cfg.as_dict())
+    root = None
+    if cfg.cache_dir is not None:
+        root = Path(cfg.cache_dir) / "runs" / f"{cfg.dataset}-{settings_key(settings)}"
+    return settings, RunCache(root)
 
 
 class RunCache:

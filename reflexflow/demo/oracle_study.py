@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .jobs import RunCache, run_jobs, run_settings, settings_key
+from .jobs import RunCache, run_jobs, study_cache
 from .methods import ROW_STEPS
 from .oracle import make_oracle
 from .oracle_metrics import OracleScorer
@@ -147,12 +147,7 @@ def run_oracle(cfg: DemoConfig, command: str | None = None) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     for method in cfg.methods:
         _loss_fn(cfg, method)
-    settings = run_settings(cfg.as_dict())
-    cache = RunCache(
-        None
-        if cfg.cache_dir is None
-        else cfg.cache_dir / "runs" / f"oracle-{settings_key(settings)}"
-    )
+    settings, cache = study_cache(cfg)
     data = OracleData(cfg)
     results: dict[str, Any] = {
         "command": command or "reflexflow.demo.run_demo(...)",

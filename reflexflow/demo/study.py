@@ -19,7 +19,6 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from ..loss import ReflexFlowLoss
 from ..sampler import sample
 from . import metrics as M
 from .data import TOYS, load_digits_split
-from .jobs import RunCache, run_jobs, run_settings, settings_key
+from .jobs import run_jobs, study_cache
 from .methods import check_method, method_knobs
 from .model import DigitClassifier, PatchUNet, PhotoClassifier, TinyUNet, ToyMLP
 from .progress import progress, say
@@ -309,10 +308,7 @@ def _run_jobs(
             + (" (from the run cache)" if cached else f", train {run['train_seconds']:.1f}s"),
         )
 
-    settings = run_settings(cfg.as_dict())
-    root = None
-    if cfg.cache_dir is not None:
-        root = Path(cfg.cache_dir) / "runs" / f"{cfg.dataset}-{settings_key(settings)}"
+    settings, cache = study_cache(cfg)
     specs = []
     for method, seed in jobs:
         run_key = {"settings": settings, "method": method, "seed": seed}
@@ -326,7 +322,7 @@ def _run_jobs(
         init=_init_state,
         initargs=(wcfg, state),
         workers=cfg.workers,
-        cache=RunCache(root),
+        cache=cache,
         on_done=report,
     )
     runs = [r[0] for r in results]

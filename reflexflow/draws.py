@@ -162,13 +162,15 @@ def _check_t(t: Any, batch: int, device: torch.device) -> None:
         raise ValueError(f"t is on {t.device}, x1 on {device}")
 
 
-def _check_unit_interval(t: Tensor, convention: str) -> None:
-    """ValueError unless every t lies in [0, 1] up to T_TOL (NaN is refused; one host sync)."""
+def _unit_interval(t: Tensor, convention: str) -> Tensor:
+    """t in float64; ValueError unless every t lies in [0, 1] up to T_TOL (NaN is refused;
+    one host sync)."""
     tt = t.to(torch.float64)
     raise_at_first(
         ~((tt >= -T_TOL) & (tt <= 1 + T_TOL)),
         lambda i: f"t[{i}] = {float(t[i]):.6g} ({convention}) must lie in [0, 1]",
     )
+    return tt
 
 
 def _user_times(
@@ -179,8 +181,7 @@ def _user_times(
     Every t must lie in [0, 1] (NaN is refused). A sample whose t0 leaves no room for its
     rollout (t0 > room + tolerance) gets k = 0 when k was drawn; an explicit k must fit.
     """
-    _check_unit_interval(t, cfg.convention)
-    t0 = to_canonical_time(t.to(torch.float64), cfg.convention)
+    t0 = to_canonical_time(_unit_interval(t, cfg.convention), cfg.convention)
     no_room = (k > 0) & (t0 > room + T_TOL)
     if k_given:
         raise_at_first(
@@ -373,8 +374,7 @@ def _draw_end(
         sigma_end = _noise_ward(u, _sampler_convention(cfg))
     else:
         _check_t(t, batch, device)
-        _check_unit_interval(t, cfg.convention)
-        sigma_end = _noise_ward(t.to(torch.float64), cfg.convention).clamp(0, 1)
+        sigma_end = _noise_ward(_unit_interval(t, cfg.convention), cfg.convention).clamp(0, 1)
     t0, t1, k = end_grid_times(sigma_end, k, cfg.num_sampling_steps, cfg.t_eps, k_given)
     step = torch.full_like(t0, cfg.step)
     return Draws(eps, k, t0.to(dtype), t1.to(dtype), step.to(dtype), None)

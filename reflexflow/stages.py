@@ -42,7 +42,6 @@ __all__ = [
     "GradientCalls",
     "ObjectiveFn",
     "validate",
-    "objective_spec",
     "step_context",
     "run_rollout",
     "rollout_state",
@@ -133,12 +132,6 @@ class StepContext:
         return self.data.shape[0]
 
 
-def objective_spec(cfg: ReflexFlowConfig) -> ObjectiveSpec:
-    """The objective's choices: the config's for reflexflow with a rollout (built and
-    validated once, with the config), FLOW_MATCHING for fm, ip, ss and zero lambdas."""
-    return cfg.objective_spec
-
-
 def step_context(
     cfg: ReflexFlowConfig,
     model: Any,
@@ -151,7 +144,7 @@ def step_context(
     """The call's context: spec, state-dtype data, velocity model, prepared kwargs."""
     return StepContext(
         cfg=cfg,
-        spec=objective_spec(cfg),
+        spec=cfg.objective_spec,
         model=model,
         velocity=VelocityModel(
             model,

@@ -50,8 +50,7 @@ def test_the_objective_spec_lives_with_its_config_and_keeps_no_model_alive():
     import gc
     import weakref
 
-    from reflexflow.objective import FLOW_MATCHING
-    from reflexflow.stages import objective_spec
+    from reflexflow.objective import FLOW_MATCHING, ObjectiveSpec
 
     class Net(torch.nn.Module):
         def __init__(self) -> None:
@@ -63,8 +62,8 @@ def test_the_objective_spec_lives_with_its_config_and_keeps_no_model_alive():
 
     net = Net()
     cfg = rf.ReflexFlowConfig(rollout_modules=(net,))
-    assert objective_spec(cfg) is cfg.objective_spec is objective_spec(cfg)
-    assert objective_spec(rf.ReflexFlowConfig(method="fm")) is FLOW_MATCHING
+    assert cfg.objective_spec == ObjectiveSpec.from_config(cfg)
+    assert rf.ReflexFlowConfig(method="fm").objective_spec is FLOW_MATCHING
     rf.reflexflow_loss(net, torch.randn(4, 3), config=cfg)
     alive = weakref.ref(net)
     del net, cfg

@@ -31,6 +31,7 @@ __all__ = [
     "Unbatched",
     "prepare_kwargs",
     "unwrap_kwargs",
+    "attributes",
 ]
 
 
@@ -75,16 +76,22 @@ def _check_batched(obj: Any, batch: int, where: str) -> None:
         )
 
 
+def attributes(obj: Any) -> dict[str, Any]:
+    """The instance attributes of an object (``vars``); {} for objects without a
+    ``__dict__`` (numbers, strings, dtypes, slotted objects)."""
+    try:
+        return vars(obj)
+    except TypeError:
+        return {}
+
+
 def _holds_batched_tensors(obj: Any, batch: int) -> bool:
     """An object other than a container (a dataclass, a custom conditioning object) with
     a tensor attribute whose first axis is ``batch``; objects whose tensors are shared by
     the whole batch (first axis 1, or no batch axis) pass through as they are."""
-    try:
-        attrs = vars(obj).values()
-    except TypeError:  # no __dict__ (numbers, strings, slotted objects)
-        return False
     return any(
-        isinstance(val, Tensor) and val.dim() >= 1 and val.shape[0] == batch for val in attrs
+        isinstance(val, Tensor) and val.dim() >= 1 and val.shape[0] == batch
+        for val in attributes(obj).values()
     )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .batching import Unbatched, map_tensors
+from .batching import Unbatched, attributes, map_tensors
 from .conventions import VelocityModel
 from .model_state import modules_of
 from .reference import VelocityFn
@@ -60,10 +60,7 @@ def _signature(obj: Any, in_place: bool = False) -> Any:
         return ("L", type(obj), tuple(_signature(val, in_place) for val in obj))
     if isinstance(obj, Unbatched):
         return ("U", _signature(obj.value, True))
-    try:
-        attrs = vars(obj)
-    except TypeError:  # no __dict__: numbers, strings, dtypes, ...
-        attrs = {}
+    attrs = attributes(obj)
     if not any(isinstance(val, Tensor) for val in attrs.values()):
         return ("V", repr(obj))  # functions, modules, ...: repr holds their address
     # an object holding tensors (a dataclass, ...): its tensors by address, the rest by repr

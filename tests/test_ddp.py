@@ -64,8 +64,8 @@ def _launch(script: list[str], world: int = 2, attempts: int = 3) -> list:
       worker threads outlive ``main()``; a worker that drops the last reference to a
       finished work holding a Python-owned tensor (the final barrier holds the logging
       all_reduce) during interpreter finalization must take the GIL, and the thread
-      exit that Python forces on it there ends in std::terminate. Seen in about 1 launch
-      in 60 on the 2-core CI machine, with the core's backtrace: ProcessGroupGloo::runLoop
+      exit that Python forces on it there ends in std::terminate. Seen 4 times in about
+      280 launches on the 2-core CI machine; the core's backtrace: ProcessGroupGloo::runLoop
       -> ~AsyncBarrierWork -> ~AsyncAllreduceWork -> TensorImpl::decref_pyobject ->
       take_gil -> pthread_exit, main thread in Py_FinalizeEx. The training itself had
       finished on every rank.
@@ -190,7 +190,7 @@ def test_train_ddp_example_runs_two_gloo_ranks(extra):
     assert "step 1" in results[0].stdout
 
 
-# What a rank printed when it aborted at exit (1 launch in 60 here; torch 2.13, gloo).
+# What a rank printed when it aborted at exit (4 in about 280 launches here; torch 2.13, gloo).
 EXIT_ABORT = """step 0 loss 4.9261
 step 1 loss 5.4393
 terminate called without an active exception

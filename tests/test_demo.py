@@ -163,6 +163,27 @@ def test_method_ablations_set_the_documented_lambdas():
         method_knobs("nope")
 
 
+def test_recorded_loss_config_holds_the_knobs_and_rebuilds_the_same_loss():
+    import dataclasses
+
+    import reflexflow as rf
+    from reflexflow.demo.study import resolved_knobs
+
+    loss_fn = rf.ReflexFlowLoss(preset="defar", lambda_fc=0.5)
+    record = resolved_knobs(loss_fn)
+    knobs = [f.name for f in dataclasses.fields(loss_fn.config) if f.init]
+    assert list(record) == knobs  # no derived field such as objective_spec
+    assert record["renoise_range"] == [0.05, 0.95] and record["path"] == "linear"
+    rebuilt = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in record.items()
+        if k not in ("preset", "time_sampler")  # the preset's values are all in the record
+    }
+    with pytest.warns(UserWarning, match="ignored"):  # every knob set, k_draw among them
+        again = rf.ReflexFlowLoss(**rebuilt)
+    assert again.config.objective_spec == loss_fn.config.objective_spec
+
+
 def test_toy_dataset_runs_the_adr_view(tmp_path):
     args = ["demo", "--dataset", "8gaussians", "--steps", "20", "--seeds", "1"]
     args += ["--eval-steps", "5", "--num-samples", "200", "--bias-samples", "64", "--workers", "1"]

@@ -130,15 +130,23 @@ def _loss_fn(cfg: DemoConfig, method: str) -> ReflexFlowLoss:
 
 
 def resolved_knobs(loss_fn: ReflexFlowLoss) -> dict[str, Any]:
-    """The loss's configuration as plain values (what a preset resolved to), for the record."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(loss_fn.config):
-        v = getattr(loss_fn.config, f.name)
-        if v is None or isinstance(v, (bool, int, float, str)):
-            out[f.name] = v
-        else:
-            out[f.name] = getattr(v, "name", type(v).__name__)
-    return out
+    """The loss's configuration as plain values (what a preset resolved to), for the record:
+    the knobs a user sets (init fields), not what the config derives from them. Numbers,
+    strings and None as they are, sequences as lists, a path by its name, anything else
+    (a time sampler, a module) by its class name."""
+    return {
+        f.name: _plain(getattr(loss_fn.config, f.name))
+        for f in dataclasses.fields(loss_fn.config)
+        if f.init
+    }
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return getattr(value, "name", type(value).__name__)
 
 
 def _term(out: Any, name: str) -> Tensor | None:

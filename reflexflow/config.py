@@ -9,9 +9,9 @@ is generated from those declarations (``python -m tools.knobs``).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
+from .checks import check_bool, check_choice, check_number
 from .config_checks import check_rollout_modules, check_user_objects, warn_ignored_knobs
 from .conventions import check_convention
 from .engine import ROLLOUT_BACKENDS
@@ -77,37 +77,6 @@ def _refuse_first(*rules: tuple[Any, str]) -> None:
     for broken, message in rules:
         if broken:
             raise ValueError(message)
-
-
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_bool(name: str, value: Any, *, optional: bool = False) -> None:
-    if not (isinstance(value, bool) or (optional and value is None)):
-        expected = "a bool or None" if optional else "a bool"
-        raise TypeError(f"{name} must be {expected}, got {value!r}")
-
-
-def _check_number(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    integer: bool = False,
-) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,18 +326,18 @@ class ReflexFlowConfig:
 
     def _validate_knobs(self) -> None:
         for name, choices in CHOICES.items():
-            _check_choice(name, getattr(self, name), choices)
+            check_choice(name, getattr(self, name), choices)
         object.__setattr__(self, "path", get_path(self.path))
         check_convention(self.convention)
-        _check_number("timestep_scale", self.timestep_scale, low=0, low_open=True)
-        _check_number("rollout_steps", self.rollout_steps, low=1, integer=True)
-        _check_number("num_sampling_steps", self.num_sampling_steps, low=1, integer=True)
+        check_number("timestep_scale", self.timestep_scale, low=0, low_open=True)
+        check_number("rollout_steps", self.rollout_steps, low=1, integer=True)
+        check_number("num_sampling_steps", self.num_sampling_steps, low=1, integer=True)
         if isinstance(self.k_min, bool) or self.k_min not in K_MINS:
             raise ValueError(f"k_min must be one of {K_MINS}, got {self.k_min!r}")
-        _check_number("ss_prob", self.ss_prob, low=0, high=1)
-        _check_number("t_eps", self.t_eps, low=0, high=0.5, low_open=True)
-        _check_number("logit_mean", self.logit_mean)
-        _check_number("logit_std", self.logit_std, low=0, low_open=True)
+        check_number("ss_prob", self.ss_prob, low=0, high=1)
+        check_number("t_eps", self.t_eps, low=0, high=0.5, low_open=True)
+        check_number("logit_mean", self.logit_mean)
+        check_number("logit_std", self.logit_std, low=0, low_open=True)
         object.__setattr__(
             self,
             "sampler",
@@ -376,25 +345,25 @@ class ReflexFlowConfig:
                 self.time_sampler, logit_mean=self.logit_mean, logit_std=self.logit_std
             ),
         )
-        _check_number("lambda_adr", self.lambda_adr, low=0)
-        _check_number("lambda_fc", self.lambda_fc, low=0)
-        _check_number("fc_sigma", self.fc_sigma, low=0)
-        _check_number("fc_size", self.fc_size, low=1, integer=True)
+        check_number("lambda_adr", self.lambda_adr, low=0)
+        check_number("lambda_fc", self.lambda_fc, low=0)
+        check_number("fc_sigma", self.fc_sigma, low=0)
+        check_number("fc_size", self.fc_size, low=1, integer=True)
         if self.fc_size % 2 == 0:
             raise ValueError(f"fc_size must be odd, got {self.fc_size}")
-        _check_number("fc_cutoff", self.fc_cutoff, low=0, high=1, low_open=True)
+        check_number("fc_cutoff", self.fc_cutoff, low=0, high=1, low_open=True)
         if self.fc_t_max is not None:
-            _check_number("fc_t_max", self.fc_t_max, low=0, high=1)
-        _check_number("stable_ref", self.stable_ref, low=0, integer=True)
+            check_number("fc_t_max", self.fc_t_max, low=0, high=1)
+        check_number("stable_ref", self.stable_ref, low=0, integer=True)
         object.__setattr__(self, "loss_weighting", check_loss_weighting(self.loss_weighting))
-        _check_number("norm_eps", self.norm_eps, low=0, low_open=True)
-        _check_number("norm_floor", self.norm_floor, low=0, high=1)
+        check_number("norm_eps", self.norm_eps, low=0, low_open=True)
+        check_number("norm_floor", self.norm_floor, low=0, high=1)
         if self.adr_x1_from is not None:
-            _check_number("adr_x1_from", self.adr_x1_from, low=0, high=1, low_open=True)
+            check_number("adr_x1_from", self.adr_x1_from, low=0, high=1, low_open=True)
             if self.adr_x1_from >= 1:
                 raise ValueError(f"adr_x1_from must be < 1 (a time t_c), got {self.adr_x1_from}")
         self._validate_renoise()
-        _check_number("ip_gamma", self.ip_gamma, low=0)
+        check_number("ip_gamma", self.ip_gamma, low=0)
         for name in (
             "fc_per_channel",
             "fc_signed",
@@ -406,9 +375,9 @@ class ReflexFlowConfig:
             "fc_adds_fm",
             "adr_target_grad",
         ):
-            _check_bool(name, getattr(self, name))
+            check_bool(name, getattr(self, name))
         for name in ("joint_forward", "share_first_call"):
-            _check_bool(name, getattr(self, name), optional=True)
+            check_bool(name, getattr(self, name), optional=True)
         keys = self.unbatched_kwargs
         if isinstance(keys, str) or not isinstance(keys, (tuple, list)):
             raise TypeError(f"unbatched_kwargs must be a tuple of keys, got {keys!r}")
@@ -446,12 +415,12 @@ class ReflexFlowConfig:
         check_user_objects(self)
 
     def _validate_renoise(self) -> None:
-        _check_number("renoise_shift", self.renoise_shift, low=0, low_open=True)
+        check_number("renoise_shift", self.renoise_shift, low=0, low_open=True)
         span = self.renoise_range
         if not (isinstance(span, (tuple, list)) and len(span) == 2):
             raise TypeError(f"renoise_range must be a pair (low, high), got {span!r}")
         for value in span:
-            _check_number("renoise_range", value, low=0, high=1)
+            check_number("renoise_range", value, low=0, high=1)
         if not span[0] < span[1]:
             raise ValueError(f"renoise_range must have low < high, got {span!r}")
         object.__setattr__(self, "renoise_range", (float(span[0]), float(span[1])))

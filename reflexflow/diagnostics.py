@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import reference as ref
 from .batching import map_batched
-from .config import _check_number
+from .checks import check_number
 from .config_checks import check_batch_tensor, check_generator, check_model_kwargs
 from .conventions import VelocityModel, check_convention
 from .model_state import modules_of
@@ -91,13 +91,13 @@ def exposure_bias(
     ):
         raise ValueError(f"num_sampling_steps must be an int >= 1, got {num_sampling_steps!r}")
     if t0 is None:
-        _check_number("num_times", num_times, low=1, integer=True)
-    _check_number("t_eps", t_eps, low=0, high=0.5, low_open=True)
-    _check_number("cutoff", cutoff, low=0, high=1, low_open=True)
-    _check_number("timestep_scale", timestep_scale, low=0, low_open=True)
+        check_number("num_times", num_times, low=1, integer=True)
+    check_number("t_eps", t_eps, low=0, high=0.5, low_open=True)
+    check_number("cutoff", cutoff, low=0, high=1, low_open=True)
+    check_number("timestep_scale", timestep_scale, low=0, low_open=True)
     check_convention(convention)
     if batch_size is not None:
-        _check_number("batch_size", batch_size, low=1, integer=True)
+        check_number("batch_size", batch_size, low=1, integer=True)
     check_generator(generator, x1)
     model_kwargs = check_model_kwargs(model_kwargs, x1.shape[0], ())
     h = 1.0 / num_sampling_steps

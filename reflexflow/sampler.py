@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import _check_number
+from .checks import check_number
 from .config_checks import check_batch_tensor, check_model_kwargs
 from .conventions import VelocityModel, check_convention
 
@@ -53,9 +53,9 @@ def sample(
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     check_convention(convention)
-    _check_number("timestep_scale", timestep_scale, low=0, low_open=True)
-    _check_number("t_start", t_start)
-    _check_number("t_end", t_end)
+    check_number("timestep_scale", timestep_scale, low=0, low_open=True)
+    check_number("t_start", t_start)
+    check_number("t_end", t_end)
     if not 0.0 <= t_start < t_end <= 1.0:
         raise ValueError(f"need 0 <= t_start < t_end <= 1, got {t_start}, {t_end}")
     if not isinstance(return_trajectory, bool):

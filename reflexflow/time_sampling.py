@@ -6,12 +6,12 @@ t0 = u * t_max_i with t_max_i = 1 - t_eps - k_i h (canonical convention).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from .checks import check_number
 
 __all__ = [
     "TimeSampler",
@@ -36,22 +36,12 @@ class UniformTime:
         return "UniformTime()"
 
 
-def _check_finite(**values: Any) -> None:
-    """TypeError unless each value is a real number (not a bool), ValueError unless finite."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value!r}")
-
-
 class LogitNormalTime:
     """u = sigmoid(mean + std * z), z ~ N(0, 1) (SD3's logit-normal sampling)."""
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
-        _check_finite(logit_mean=mean, logit_std=std)
-        if not std > 0:
-            raise ValueError(f"logit_std must be > 0, got {std}")
+        check_number("logit_mean", mean)
+        check_number("logit_std", std, low=0, low_open=True)
         self.mean = float(mean)
         self.std = float(std)
 
@@ -92,13 +82,13 @@ class ShiftedLogitNormalTime:
                 f"convention must be None, 'data_at_1' or 'noise_at_1', got {convention!r}"
             )
         self.convention = convention
-        _check_finite(shift=shift, low=low, high=high, mean=mean, std=std)
+        for name, value in (("shift", shift), ("low", low), ("high", high), ("mean", mean)):
+            check_number(name, value)
+        check_number("std", std, low=0, low_open=True)
         if not shift > 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         if not 0 <= low < high <= 1:
             raise ValueError(f"low and high must satisfy 0 <= low < high <= 1, got {low}, {high}")
-        if not std > 0:
-            raise ValueError(f"std must be > 0, got {std!r}")
         self.shift, self.low, self.high = float(shift), float(low), float(high)
         self.mean, self.std = float(mean), float(std)
 

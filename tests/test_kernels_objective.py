@@ -311,6 +311,9 @@ def test_half_model_outputs_with_fp32_state_round_only_once(dtype, adr_loss):
         dict(has_v1=False, fc_per_channel=True),
         dict(fc_delta=True, fc_sigma=0.0),
         dict(fc_active=torch.tensor([True, False, True]), lambda_fc=2.5, lambda_adr=3.0),
+        # an FC-active row whose bias is exactly 0 (x^ = x_t1): its map and mean are 0
+        dict(t1_one_rows=(1,), fc_active=torch.tensor([True, True, False])),
+        dict(t1_one_rows=(1,), fc_active=torch.tensor([True, True, False]), fc_form="squared"),
         dict(zero_v1_rows=(1,)),  # |v1| < norm_eps: the clamp's gradient
         dict(small_v1_rows=(0, 2)),  # |v1| < norm_floor |v_adr|: the relative floor
         dict(small_v1_rows=(0,), norm_floor=0.0),  # floor off: only norm_eps bounds |v1|
@@ -324,6 +327,8 @@ def test_half_model_outputs_with_fp32_state_round_only_once(dtype, adr_loss):
         "no_v1",
         "fc_delta",
         "fc_active",
+        "fc_active_zero_bias",
+        "fc_active_zero_bias_squared",
         "zero_v1",
         "small_v1",
         "small_v1_no_floor",

@@ -74,6 +74,7 @@ def main() -> None:
     del model, opt  # DDP's reducer holds the process group: release it first
     dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
+    print(f"rank {rank} finished", flush=True)
 
 
 if __name__ == "__main__":

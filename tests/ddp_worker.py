@@ -163,6 +163,7 @@ def main(outfile: str) -> None:
         torch.save(result, outfile)
     dist.barrier()
     dist.destroy_process_group()
+    print(f"rank {rank} finished", flush=True)  # tests/test_ddp.py reads it
 
 
 if __name__ == "__main__":

@@ -75,34 +75,52 @@ def _launch(script: list[str], world: int = 2, attempts: int = 3) -> list:
     """
     for attempt in range(attempts):
         results = _launch_once(script, world, _free_port())
-        failed = [r for r in results if r.returncode != 0]
-        if not failed:
+        if all(r.returncode == 0 for r in results):
             return results
-        taken = any(any(m in r.stdout for m in PORT_TAKEN) for r in failed)
-        at_exit = any(_aborted_at_exit(r) for r in failed)
-        if not (taken or at_exit) or attempt + 1 == attempts:
+        why = _relaunch_reason(results)
+        if why is None or attempt + 1 == attempts:
             report = "\n".join(
                 f"rank {rank} exited with {r.returncode}:\n{r.stdout[-3000:]}"
                 for rank, r in enumerate(results)
             )
             raise AssertionError(report)
-        why = "the rendezvous port was taken" if taken else "a rank aborted at interpreter exit"
         warnings.warn(f"relaunching {os.path.basename(script[0])}: {why}", stacklevel=2)
     raise AssertionError("unreachable")
 
 
-def _aborted_at_exit(result: subprocess.CompletedProcess) -> bool:
-    """True when the rank died of SIGABRT from std::terminate while no Python code ran.
+def _relaunch_reason(results: list) -> str | None:
+    """Why a failed launch is not the script's fault, or None when it may be.
 
-    Faulthandler (on in every rank) prints each Python thread's stack on the abort; when
-    every one reads ``<no Python frame>``, the script's code had returned and the
-    interpreter was shutting down. An abort inside the training shows Python frames.
+    The port was taken (any failed rank says so), or at least one rank finished and
+    aborted at exit and every other failed rank did the same or was killed here
+    (SIGKILL, :func:`_launch_once` stops the others once one fails).
+    """
+    failed = [(rank, r) for rank, r in enumerate(results) if r.returncode != 0]
+    if any(any(m in r.stdout for m in PORT_TAKEN) for _, r in failed):
+        return "the rendezvous port was taken"
+    exits = [_aborted_at_exit(r, rank) for rank, r in failed]
+    stopped = [r.returncode == -signal.SIGKILL for _, r in failed]
+    if any(exits) and all(e or k for e, k in zip(exits, stopped, strict=True)):
+        return "a rank aborted at interpreter exit"
+    return None
+
+
+def _aborted_at_exit(result: subprocess.CompletedProcess, rank: int) -> bool:
+    """True when the rank finished its script and then died of SIGABRT from std::terminate
+    while no Python code ran.
+
+    The script's last line, printed by every rank after ``destroy_process_group()``, is
+    ``rank {rank} finished``; no Python traceback may precede the abort (a rank that failed
+    in Python and then aborted at exit is a failure). Faulthandler (on in every rank)
+    prints each Python thread's stack on the abort: every one must read ``<no Python
+    frame>`` (the interpreter was shutting down; an abort inside the training shows
+    Python frames).
     """
     out = result.stdout
     if result.returncode != -signal.SIGABRT or ABORT_AT_EXIT not in out:
         return False
-    _, marker, dump = out.partition("Fatal Python error: Aborted")
-    if not marker:
+    before, marker, dump = out.partition("Fatal Python error: Aborted")
+    if not marker or f"rank {rank} finished\n" not in before or "Traceback (" in before:
         return False
     stacks = dump.split("\n\nExtension modules:")[0]
     threads = [line for line in stacks.splitlines() if "(most recent call first)" in line]
@@ -188,11 +206,15 @@ def test_train_ddp_example_runs_two_gloo_ranks(extra):
         ]
     )
     assert "step 1" in results[0].stdout
+    assert [r.stdout.splitlines()[-1] for r in results] == ["rank 0 finished", "rank 1 finished"]
 
 
-# What a rank printed when it aborted at exit (4 in about 280 launches here; torch 2.13, gloo).
+# What rank 0 printed when it aborted at exit (4 in about 280 launches here; torch 2.13,
+# gloo), with the "rank 0 finished" line the scripts print since, and the list of
+# extension modules abridged.
 EXIT_ABORT = """step 0 loss 4.9261
 step 1 loss 5.4393
+rank 0 finished
 terminate called without an active exception
 Fatal Python error: Aborted
 
@@ -201,38 +223,56 @@ Thread 0x00007fdb63a3bb80 (most recent call first):
 
 Extension modules: numpy._core._multiarray_umath, torch._C (total: 2)
 """
+SIGABRT, SIGKILL = -signal.SIGABRT, -signal.SIGKILL
 
 
 def _rank(returncode: int, stdout: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["rank"], returncode, stdout)
 
 
-def test_an_abort_after_the_script_returned_is_told_apart_from_one_during_training():
-    assert _aborted_at_exit(_rank(-signal.SIGABRT, EXIT_ABORT))
+def test_an_abort_after_the_script_finished_is_told_apart_from_any_other_failure():
+    assert _aborted_at_exit(_rank(SIGABRT, EXIT_ABORT), 0)
     during = EXIT_ABORT.replace(
         "  <no Python frame>",
         '  File "/work/main/examples/train_ddp.py", line 66 in main\n'
         '  File "/work/main/examples/train_ddp.py", line 80 in <module>',
     )
-    assert not _aborted_at_exit(_rank(-signal.SIGABRT, during))  # Python was running
-    assert not _aborted_at_exit(_rank(1, EXIT_ABORT))  # not a SIGABRT
-    assert not _aborted_at_exit(_rank(-signal.SIGABRT, "step 0 loss 4.9261\n"))  # no dump
+    assert not _aborted_at_exit(_rank(SIGABRT, during), 0)  # Python was running
+    assert not _aborted_at_exit(_rank(1, EXIT_ABORT), 0)  # not a SIGABRT
+    assert not _aborted_at_exit(_rank(SIGABRT, EXIT_ABORT), 1)  # rank 1 did not finish
+    unfinished = EXIT_ABORT.replace("rank 0 finished\n", "")
+    assert not _aborted_at_exit(_rank(SIGABRT, unfinished), 0)
+    raised = EXIT_ABORT.replace(
+        "rank 0 finished\n",
+        "rank 0 finished\nTraceback (most recent call last):\nRuntimeError: boom\n",
+    )
+    assert not _aborted_at_exit(_rank(SIGABRT, raised), 0)  # failed in Python first
+    assert not _aborted_at_exit(_rank(SIGABRT, "step 0 loss 4.9261\n"), 0)  # no dump
     no_dump = EXIT_ABORT.split("Fatal Python error")[0]
-    assert not _aborted_at_exit(_rank(-signal.SIGABRT, no_dump))  # faulthandler silent
+    assert not _aborted_at_exit(_rank(SIGABRT, no_dump), 0)  # faulthandler silent
+
+
+def test_a_launch_is_relaunched_only_when_every_failed_rank_aborted_at_exit_or_was_stopped():
+    finished = _rank(0, "rank 1 finished\n")
+    assert _relaunch_reason([_rank(SIGABRT, EXIT_ABORT), finished]) is not None
+    assert _relaunch_reason([_rank(SIGABRT, EXIT_ABORT), _rank(SIGKILL, "")]) is not None
+    assert _relaunch_reason([_rank(SIGABRT, EXIT_ABORT), _rank(1, "Traceback")]) is None
+    assert _relaunch_reason([_rank(1, "Traceback"), _rank(SIGKILL, "")]) is None
+    assert _relaunch_reason([_rank(1, "EADDRINUSE"), _rank(SIGKILL, "")]) is not None
 
 
 # A stand-in rank: prints what a rank that aborted at exit printed (EXIT_ABORT) and dies
-# of SIGABRT on its first launch (a flag file tells), then succeeds.
+# of SIGABRT on its first launch (a flag file tells), then finishes.
 FLAKY_RANK = """
 import faulthandler, os, signal, sys
-flag = sys.argv[1]
-if os.environ["RANK"] == "0" and not os.path.exists(flag):
+flag, rank = sys.argv[1], os.environ["RANK"]
+if rank == "0" and not os.path.exists(flag):
     open(flag, "w").close()
     faulthandler.disable()
     sys.stdout.write(sys.argv[2])
     sys.stdout.flush()
     os.kill(os.getpid(), signal.SIGABRT)
-print("done")
+print(f"rank {rank} finished")
 """
 
 
@@ -242,7 +282,8 @@ def test_a_launch_whose_rank_aborted_at_exit_is_relaunched_with_a_warning(tmp_pa
     flag = tmp_path / "aborted"
     with pytest.warns(UserWarning, match="aborted at interpreter exit"):
         results = _launch([str(script), str(flag), EXIT_ABORT])
-    assert flag.exists() and [r.stdout for r in results] == ["done\n", "done\n"]
+    assert flag.exists()
+    assert [r.stdout for r in results] == ["rank 0 finished\n", "rank 1 finished\n"]
 
 
 def test_a_rank_that_aborts_while_python_runs_fails_the_launch(tmp_path):

@@ -209,7 +209,8 @@ class ReflexFlowConfig:
     loss_weighting: Any = knob(
         None,
         'per-sample weight of the FM term: `"none"`, `"sigma_sqrt"`, `"cosmap"` (SD3/Flux '
-        "scripts' schemes, functions of sigma = 1 - t) or a callable of t in your convention",
+        "scripts' schemes, functions of sigma = 1 - t) or a callable of t in your convention "
+        "(in its own, if it has a `convention` attribute)",
         "diffusers' training scripts",
     )
     weight_adr: bool = knob(False, "also weight the ADR term (at t1) by `loss_weighting`", "ours")

@@ -60,12 +60,17 @@ def _named(name: str, sigma: Tensor) -> Tensor:
 def loss_weights(
     weighting: str | Callable[[Tensor], Tensor] | None, t: Tensor, convention: str
 ) -> Tensor | None:
-    """(B,) weights for canonical times t, or None (no weighting). Detached."""
+    """(B,) weights for canonical times t, or None (no weighting). Detached.
+
+    A callable is given the times in its own ``convention`` attribute where it has one
+    (e.g. :class:`~reflexflow.adapters.DiffusersLossWeighting` takes sigmas), else in the
+    loss's ``convention``."""
     if weighting is None:
         return None
     if isinstance(weighting, str):
         return _named(weighting, 1 - t.to(torch.float64)).detach()
-    w = weighting(from_canonical_time(t.to(torch.float64), convention))
+    own = getattr(weighting, "convention", None) or convention
+    w = weighting(from_canonical_time(t.to(torch.float64), own))
     if not isinstance(w, Tensor) or w.shape != t.shape:
         raise ValueError(
             f"loss_weighting must return a tensor of shape {tuple(t.shape)}, got "

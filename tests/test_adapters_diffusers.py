@@ -85,3 +85,21 @@ def test_flux_knobs_pass_sigma_and_shifted_sampler_is_in_range():
     torch.testing.assert_close(s, 3 * u / (1 + 2 * u))
     with pytest.raises(ValueError, match="family"):
         adapters.diffusers_knobs("sdxl")
+
+
+@pytest.mark.parametrize("sampler", ["shifted", "scripts"])
+def test_sigma_samplers_draw_sigmas_under_either_loss_convention(sampler):
+    """A sigma sampler's draws are sigmas whatever the loss's convention: the same
+    generator gives the same canonical t0 = 1 - sigma under data_at_1 and noise_at_1."""
+    make = {
+        "shifted": lambda: adapters.ShiftedSigmaSampler(3.0),
+        "scripts": lambda: adapters.DiffusersSigmaSampler("logit_normal", shift=3.0),
+    }[sampler]
+    x1 = torch.randn(2000, 2)
+    t0 = {}
+    for convention in ("data_at_1", "noise_at_1"):
+        loss = rf.ReflexFlowLoss(method="fm", time_sampler=make(), convention=convention)
+        out = loss(lambda x, t: -x, x1, generator=torch.Generator().manual_seed(0))
+        t0[convention] = rf.conventions.to_canonical_time(out.t0.double(), convention)
+    torch.testing.assert_close(t0["data_at_1"], t0["noise_at_1"])
+    assert float(t0["data_at_1"].mean()) < 0.4  # shift 3 moves sigma up: t0 towards noise

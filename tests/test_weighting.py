@@ -38,6 +38,16 @@ def test_a_callable_weighting_gets_times_in_the_losss_convention():
         loss_weights(lambda tt: tt[:1], t, "data_at_1")
 
 
+def test_a_callable_weighting_with_its_own_convention_gets_times_in_it():
+    from reflexflow.adapters import DiffusersLossWeighting
+
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)  # canonical: sigma = 0.9, 0.5, 0.1
+    sigma = 1 - t
+    for convention in ("data_at_1", "noise_at_1"):
+        got = loss_weights(DiffusersLossWeighting("sigma_sqrt"), t, convention)
+        torch.testing.assert_close(got, sigma**-2)  # a function of sigma under both
+
+
 @pytest.mark.parametrize("method", ["fm", "reflexflow"])
 def test_weighted_fm_term_is_the_mean_of_weighted_per_sample_errors(method):
     torch.manual_seed(0)

@@ -99,8 +99,11 @@ class DiffusersSigmaSampler:
     (:func:`scheduler_sigma_table`, or a real scheduler's ``sigmas``). The draws use the
     same torch calls, so the same generator gives the scripts' sigmas. u = 1 (sigmoid
     saturating in float32) takes the last entry where the scripts fail on the index.
-    Returns float64 sigmas (convention="noise_at_1").
+    Returns float64 sigmas: its ``convention`` is "noise_at_1", so the loss reads them as
+    sigmas under either loss convention.
     """
+
+    convention = "noise_at_1"
 
     def __init__(
         self,
@@ -175,9 +178,12 @@ class DiffusersLossWeighting:
     "sigma_sqrt", 2 / (pi (1 - 2 sigma + 2 sigma^2)) for "cosmap", 1 otherwise; times
     sigma^2 with ``precondition_outputs`` (train_dreambooth_sd3.py's default: it trains
     -sigma v + x_sigma against x0, i.e. sigma^2 ||v - (eps - x0)||^2). Called by the loss
-    with the rollout start sigmas (B,) (convention="noise_at_1"); the loss applies it as
+    with the rollout start sigmas (B,): its ``convention`` is "noise_at_1", so the loss
+    hands it sigmas under either loss convention. The loss applies it as
     mean_i w_i mean ||v_i - u_i||^2, which is the scripts' weighted mean.
     """
+
+    convention = "noise_at_1"
 
     def __init__(self, weighting_scheme: str = "none", *, precondition_outputs: bool = False):
         if weighting_scheme not in WEIGHTING_SCHEMES:
@@ -209,9 +215,12 @@ class ShiftedSigmaSampler:
     """sigma = shift u / (1 + (shift - 1) u), u = sigmoid(mean + std z) (or U(0, 1)).
 
     The continuous form of FlowMatchEulerDiscreteScheduler's static shift (SD3: shift 3),
-    as a ``time_sampler`` for convention="noise_at_1" (it draws sigma). The scripts'
-    discrete draw is :class:`DiffusersSigmaSampler`.
+    as a ``time_sampler``: it draws sigma, and its ``convention`` is "noise_at_1", so the
+    loss reads its values as sigmas under either loss convention. The scripts' discrete
+    draw is :class:`DiffusersSigmaSampler`.
     """
+
+    convention = "noise_at_1"
 
     def __init__(
         self, shift: float = 3.0, *, logit_normal: bool = True, mean: float = 0.0, std: float = 1.0

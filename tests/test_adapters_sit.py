@@ -209,6 +209,19 @@ def test_sit_adapter_takes_over_the_models_own_label_dropout():
     assert adapters.sit_label_embedder(wrapper) is model.y_embedder
 
 
+def test_sit_adapter_with_class_dropout_prob_zero_keeps_every_label_in_every_call():
+    # the model was built with label dropout; the adapter's 0 switches it off, too
+    model = SiTStandIn(num_classes=5, class_dropout_prob=0.5).train()
+    adapter = adapters.SiTTransportAdapter(
+        "Linear", class_dropout_prob=0.0, rollout_steps=1, num_sampling_steps=10
+    )
+    x1, y, _, _ = _sit_batch(B=64)
+    adapter.training_losses(model, x1, {"y": y}, generator=torch.Generator().manual_seed(1))
+    assert model.y_embedder.dropout_prob == 0.5  # restored
+    _same_labels_in_every_call(model.labels_seen, y)
+    assert all(int((labels == 5).sum()) == 0 for labels in model.labels_seen)
+
+
 def test_sit_adapter_refuses_to_drop_labels_when_the_table_has_no_null_row():
     model = SiTStandIn(num_classes=5, class_dropout_prob=0.0)  # 5 rows: no null class
     assert model.y_embedder.embedding_table.num_embeddings == 5

@@ -160,7 +160,8 @@ class SiTTransportAdapter:
 
     * ``class_dropout_prob=None`` (default): the model's own probability (SiT's default
       0.1) when it exposes SiT's ``y_embedder``, else no dropout;
-    * a number: that probability. With a SiT model whose label table has no null row
+    * a number: that probability (0: no label is dropped, the model's own dropout is
+      off too). With a SiT model whose label table has no null row
       (built with class_dropout_prob=0) a probability > 0 is refused with a ValueError
       saying what to do; a model that hides its table fails on the first call that
       drops a label, with the same advice;
@@ -275,7 +276,7 @@ class SiTTransportAdapter:
             kwargs[self.label_key] = drop_labels(
                 kwargs[self.label_key], prob, null_label, generator
             )
-        with _model_label_dropout_off(embedder if prob > 0 else None):
+        with _model_label_dropout_off(embedder):  # the adapter decides, 0 included
             try:
                 out: ReflexFlowOutput = self.loss_fn(
                     model, x1, model_kwargs=kwargs, generator=generator, **loss_kwargs

@@ -33,7 +33,7 @@ __all__ = [
     "check_user_objects",
     "warn_ignored_knobs",
     "ignored_knobs",
-    "check_path_positive",
+    "check_path",
 ]
 
 # Below this t_eps, the float32 ADR term at t1 = 1 - t_eps differs from float64 by more
@@ -92,11 +92,14 @@ def raise_at_first(bad: torch.Tensor, message: Callable[[int], str]) -> None:
         raise ValueError(message(int(bad.nonzero()[0, 0])))
 
 
-def check_path_positive(path: Any, t_eps: float) -> None:
-    """ValueError unless a custom path's s(t) is finite and > 0 on [0, 1 - t_eps].
+def check_path(path: Any, t_eps: float, *, positive_s: bool) -> None:
+    """ValueError unless a custom path's coefficients a, s, da, ds are finite tensors of
+    t's shape on [0, 1 - t_eps], and, with ``positive_s`` (the loss divides by s), s(t) > 0
+    there.
 
     The ADR target v_adr = u_t1 + (s'(t1) / s(t1)) delta divides by s(t1); a path with
-    s = 0 before t = 1 drops the correction (or makes it Inf/NaN). Built-in paths are
+    s = 0 before t = 1 drops the correction (or makes it Inf/NaN). A coefficient of
+    another shape would be broadcast (or fail deep inside the loss). Built-in paths are
     not checked (their s > 0 on [0, 1)). A path that cannot be evaluated on a float64
     CPU grid is left to the loss.
     """
@@ -105,22 +108,39 @@ def check_path_positive(path: Any, t_eps: float) -> None:
     t = torch.linspace(0.0, 1.0 - t_eps, PATH_GRID, dtype=torch.float64)
     try:
         with torch.no_grad():
-            s = path.s(t)
+            coefficients = path.coefficients(t)  # the one call the loss makes
+        values = {name: getattr(coefficients, name) for name in ("s", "a", "da", "ds")}
     except Exception:  # noqa: BLE001 - e.g. a path bound to CUDA tensors: not checkable here
         return
-    if not isinstance(s, torch.Tensor) or s.shape != t.shape:
-        raise ValueError(
-            f"path.s(t) must return a tensor of t's shape {tuple(t.shape)}, got "
-            f"{getattr(s, 'shape', type(s).__name__)}"
-        )
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor) or value.shape != t.shape:
+            raise ValueError(
+                f"path.{name}(t) must return a tensor of t's shape {tuple(t.shape)}, got "
+                f"{getattr(value, 'shape', type(value).__name__)}"
+            )
+    s = values["s"]
     raise_at_first(
-        ~(torch.isfinite(s) & (s > 0)),
+        ~(torch.isfinite(s) & ((s > 0) if positive_s else True)),
         lambda i: (
-            f"the path's s(t) must be > 0 on [0, 1 - t_eps] = [0, {1 - t_eps:.6g}] (the ADR "
-            f"target divides by s(t1)); s({float(t[i]):.6g}) = {float(s[i]):.6g}. Use a "
-            "path whose noise scale reaches 0 only at t = 1, or raise t_eps"
+            f"the path's s(t) must be {'> 0' if positive_s else 'finite'} on [0, 1 - t_eps] "
+            f"= [0, {1 - t_eps:.6g}]{' (the ADR target divides by s(t1))' if positive_s else ''}"
+            f"; s({float(t[i]):.6g}) = {float(s[i]):.6g}"
+            + (
+                ". Use a path whose noise scale reaches 0 only at t = 1, or raise t_eps"
+                if positive_s
+                else ""
+            )
         ),
     )
+    for name in ("a", "da", "ds"):
+        value = values[name]
+        raise_at_first(
+            ~torch.isfinite(value),
+            lambda i, name=name, value=value: (
+                f"the path's {name}(t) must be finite on [0, 1 - t_eps] = "
+                f"[0, {1 - t_eps:.6g}]; {name}({float(t[i]):.6g}) = {float(value[i]):.6g}"
+            ),
+        )
 
 
 def check_time_sampler(sampler: Callable[..., Any]) -> None:
@@ -168,8 +188,7 @@ def check_user_objects(cfg: Any) -> None:
             stacklevel=user_stacklevel(),
         )
     divides_by_s = (cfg.method == "reflexflow" and cfg.lambda_adr != 0) or (cfg.target == "stable")
-    if divides_by_s:
-        check_path_positive(cfg.path, cfg.t_eps)
+    check_path(cfg.path, cfg.t_eps, positive_s=divides_by_s)
     if not isinstance(cfg.time_sampler, str):
         check_time_sampler(cfg.sampler)
     if cfg.backend == "triton" and triton_interpreter_mismatch():

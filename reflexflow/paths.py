@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .checks import check_number
+
 __all__ = [
     "PathCoefficients",
     "AffinePath",
@@ -155,6 +157,8 @@ class VPPath(AffinePath):
     name = "vp"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
+        check_number("beta_min", beta_min)
+        check_number("beta_max", beta_max)
         if not (0 <= beta_min < beta_max):
             raise ValueError(
                 f"beta_min and beta_max must satisfy 0 <= beta_min < beta_max, "

@@ -24,7 +24,7 @@ from torch import Tensor
 from . import reference as ref
 from .batching import prepare_kwargs, repeat_batch
 from .config import ReflexFlowConfig
-from .config_checks import check_batch_tensor
+from .config_checks import check_batch_tensor, check_generator
 from .conventions import VelocityModel
 from .draws import Draws, state_dtype
 from .engine import RolloutEngine
@@ -85,8 +85,7 @@ def validate(
     _check_data(x1, noise)
     if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
         raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
-    if generator is not None and generator.device.type != x1.device.type:
-        raise ValueError(f"generator is on {generator.device}, x1 on {x1.device}")
+    check_generator(generator, x1)
     if cfg.target == "stable" and stable_bank is None and (cfg.stable_ref or cfg.stable_gather):
         raise ValueError(
             "stable_ref > 0 or stable_gather=True needs a reference bank across steps: use "

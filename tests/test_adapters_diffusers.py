@@ -103,3 +103,27 @@ def test_sigma_samplers_draw_sigmas_under_either_loss_convention(sampler):
         t0[convention] = rf.conventions.to_canonical_time(out.t0.double(), convention)
     torch.testing.assert_close(t0["data_at_1"], t0["noise_at_1"])
     assert float(t0["data_at_1"].mean()) < 0.4  # shift 3 moves sigma up: t0 towards noise
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: adapters.DiffusersSigmaSampler(logit_mean=float("nan")), "logit_mean"),
+        (lambda: adapters.DiffusersSigmaSampler(logit_mean=float("-inf")), "logit_mean"),
+        (lambda: adapters.DiffusersSigmaSampler(mode_scale=float("nan")), "mode_scale"),
+        (
+            lambda: adapters.DiffusersSigmaSampler(sigmas=torch.tensor([0.5, float("nan")])),
+            "sigmas must lie in",
+        ),
+        (lambda: adapters.ShiftedSigmaSampler(float("inf")), "shift"),
+        (lambda: adapters.ShiftedSigmaSampler(mean=float("nan")), "mean"),
+        (lambda: adapters.ShiftedSigmaSampler(logit_normal="no"), "logit_normal"),
+        (lambda: adapters.scheduler_sigma_table(shift=float("inf")), "shift"),
+        (lambda: adapters.scheduler_sigma_table(mu=float("nan")), "mu"),
+        (lambda: adapters.flux_shift_mu(1024, base_seq_len=256, max_seq_len=256), "differ"),
+        (lambda: adapters.flux_shift_mu(1024, max_shift=float("nan")), "max_shift"),
+    ],
+)
+def test_non_finite_or_degenerate_sigma_parameters_are_refused_by_name(build, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        build()

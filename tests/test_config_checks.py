@@ -77,6 +77,31 @@ def test_custom_path_with_zero_noise_scale_before_one_is_refused():
     rf.ReflexFlowConfig(path=adapters.LipmanOTPath(0.1))  # s > 0 on [0, 1]
 
 
+@pytest.mark.parametrize("method", ["fm", "reflexflow"])
+@pytest.mark.parametrize(
+    "coefficient, bad, message",
+    [
+        ("da", lambda t: 1.0, r"path.da\(t\) must return a tensor of t's shape"),
+        ("a", lambda t: t.sum(), r"path.a\(t\) must return a tensor of t's shape"),
+        ("a", lambda t: t[:1], r"path.a\(t\) must return a tensor of t's shape"),
+        (
+            "ds",
+            lambda t: torch.where(t > 0.5, torch.full_like(t, float("inf")), -torch.ones_like(t)),
+            r"the path's ds\(t\) must be finite on \[0, 1 - t_eps\] = .*; ds\(0\.5",
+        ),
+    ],
+)
+def test_a_custom_path_coefficient_of_the_wrong_shape_or_not_finite_is_named(
+    method, coefficient, bad, message
+):
+    parts = dict(
+        a=lambda t: t, s=lambda t: 1 - t, da=torch.ones_like, ds=lambda t: -torch.ones_like(t)
+    )
+    parts[coefficient] = bad
+    with pytest.raises(ValueError, match=message):
+        rf.ReflexFlowConfig(path=adapters.FunctionPath(**parts), method=method)
+
+
 def test_t_eps_below_the_float32_threshold_warns():
     with pytest.warns(UserWarning, match=r"t_eps=1e-07 is below 1e-05.*float32"):
         rf.ReflexFlowConfig(t_eps=1e-7)

@@ -181,3 +181,9 @@ def test_one_adam_step_from_t_one_on_the_vp_path_keeps_parameters_finite(convent
     out.backward()
     opt.step()
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("betas", [(0.1, float("inf")), (float("nan"), 20.0), ("0.1", 20.0)])
+def test_vp_path_refuses_non_finite_or_non_numeric_betas(betas):
+    with pytest.raises((ValueError, TypeError), match="beta_m"):
+        VPPath(*betas)

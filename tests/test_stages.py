@@ -44,6 +44,12 @@ def test_generator_on_another_device_type_is_rejected(x1):
         rf.reflexflow_loss(model, x1, generator=torch.Generator(device="cuda"))
 
 
+@pytest.mark.parametrize("generator", ["x", 0, torch.manual_seed])
+def test_a_generator_that_is_not_a_torch_generator_is_refused_by_name(x1, generator):
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        rf.reflexflow_loss(model, x1, generator=generator)
+
+
 def test_the_objective_spec_lives_with_its_config_and_keeps_no_model_alive():
     """The spec is built once, with the config (no process-wide cache holding old configs
     and the rollout_modules they name)."""

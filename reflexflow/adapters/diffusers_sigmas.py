@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import check_bool, check_number
+
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
 
 # FlowMatchEulerDiscreteScheduler configs of the published checkpoints (their
@@ -41,6 +43,15 @@ def flux_shift_mu(
     """
     if isinstance(image_seq_len, bool) or not isinstance(image_seq_len, int) or image_seq_len < 1:
         raise ValueError(f"image_seq_len must be a positive int, got {image_seq_len!r}")
+    for name, value in (("base_shift", base_shift), ("max_shift", max_shift)):
+        check_number(name, value)
+    check_number("base_seq_len", base_seq_len, integer=True)
+    check_number("max_seq_len", max_seq_len, integer=True)
+    if max_seq_len == base_seq_len:
+        raise ValueError(
+            f"max_seq_len must differ from base_seq_len (the shift is interpolated between "
+            f"them), got both {base_seq_len}"
+        )
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return base_shift + slope * (image_seq_len - base_seq_len)
 
@@ -61,8 +72,9 @@ def scheduler_sigma_table(
         raise TypeError(f"num_train_timesteps must be an int, got {num_train_timesteps!r}")
     if num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
-    if not shift > 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
+    check_number("shift", shift, low=0, low_open=True)
+    if mu is not None:
+        check_number("mu", mu)
     n = num_train_timesteps
     s = torch.linspace(1, n, n, dtype=torch.float32).flip(0) / n
     if mu is not None:
@@ -121,8 +133,9 @@ class DiffusersSigmaSampler:
             raise ValueError(
                 f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {weighting_scheme!r}"
             )
-        if weighting_scheme == "logit_normal" and not logit_std > 0:
-            raise ValueError(f"logit_std must be > 0, got {logit_std}")
+        check_number("logit_mean", logit_mean)
+        check_number("logit_std", logit_std, low=0, low_open=True)
+        check_number("mode_scale", mode_scale)
         if weighting_scheme == "mode" and not -1.0 <= mode_scale <= 2 / (math.pi - 2):
             raise ValueError(
                 f"mode_scale must be in [-1, 2 / (pi - 2) = {2 / (math.pi - 2):.4f}] "
@@ -132,8 +145,8 @@ class DiffusersSigmaSampler:
             sigmas = scheduler_sigma_table(num_train_timesteps, shift, mu=mu)
         elif not isinstance(sigmas, Tensor) or sigmas.dim() != 1 or sigmas.numel() < 1:
             raise TypeError("sigmas must be a 1-D tensor (the scheduler's training sigmas)")
-        elif bool(((sigmas < 0) | (sigmas > 1)).any()):
-            raise ValueError("sigmas must lie in [0, 1]")
+        elif not bool(((sigmas >= 0) & (sigmas <= 1)).all()):  # NaN fails too
+            raise ValueError("sigmas must lie in [0, 1] (and be numbers, not NaN)")
         self.sigmas = sigmas.detach().to(torch.float32)
         self.weighting_scheme = weighting_scheme
         self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
@@ -225,11 +238,12 @@ class ShiftedSigmaSampler:
     def __init__(
         self, shift: float = 3.0, *, logit_normal: bool = True, mean: float = 0.0, std: float = 1.0
     ) -> None:
-        if not shift > 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
-        if logit_normal and not std > 0:
-            raise ValueError(f"std must be > 0, got {std}")
-        self.shift, self.logit_normal, self.mean, self.std = float(shift), logit_normal, mean, std
+        check_number("shift", shift, low=0, low_open=True)
+        check_bool("logit_normal", logit_normal)
+        check_number("mean", mean)
+        check_number("std", std, low=0, low_open=True)
+        self.shift, self.logit_normal = float(shift), logit_normal
+        self.mean, self.std = float(mean), float(std)
 
     def __call__(
         self, batch: int, device: torch.device, generator: torch.Generator | None = None

@@ -3,6 +3,7 @@ suites, timing with warm-up, medians and spread, and the `reflexflow bench` comm
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -317,6 +318,21 @@ def test_step_benchmark_on_cuda_measures_peak_memory_under_bf16():
     model, shape = build_model("dit", "quick")  # FLOP counts do not depend on the device
     cpu = count_step_flops(model, plain_fm_loss, torch.randn(2, *shape), _gen())["flops"]
     assert math.isclose(result["rows"][0]["gflop"], cpu / 1e9, rel_tol=1e-12)
+
+
+def test_bench_out_under_a_file_or_an_unwritable_folder_is_refused_before_running(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine\n")
+    quick = ["bench", "--quick", "--device", "cpu", "--threads", "1", "--models", "dit"]
+    assert main([*quick, "--out", str(blocker / "sub" / "bench.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and "[1/" not in err  # nothing ran
+    assert blocker.read_text() == "mine\n"
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root may write anywhere
+        with pytest.raises(ValueError, match="not writable"):
+            run_bench("cpu", quick=True, out=locked / "bench.json", models=("dit",))
 
 
 def test_bench_writes_nothing_by_default_and_never_overwrites_without_force(

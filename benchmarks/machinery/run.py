@@ -52,7 +52,9 @@ def check_out(out: str | Path | None, force: bool = False) -> Path | None:
     """The JSON path to write, checked before any benchmark runs.
 
     None writes nothing. An existing file is refused (ValueError) unless ``force``;
-    a directory is refused always.
+    a directory is refused always, and so is a path whose folder cannot be made or written
+    (its nearest existing ancestor is a file, or not writable), so that a run is never
+    lost at the end for want of a place to write it.
     """
     if out is None:
         return None
@@ -63,6 +65,13 @@ def check_out(out: str | Path | None, force: bool = False) -> Path | None:
         raise ValueError(
             f"out {str(path)!r} exists: pass force=True (--force) to overwrite it, or another path"
         )
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"out {str(path)!r} cannot be written: {str(folder)!r} is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"out {str(path)!r} cannot be written: {str(folder)!r} is not writable")
     return path
 
 

@@ -222,6 +222,49 @@ def test_bad_options_are_rejected(tmp_path, capsys):
         main(["demo", "--methods", "fm,bogus"])
 
 
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (["--lr", "inf"], "lr must be a finite number"),
+        (["--dataset", "digits", "--channels", "0"], "channels must be integers >= 1"),
+        (["--dataset", "digits", "--eval-steps", "1,10"], "eval_steps must be >= 2"),
+        (["--dataset", "8gaussians", "--eval-steps", "1"], "eval_steps must be >= 2"),
+    ],
+)
+def test_options_that_cannot_train_or_score_are_refused_before_training(
+    tmp_path, capsys, options, named
+):
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", *options]) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_cache_dir_under_a_file_is_refused_before_training(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine\n")
+    out = tmp_path / "out"
+    argv = ["demo", "--quick", "--dataset", "8gaussians", "--no-progress", "--out", str(out)]
+    assert main([*argv, "--cache-dir", str(blocker / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "--cache-dir" in err and "is a file" in err
+    assert blocker.read_text() == "mine\n"
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_amp_follows_the_model_in_use_and_the_summary_names_only_the_demos_files(tmp_path):
+    from reflexflow.demo.outdir import own_files
+    from reflexflow.demo.settings import DemoConfig
+
+    assert DemoConfig(dataset="digits", arch="sit", device="cuda").amp is True
+    assert DemoConfig(dataset="photos", arch="unet", device="cuda").amp is False
+    assert DemoConfig(dataset="photos", device="cuda").amp is True  # the preset's sit
+    assert DemoConfig(dataset="digits").amp is False
+    for name in ("results.json", "samples-fm.png", "notes.txt", "holiday.png"):
+        (tmp_path / name).write_text("x")
+    assert own_files(tmp_path) == ["results.json", "samples-fm.png"]
+
+
 def test_progress_falls_back_without_tqdm(monkeypatch, capsys):
     from reflexflow.demo.progress import progress, say
 

@@ -205,7 +205,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=None,
-        help="training batch (default: 64; photos: 32 on a CPU, 16 on cuda)",
+        help="training batch (default: 32 for the oracle, 64 for digits and the 2-D toys; "
+        "photos: 32 on a CPU, 16 on cuda)",
     )
     p.add_argument(
         "--lr",
@@ -302,7 +303,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="photos: held-out crops of the evaluation split, the reference set of every "
-        "score (default: 1024 on a CPU, 4096 on cuda, 256 with --quick)",
+        "score (default: 1024 on a CPU, 2048 on cuda, 256 with --quick)",
     )
     p.add_argument(
         "--feature-steps",
@@ -448,7 +449,9 @@ def summary(cfg: Any, results: dict[str, Any]) -> list[str]:
         lines.append(f"{'row':>16}  {metric}@{n} (mean over seeds)")
         for m, per in results["summary"].items():
             lines.append(f"{m:>16}  {per[n][metric]['mean']:.4g}")
-    files = sorted(p.name for p in Path(cfg.out).iterdir() if p.is_file())
+    from .outdir import own_files
+
+    files = own_files(Path(cfg.out))  # not the user's other files in --out
     lines.append(f"wrote {len(files)} files to {cfg.out}/ ({', '.join(files)})")
     lines.append(f"full tables: {cfg.out}/results.md ({results['wall_seconds']:.0f} s wall time)")
     return lines

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["prepare_out", "check_out_path", "OWN_FILES"]
+__all__ = ["prepare_out", "check_out_path", "check_cache_dir", "own_files", "OWN_FILES"]
 
 # what the demo writes: its results and the figures of its studies (samples-<row>.png
 # per row); no other file in --out is touched
@@ -37,6 +37,24 @@ def check_out_path(path: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out must name a folder, but {str(path)!r} is a file")
     return path
+
+
+def own_files(path: Path) -> list[str]:
+    """The names of the demo's own files (:data:`OWN_FILES`) in folder ``path``, sorted."""
+    names = {f.name for pattern in OWN_FILES for f in Path(path).glob(pattern) if f.is_file()}
+    return sorted(names)
+
+
+def check_cache_dir(path: Path | None) -> None:
+    """ValueError when the run cache ``path`` cannot be a folder: it, or its nearest
+    existing ancestor, is a file (checked before any training)."""
+    if path is None:
+        return
+    folder = Path(path).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--cache-dir {str(path)!r} cannot be a folder: {str(folder)!r} is a file")
 
 
 def prepare_out(path: Path, force: bool) -> list[Path]:

@@ -15,6 +15,7 @@ Explicit values always win. ``as_dict`` records the resolved values in results.j
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +217,10 @@ class DemoConfig:
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}")
         for name, value in preset_values(self.dataset, self.quick, self.device).items():
-            if getattr(self, name) is None:
+            if getattr(self, name) is None and name != "amp":
                 setattr(self, name, value)
+        if self.amp is None:  # follows the model in use, the preset's or --arch's
+            self.amp = self.device.startswith("cuda") and self.arch == "sit"
         for name in ("methods", "seeds", "eval_steps", "channels"):
             setattr(self, name, tuple(getattr(self, name)))
         self._check()
@@ -252,8 +255,17 @@ class DemoConfig:
             raise ValueError(f"long_factor must be >= 1, got {self.long_factor}")
         if self.equal_compute_ratio is not None and not self.equal_compute_ratio > 0:
             raise ValueError(f"equal_compute_ratio must be > 0, got {self.equal_compute_ratio}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.channels is not None and not all(
+            isinstance(c, int) and c >= 1 for c in self.channels
+        ):
+            raise ValueError(f"channels must be integers >= 1, got {self.channels}")
+        if self.dataset != "oracle" and any(n < 2 for n in self.eval_steps):
+            raise ValueError(
+                f"eval_steps must be >= 2 for dataset {self.dataset!r} (its exposure-bias "
+                f"curve rolls out k < N steps), got {self.eval_steps}"
+            )
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.workers > 1 and self.device != "cpu":

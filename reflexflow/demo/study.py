@@ -447,9 +447,10 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict[str, Any]:
 
     ``command`` is recorded in the results (the CLI passes the command line).
     """
-    from .outdir import prepare_out
+    from .outdir import check_cache_dir, prepare_out
 
-    prepare_out(cfg.out, cfg.force)  # before any training: a bad --out fails now
+    check_cache_dir(cfg.cache_dir)  # before any training: a bad --cache-dir fails now
+    prepare_out(cfg.out, cfg.force)  # and so does a bad --out
     if cfg.dataset == "oracle":
         from .oracle_study import run_oracle
 

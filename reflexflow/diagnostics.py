@@ -106,7 +106,7 @@ def exposure_bias(
         raise ValueError(f"k={k} steps of h={h:.4g} do not fit before 1 - t_eps")
     if t0 is None:
         t0 = torch.linspace(0.0, t_hi, num_times, dtype=torch.float64)
-    t0 = torch.as_tensor(t0, dtype=torch.float64).flatten().cpu()
+    t0 = _start_times(t0)
     if t0.numel() == 0:
         raise ValueError("t0 must hold at least one start time, got an empty tensor")
     if bool(((t0 < 0) | (t0 > t_hi + 1e-9) | t0.isnan()).any()):
@@ -142,3 +142,24 @@ def exposure_bias(
     return ExposureBias(
         t0=t0, mse=torch.stack(mse).cpu(), low_freq_share=torch.stack(share).cpu(), k=k, h=h
     )
+
+
+def _start_times(t0: Any) -> Tensor:
+    """t0 as a 1-D float64 CPU tensor (a number is one time); TypeError / ValueError naming
+    t0 for complex or bool values, non-numbers, or more than one dimension."""
+    if isinstance(t0, Tensor):
+        if t0.is_complex() or t0.dtype == torch.bool:
+            raise TypeError(f"t0 must hold real times, got a {t0.dtype} tensor")
+        values = t0
+    else:
+        try:
+            values = torch.as_tensor(t0)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"t0 must be a 1-D tensor or sequence of times, got {t0!r:.80}"
+            ) from err
+        if values.is_complex() or values.dtype == torch.bool:
+            raise TypeError(f"t0 must hold real times, got {t0!r:.80}")
+    if values.dim() > 1:
+        raise ValueError(f"t0 must be 1-D (one start time each), got shape {tuple(values.shape)}")
+    return values.detach().to("cpu", torch.float64).reshape(-1)

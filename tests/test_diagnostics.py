@@ -85,3 +85,17 @@ def test_exposure_bias_runs_the_model_in_eval_mode_and_restores_its_flags():
     assert net.modes and all(not training for _, training, _ in net.modes)
     assert net.training and not net.frozen.training
     assert int(net.bn.num_batches_tracked) == tracked
+
+
+@pytest.mark.parametrize(
+    "t0, error, message",
+    [
+        (torch.tensor([0.1 + 1j]), TypeError, "t0 must hold real times"),
+        (torch.tensor([True]), TypeError, "t0 must hold real times"),
+        (["a"], TypeError, "t0 must be a 1-D tensor or sequence of times"),
+        (torch.tensor([[0.1, 0.2]]), ValueError, r"t0 must be 1-D .*shape \(1, 2\)"),
+    ],
+)
+def test_start_times_that_are_not_real_1d_times_are_refused_naming_t0(t0, error, message):
+    with pytest.raises(error, match=message):
+        rf.exposure_bias(lambda x, t: -x, torch.randn(4, 3), t0=t0)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["check_bool", "check_choice", "check_number"]
+__all__ = ["CONVENTIONS", "check_bool", "check_choice", "check_number", "check_own_convention"]
+
+# the two time conventions (reflexflow.conventions): data at t = 1, or noise at sigma = 1
+CONVENTIONS = ("data_at_1", "noise_at_1")
 
 
 def check_number(
@@ -46,3 +49,11 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
     """One of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_own_convention(name: str, obj: Any) -> None:
+    """``obj.convention``, where set (not None), is one of :data:`CONVENTIONS`: a time
+    sampler or loss weighting that declares the convention of its times."""
+    value = getattr(obj, "convention", None)
+    if value is not None and value not in CONVENTIONS:
+        raise ValueError(f"{name}.convention must be one of {CONVENTIONS} or None, got {value!r}")

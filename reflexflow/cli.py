@@ -78,13 +78,13 @@ def _positive_int(value: str) -> int:
 
 def _seed(value: str) -> int:
     """A seed every torch call of the example takes (it also seeds seed + 1 and seed + 2):
-    -2^63 <= seed <= 2^63 - 3."""
+    -2^63 <= seed <= 2^64 - 3."""
     try:
         number = int(value)
     except ValueError:
         number = None
-    if number is None or not -(2**63) <= number <= 2**63 - 3:
-        raise argparse.ArgumentTypeError(f"must be an int in [-2^63, 2^63 - 3], got {value!r}")
+    if number is None or not -(2**63) <= number <= 2**64 - 3:
+        raise argparse.ArgumentTypeError(f"must be an int in [-2^63, 2^64 - 3], got {value!r}")
     return number
 
 
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         "comparable across objectives).",
     )
     ex.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps per method")
-    ex.add_argument("--seed", type=_seed, default=0, help="random seed (-2^63 to 2^63 - 3)")
+    ex.add_argument("--seed", type=_seed, default=0, help="random seed (-2^63 to 2^64 - 3)")
     ex.set_defaults(func=_example)
     from .demo.cli import add_demo_arguments
 

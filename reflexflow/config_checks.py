@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_own_convention
 from .paths import PATHS
 from .presets import PRESET_FIELDS
 
@@ -93,9 +94,9 @@ def raise_at_first(bad: torch.Tensor, message: Callable[[int], str]) -> None:
 
 
 def check_path(path: Any, t_eps: float, *, positive_s: bool) -> None:
-    """ValueError unless a custom path's coefficients a, s, da, ds are finite tensors of
-    t's shape on [0, 1 - t_eps], and, with ``positive_s`` (the loss divides by s), s(t) > 0
-    there.
+    """ValueError unless a custom path's coefficients a, s, da, ds are tensors of t's shape
+    on [0, 1 - t_eps], finite there (a, da, ds: for t > 0, as a' = n t^(n - 1) may be
+    infinite at 0), and, with ``positive_s`` (the loss divides by s), s(t) > 0.
 
     The ADR target v_adr = u_t1 + (s'(t1) / s(t1)) delta divides by s(t1); a path with
     s = 0 before t = 1 drops the correction (or makes it Inf/NaN). A coefficient of
@@ -132,13 +133,14 @@ def check_path(path: Any, t_eps: float, *, positive_s: bool) -> None:
             )
         ),
     )
+    inner = t > 0  # a derivative may be infinite at t = 0 (a = t^n, n < 1), never drawn
     for name in ("a", "da", "ds"):
         value = values[name]
         raise_at_first(
-            ~torch.isfinite(value),
+            inner & ~torch.isfinite(value),
             lambda i, name=name, value=value: (
-                f"the path's {name}(t) must be finite on [0, 1 - t_eps] = "
-                f"[0, {1 - t_eps:.6g}]; {name}({float(t[i]):.6g}) = {float(value[i]):.6g}"
+                f"the path's {name}(t) must be finite on (0, 1 - t_eps] = "
+                f"(0, {1 - t_eps:.6g}]; {name}({float(t[i]):.6g}) = {float(value[i]):.6g}"
             ),
         )
 
@@ -146,7 +148,9 @@ def check_path(path: Any, t_eps: float, *, positive_s: bool) -> None:
 def check_time_sampler(sampler: Callable[..., Any]) -> None:
     """TypeError unless ``sampler(2, torch.device("cpu"), generator)`` can be called (the
     loss checks its output on the real batch). Runs on a private generator, with the
-    global CPU RNG restored."""
+    global CPU RNG restored. ValueError when its ``convention`` attribute, where set, is
+    not a convention."""
+    check_own_convention("time_sampler", sampler)
     gen = torch.Generator().manual_seed(0)
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():

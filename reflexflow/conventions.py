@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .batching import unwrap_kwargs
+from .checks import CONVENTIONS
 from .model_state import modules_of, rollout_mode
 
 __all__ = [
@@ -30,8 +31,6 @@ __all__ = [
     "from_canonical_time",
     "VelocityModel",
 ]
-
-CONVENTIONS = ("data_at_1", "noise_at_1")
 
 
 def check_convention(convention: str) -> str:

@@ -154,6 +154,8 @@ def _start_times(t0: Any) -> Tensor:
     else:
         try:
             values = torch.as_tensor(t0)
+            if not (values.is_complex() or values.dtype == torch.bool):
+                values = torch.as_tensor(t0, dtype=torch.float64)  # Python floats exactly
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(
                 f"t0 must be a 1-D tensor or sequence of times, got {t0!r:.80}"

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checks import check_own_convention
 from .conventions import from_canonical_time
 
 __all__ = ["WEIGHTINGS", "check_loss_weighting", "loss_weights"]
@@ -41,6 +42,7 @@ def check_loss_weighting(weighting: Any) -> Any:
             )
         return weighting
     if callable(weighting):
+        check_own_convention("loss_weighting", weighting)
         if not torch.compiler.is_compiling():
             _probe(weighting)
         return weighting
@@ -94,8 +96,8 @@ def _probe(weighting: Callable[[Tensor], Tensor]) -> None:
     except TypeError as err:
         raise TypeError(
             "loss_weighting must be callable as loss_weighting(t) with t a (B,) float64 "
-            f"tensor of times (the loss's convention), returning (B,) weights; calling it "
-            f"with a (2,) tensor raised TypeError: {err}"
+            "tensor of times (its own convention, else the loss's), returning (B,) weights; "
+            f"calling it with a (2,) tensor raised TypeError: {err}"
         ) from err
     except Exception:  # noqa: BLE001 - its output is checked on the real batch
         return

@@ -87,7 +87,7 @@ def test_custom_path_with_zero_noise_scale_before_one_is_refused():
         (
             "ds",
             lambda t: torch.where(t > 0.5, torch.full_like(t, float("inf")), -torch.ones_like(t)),
-            r"the path's ds\(t\) must be finite on \[0, 1 - t_eps\] = .*; ds\(0\.5",
+            r"the path's ds\(t\) must be finite on \(0, 1 - t_eps\] = .*; ds\(0\.5",
         ),
     ],
 )
@@ -100,6 +100,19 @@ def test_a_custom_path_coefficient_of_the_wrong_shape_or_not_finite_is_named(
     parts[coefficient] = bad
     with pytest.raises(ValueError, match=message):
         rf.ReflexFlowConfig(path=adapters.FunctionPath(**parts), method=method)
+
+
+@pytest.mark.parametrize("method", ["fm", "reflexflow"])
+def test_a_custom_path_whose_derivative_is_infinite_only_at_t_zero_trains(method):
+    # flow_matching's PolynomialConvexScheduler(n < 1): a = t^n, a' = n t^(n - 1), inf at 0
+    path = adapters.FunctionPath(
+        a=lambda t: t**0.5,
+        s=lambda t: 1 - t**0.5,
+        da=lambda t: 0.5 * t**-0.5,
+        ds=lambda t: -0.5 * t**-0.5,
+    )
+    out = rf.reflexflow_loss(lambda x, t: -x, torch.randn(8, 3), path=path, method=method)
+    assert torch.isfinite(out.loss)
 
 
 def test_t_eps_below_the_float32_threshold_warns():

@@ -99,3 +99,11 @@ def test_exposure_bias_runs_the_model_in_eval_mode_and_restores_its_flags():
 def test_start_times_that_are_not_real_1d_times_are_refused_naming_t0(t0, error, message):
     with pytest.raises(error, match=message):
         rf.exposure_bias(lambda x, t: -x, torch.randn(4, 3), t0=t0)
+
+
+def test_start_times_given_as_python_floats_are_taken_exactly_up_to_the_last_one():
+    # t_hi = 1 - t_eps - k h = 0.85: a float32 read of 0.85 would round past it
+    eb = rf.exposure_bias(
+        lambda x, t: -x, torch.randn(4, 3), t0=[0.0, 0.85], num_sampling_steps=10, t_eps=0.05
+    )
+    assert eb.t0.tolist() == [0.0, 0.85]

@@ -80,3 +80,16 @@ def test_loss_weighting_of_the_wrong_signature_or_with_negative_weights_is_refus
         rf.reflexflow_loss(ConvVelocity(), X, loss_weighting=lambda t: -torch.ones_like(t))
     with pytest.raises(TypeError, match="floating-point weights, got torch.int64"):
         rf.reflexflow_loss(ConvVelocity(), X, loss_weighting=lambda t: torch.ones_like(t).long())
+
+
+def test_a_time_sampler_or_weighting_declaring_an_unknown_convention_is_refused():
+    class Declares:
+        convention = "sigma"  # not a convention: it would have been read as noise_at_1
+
+        def __call__(self, *args, **kwargs):
+            return torch.full((args[0],) if isinstance(args[0], int) else args[0].shape, 0.5)
+
+    with pytest.raises(ValueError, match=r"loss_weighting.convention must be one of"):
+        rf.ReflexFlowLoss(loss_weighting=Declares())
+    with pytest.raises(ValueError, match=r"time_sampler.convention must be one of"):
+        rf.ReflexFlowLoss(time_sampler=Declares())

@@ -134,7 +134,9 @@ class DiffusersSigmaSampler:
                 f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {weighting_scheme!r}"
             )
         check_number("logit_mean", logit_mean)
-        check_number("logit_std", logit_std, low=0, low_open=True)
+        check_number("logit_std", logit_std)  # > 0 only where used, as before
+        if weighting_scheme == "logit_normal" and not logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {logit_std}")
         check_number("mode_scale", mode_scale)
         if weighting_scheme == "mode" and not -1.0 <= mode_scale <= 2 / (math.pi - 2):
             raise ValueError(
@@ -241,7 +243,9 @@ class ShiftedSigmaSampler:
         check_number("shift", shift, low=0, low_open=True)
         check_bool("logit_normal", logit_normal)
         check_number("mean", mean)
-        check_number("std", std, low=0, low_open=True)
+        check_number("std", std)
+        if logit_normal and not std > 0:  # > 0 only where used, as before
+            raise ValueError(f"std must be > 0, got {std}")
         self.shift, self.logit_normal = float(shift), logit_normal
         self.mean, self.std = float(mean), float(std)
 

@@ -240,6 +240,16 @@ def test_options_that_cannot_train_or_score_are_refused_before_training(
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_a_run_that_diverges_stops_the_study_with_a_message_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["demo", "--quick", "--dataset", "8gaussians", "--no-progress", "--out", str(out)]
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        code = main([*argv, "--lr", "1e6", "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert "diverged: its loss is not finite from step" in capsys.readouterr().err
+    assert not any(out.iterdir())  # no results.json and half the figures
+
+
 def test_a_cache_dir_under_a_file_is_refused_before_training(tmp_path, capsys):
     blocker = tmp_path / "afile"
     blocker.write_text("mine\n")

@@ -201,6 +201,12 @@ def train(
             bar.set_postfix_str(f"loss {float(loss):.4f}")
     model.eval()
     table = torch.stack(records).cpu().double()
+    diverged = (~torch.isfinite(table[:, 0])).nonzero()
+    if diverged.numel():  # one check after training: no host sync per step
+        raise ValueError(
+            f"the {method} run of seed {seed} diverged: its loss is not finite from step "
+            f"{int(diverged[0, 0])} of {steps}; lower --lr (now {cfg.lr:g})"
+        )
     curves = {name: table[:, i].tolist() for i, name in enumerate(("loss", "fm_term", "adr_term"))}
     return model, curves, time.perf_counter() - start
 

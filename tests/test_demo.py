@@ -229,6 +229,8 @@ def test_bad_options_are_rejected(tmp_path, capsys):
         (["--dataset", "digits", "--channels", "0"], "channels must be integers >= 1"),
         (["--dataset", "digits", "--eval-steps", "1,10"], "eval_steps must be >= 2"),
         (["--dataset", "8gaussians", "--eval-steps", "1"], "eval_steps must be >= 2"),
+        (["--size", "16"], "--size sets the digit image size; dataset 'oracle'"),
+        (["--dataset", "8gaussians", "--size", "16"], "--size sets the digit image size"),
     ],
 )
 def test_options_that_cannot_train_or_score_are_refused_before_training(

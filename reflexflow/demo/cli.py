@@ -378,6 +378,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from .settings import DemoConfig
 
     given = {f: getattr(args, a) for a, f in _FIELDS.items() if getattr(args, a) is not None}
+    dataset = given.get("dataset", DemoConfig.dataset)
+    if "size" in given and dataset != "digits":
+        raise ValueError(f"--size sets the digit image size; dataset {dataset!r} has its own")
     given["out"] = args.out or Path("reflexflow-demo-quick" if args.quick else "reflexflow-demo")
     given["cache_dir"] = args.cache_dir or default_cache_dir()
     given["show_progress"] = not args.no_progress

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .checks import check_number
+from .checks import CONVENTIONS, check_number
 
 __all__ = [
     "TimeSampler",
@@ -77,7 +77,7 @@ class ShiftedLogitNormalTime:
         std: float = 1.0,
         convention: str | None = None,
     ) -> None:
-        if convention not in (None, "data_at_1", "noise_at_1"):
+        if convention is not None and convention not in CONVENTIONS:
             raise ValueError(
                 f"convention must be None, 'data_at_1' or 'noise_at_1', got {convention!r}"
             )
